@@ -1,0 +1,388 @@
+"""
+EmoNeXt: an Adapted ConvNeXt for Facial Emotion Recognition (El Boudouri & Bohi, MMSP 2023), in one file.
+
+ConvNeXt + a Spatial Transformer Network in front + Squeeze-Excitation after each downsampling conv + a
+self-attention regulariser added to the loss. Parameter names are those of the official code
+(github.com/yelboudouri/EmoNeXt), so its checkpoints load with strict=True, and facebookresearch ConvNeXt
+ImageNet checkpoints load through `load_weights`.
+
+This file imports only torch and works when copied alone. When the repo's `kernels/` package sits beside it,
+the ConvNeXt block and the STN ask it, once each, whether a fused CUDA/Triton op applies to the tensor at hand.
+
+Usage:
+    model = EmoNeXt.from_size("tiny", in_chans=1, img_size=48)
+    logits = model(x)                  # x: (N, 1, 48, 48) normalised grey faces
+    logits, loss = model(x, targets)   # loss = cross-entropy(label_smoothing) + sa_weight * SA
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional fused ops; absent when this file is copied alone
+    import kernels
+    if not hasattr(kernels, "use_dwconv_layernorm"):  # an unrelated package of the same name
+        kernels = None
+except ImportError:
+    kernels = None
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an (N, C, H, W) tensor (the official "channels_first" LayerNorm)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a sample's whole residual branch with probability p, scales survivors by 1/(1-p)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gating from global context (Hu et al. 2018): x * sigmoid(W2 relu(W1 avgpool(x))).
+
+    Args:
+        channels (int): number of channels of the input.
+        reduction (int): bottleneck ratio of the two bias-free linear layers. Default: 16.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc = nn.Sequential(nn.Linear(channels, hidden, bias=False), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, channels, bias=False), nn.Sigmoid())
+
+    def forward(self, x):  # (N, C, H, W)
+        return x * self.fc(x.mean((2, 3)))[:, :, None, None]
+
+
+class Block(nn.Module):
+    """ConvNeXt block: dwconv 7x7 -> LayerNorm -> Linear 4x -> GELU -> Linear -> layer scale -> drop path, residual.
+
+    Args:
+        dim (int): number of channels.
+        drop_path (float): stochastic depth rate. Default: 0.
+        layer_scale_init (float): initial value of the per-channel layer scale `gamma`; <= 0 disables it.
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init: float = 1e-6):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init)) if layer_scale_init > 0 else None
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):  # (N, C, H, W)
+        if kernels is not None and kernels.use_dwconv_layernorm(x):
+            # one pass: reads x once, writes the normalised (N, H, W, C) activation once
+            y = kernels.dwconv_layernorm(x, self.dwconv.weight, self.dwconv.bias,
+                                         self.norm.weight, self.norm.bias, self.norm.eps)
+        else:
+            y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (N, H, W, C)
+        y = self.pwconv2(self.act(self.pwconv1(y)))
+        if self.gamma is not None:
+            y = self.gamma * y
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+class BatchSelfAttention(nn.Module):
+    """The official code's self-attention regulariser: attention between the pooled features of a batch.
+
+    Returns the (B, B) weights softmax(Q K^T / d**0.25) of the LayerNorm-ed (B, d) features; the loss term is
+    SA = mean((W - mean(W))**2). The paper's text describes attention per feature vector scaled by 1/sqrt(d);
+    the official code, whose numbers the paper reports, attends across the batch with d**0.25, and that is what
+    this module does, so results and checkpoints carry over. `value` is unused by the loss and kept only so that
+    official state dicts load with strict=True. The term never changes the logits.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, d) -> (B, B)
+        x = self.norm(x)
+        scores = self.query(x) @ self.key(x).T / x.shape[-1] ** 0.25
+        return scores.softmax(dim=-1)
+
+
+@dataclass
+class EmoNeXtConfig:
+    depths: tuple = (3, 3, 9, 3)
+    dims: tuple = (96, 192, 384, 768)
+    img_size: int = 224           # square input side; fixes the STN regressor's input width
+    in_chans: int = 3             # 1 for grey input at a third of the stem's work; 3 to match ImageNet weights
+    num_classes: int = 7
+    drop_path_rate: float = 0.1   # stochastic depth of the last block; linear from 0 over the blocks
+    layer_scale_init: float = 1e-6
+    label_smoothing: float = 0.2
+    sa_weight: float = 1.0        # weight of the self-attention regulariser in the loss
+
+
+SIZES = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+}
+
+MIN_IMG_SIZE = 32  # the 32x downsampling leaves 1x1 at stage 4; the localization net needs 18
+
+
+def _stn_feature_side(img_size: int) -> int:
+    # conv7 -> maxpool2 -> conv5 -> maxpool2; 52 at 224 as in the official code
+    return ((img_size - 6) // 2 - 4) // 2
+
+
+class EmoNeXt(nn.Module):
+    """EmoNeXt classifier.
+
+    Args:
+        config (EmoNeXtConfig): architecture and loss settings; `EmoNeXt.from_size` builds the standard ones.
+    """
+
+    def __init__(self, config: EmoNeXtConfig):
+        super().__init__()
+        if len(config.depths) != 4 or len(config.dims) != 4:
+            raise ValueError(f"depths and dims need 4 stages, got depths={config.depths} dims={config.dims}")
+        if config.img_size < MIN_IMG_SIZE:
+            raise ValueError(f"img_size={config.img_size} is too small: EmoNeXt needs at least {MIN_IMG_SIZE} "
+                             f"(the 32x downsampling and the STN localization net)")
+        if config.in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {config.in_chans}")
+        self.config = config
+        dims, c = config.dims, config.in_chans
+
+        # Spatial transformer: a small CNN regresses a 2x3 affine matrix that warps the input
+        self.localization = nn.Sequential(
+            nn.Conv2d(c, 8, kernel_size=7), nn.BatchNorm2d(8), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
+            nn.Conv2d(8, 10, kernel_size=5), nn.BatchNorm2d(10), nn.MaxPool2d(2, stride=2), nn.ReLU(True))
+        s = _stn_feature_side(config.img_size)
+        self.fc_loc = nn.Sequential(nn.Linear(10 * s * s, 32), nn.ReLU(True), nn.Linear(32, 6))
+
+        # ConvNeXt: stem (conv 4x4/4 + LN), then 3 x (LN + conv 2x2/2 + SE) between the 4 stages
+        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(c, dims[0], kernel_size=4, stride=4),
+                                                              LayerNorm2d(dims[0], eps=1e-6))])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6),
+                                                        nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2),
+                                                        SqueezeExcite(dims[i + 1])))
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(config.depths):
+            start = sum(config.depths[:i])
+            self.stages.append(nn.Sequential(*[Block(dims[i], rates[start + j], config.layer_scale_init)
+                                               for j in range(depth)]))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.attention = BatchSelfAttention(dims[-1])
+        self.head = nn.Linear(dims[-1], config.num_classes)
+
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        # the STN starts as the identity warp
+        nn.init.zeros_(self.fc_loc[2].weight)
+        with torch.no_grad():
+            self.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, 0, 0, 1, 0]))
+
+    @classmethod
+    def from_size(cls, name: str, **overrides) -> "EmoNeXt":
+        """Builds a standard size (atto ... xlarge); keyword arguments override EmoNeXtConfig fields."""
+        if name not in SIZES:
+            raise ValueError(f"unknown EmoNeXt size {name!r}; choose one of {', '.join(SIZES)}")
+        depths, dims = SIZES[name]
+        return cls(EmoNeXtConfig(**{"depths": depths, "dims": dims, **overrides}))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, prefer_ema: bool = True) -> "EmoNeXt":
+        """Builds the model a checkpoint of this project (train.py's, with its "config") describes, and loads it."""
+        ckpt = _read_checkpoint(path)
+        if not isinstance(ckpt.get("config"), dict):
+            raise ValueError(f"{path}: not an EmoNeXt checkpoint of this project (no 'config' entry); "
+                             f"build the model yourself and use load_weights(model, path)")
+        config = dict(ckpt["config"])
+        config.update(depths=tuple(config["depths"]), dims=tuple(config["dims"]))
+        try:
+            model = cls(EmoNeXtConfig(**config))
+        except TypeError as e:
+            raise ValueError(f"{path}: its config does not describe an EmoNeXt: {e}") from None
+        load_weights(model, ckpt, prefer_ema=prefer_ema, verbose=False)
+        return model
+
+    def _check_input(self, x):
+        c, s = self.config.in_chans, self.config.img_size
+        if x.ndim != 4 or x.shape[1] not in (1, c) or x.shape[2] != s or x.shape[3] != s:
+            raise ValueError(f"EmoNeXt expects input of shape (N, {c}, {s}, {s})"
+                             f"{' or (N, 1, %d, %d)' % (s, s) if c != 1 else ''}, got {tuple(x.shape)}")
+
+    def stn(self, x):
+        """Warps x by the affine matrix the localization net regresses from it. Returns (warped x, theta (N,2,3))."""
+        xs = self.localization(x).flatten(1)
+        theta = self.fc_loc(xs).view(-1, 2, 3)
+        if kernels is not None and kernels.use_affine_sample(x):
+            return kernels.affine_sample(x, theta), theta
+        grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True), theta
+
+    def forward_features(self, x):
+        """(N, C, H, W) input -> (N, dims[-1]) pooled, normalised features."""
+        self._check_input(x)
+        x = x.expand(-1, self.config.in_chans, -1, -1)  # grey input to an RGB model: a view, no copy
+        x, _ = self.stn(x)
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        return self.norm(x.mean((2, 3)))
+
+    def forward(self, x, targets=None, loss_parts: bool = False):
+        """Returns logits; with targets, (logits, loss); with loss_parts=True also (cross_entropy, sa)."""
+        features = self.forward_features(x)
+        logits = self.head(features)
+        if targets is None:
+            return logits
+        ce = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
+        weights = self.attention(features)
+        sa = ((weights - weights.mean()) ** 2).mean()
+        loss = ce + self.config.sa_weight * sa
+        return (logits, loss, (ce, sa)) if loss_parts else (logits, loss)
+
+
+# -----------------------------------------------------------------------------
+# loading weights: official EmoNeXt, this project's checkpoints, facebookresearch ConvNeXt ImageNet
+
+_INPUT_CONVS = ("downsample_layers.0.0.weight", "localization.0.weight")  # the convs that see the input channels
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "ema_model.")  # DDP, torch.compile, ema_pytorch
+
+
+def _read_checkpoint(src):
+    if isinstance(src, dict):
+        return src
+    src = str(src)
+    if src.startswith(("http://", "https://")):
+        return torch.hub.load_state_dict_from_url(src, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {src}") from None
+    except Exception as e:  # truncated file, pickle of arbitrary objects, not a torch file at all
+        raise ValueError(f"{src}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{src}: expected a dict checkpoint, found {type(ckpt).__name__}")
+    return ckpt
+
+
+def _state_dict_of(ckpt: dict, prefer_ema: bool) -> dict:
+    order = ("ema", "model", "state_dict") if prefer_ema else ("model", "ema", "state_dict")
+    for key in order:
+        if isinstance(ckpt.get(key), dict) and ckpt[key]:
+            ckpt = ckpt[key]
+            break
+    state = {}
+    for k, v in ckpt.items():
+        if not isinstance(v, torch.Tensor) or k.startswith("online_model."):
+            continue  # ema_pytorch also stores the online copy and counters
+        for prefix in _WRAPPER_PREFIXES:
+            k = k.removeprefix(prefix)
+        state[k] = v
+    return state
+
+
+def load_weights(model: EmoNeXt, src, prefer_ema: bool = True, verbose: bool = True) -> dict:
+    """Loads EmoNeXt or ConvNeXt weights into `model` and reports exactly what did not map.
+
+    Args:
+        model (EmoNeXt): the model to fill in place.
+        src: a state dict, a checkpoint dict (holding "model" / "ema" / "state_dict"), a path, or an URL
+            (downloaded through torch.hub's cache). Files load with torch.load(weights_only=True).
+        prefer_ema (bool): take a checkpoint's "ema" weights over its "model" weights when it has both.
+        verbose (bool): print the report.
+
+    An EmoNeXt checkpoint (official or this project's) must match the model key for key. A facebookresearch
+    ConvNeXt checkpoint fills the ConvNeXt part; STN, SE and attention keep their initialisation and its head is
+    dropped when num_classes differs. Input convs are converted between channel counts: 3 -> 1 sums over the RGB
+    weights (a grey image then gives the same logits as that image repeated 3 times), 1 -> 3 splits them evenly.
+
+    Returns: {"kind": "emonext" | "convnext", "missing": [...], "unexpected": [...], "skipped": [...],
+              "converted": [...]} — keys the model kept at init, checkpoint keys not used, checkpoint keys dropped
+              for their shape (the head), and input convs converted between channel counts.
+    """
+    name = src if isinstance(src, str) else "state dict"
+    state = _state_dict_of(_read_checkpoint(src), prefer_ema)
+    own = model.state_dict()
+    if "fc_loc.0.weight" in state or any(k.startswith("attention.") for k in state):
+        kind = "emonext"
+    elif "downsample_layers.0.0.weight" in state:
+        kind = "convnext"
+    else:
+        hint = " (a timm-format ConvNeXt: use facebookresearch's convnext_*.pth)" if "stem.0.weight" in state else ""
+        raise ValueError(f"{name}: neither an EmoNeXt nor a facebookresearch ConvNeXt checkpoint{hint}; "
+                         f"first keys: {list(state)[:5]}")
+
+    converted, skipped = [], []
+    for k in _INPUT_CONVS:
+        if k in state and k in own and state[k].ndim == 4 and state[k].shape[1] != own[k].shape[1]:
+            w, c = state[k], own[k].shape[1]
+            if c == 1:
+                state[k] = w.sum(1, keepdim=True)
+            elif w.shape[1] == 1:
+                state[k] = w.expand(-1, c, -1, -1) / c
+            else:
+                continue  # left to the shape check below
+            converted.append(f"{k}: {w.shape[1]} -> {c} input channels")
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    for k in mismatched:
+        if k.startswith("head."):
+            skipped.append(f"{k} {tuple(state.pop(k).shape)} (model has {tuple(own[k].shape)})")
+    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in mismatched if k in state]
+    if bad:
+        raise ValueError(f"{name}: checkpoint does not fit this model (another size or img_size?): "
+                         + "; ".join(bad[:4]) + (f"; ... {len(bad) - 4} more" if len(bad) > 4 else ""))
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if kind == "emonext" and (unexpected or any(not k.startswith("head.") for k in missing)):
+        raise ValueError(f"{name}: EmoNeXt checkpoint does not match this model: "
+                         f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    model.load_state_dict(state, strict=False)  # strictness enforced above; what differs is reported below
+    report = {"kind": kind, "missing": missing, "unexpected": unexpected, "skipped": skipped,
+              "converted": converted}
+    if verbose:
+        print(f"load_weights: {kind} checkpoint from {name}: {len(state) - len(unexpected)} tensors loaded")
+        for what in ("converted", "skipped", "unexpected", "missing"):
+            if report[what]:
+                print(f"  {what} ({len(report[what])}): {', '.join(report[what])}")
+    return report
+
+
+def config_dict(model: EmoNeXt) -> dict:
+    """The model's config as plain numbers and lists, for checkpoints that torch.load(weights_only=True) reads."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
