@@ -1,0 +1,178 @@
+"""kernels/dwconv_ln.py: the Triton kernels (interpreter on CPU, natively on CUDA), the op registration, compile.
+
+Ground truth is the reference in float64; a low-precision result must be about as close to it as the reference
+run in that same precision is.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import dwconv_ln
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_inputs(N, C, H, W, dtype, layout="contiguous", device="cpu", seed=0):
+    """x (N, C, H, W) in `layout` (contiguous / channels_last / sliced: a strided view), the block's parameters, dy."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "sliced":
+        x = torch.randn(N, C, H + 1, 2 * W, generator=g)[:, :, 1:, ::2]
+    else:
+        x = torch.randn(N, C, H, W, generator=g)
+    params = [torch.randn(C, 1, 7, 7, generator=g) * 0.2, torch.randn(C, generator=g),
+              1 + 0.1 * torch.randn(C, generator=g), 0.1 * torch.randn(C, generator=g)]
+    dy = torch.randn(N, H, W, C, generator=g)
+    x = x.to(device, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, [p.to(device, dtype) for p in params], dy.to(device, dtype)
+
+
+def run(fn, x, params, dy):
+    """Output and the five gradients (x, conv weight, conv bias, ln weight, ln bias) of fn."""
+    leaves = [t.detach().requires_grad_() for t in (x, *params)]
+    y = fn(*leaves, eps=1e-6)
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def assert_close_to_reference(fn, x, params, dy, tol):
+    """fn's output and grads vs the float64 reference: max error / max |truth| <= tol, and for fp16/bf16 at most
+    2x the error of the reference computed in that dtype."""
+    to64 = lambda ts: [t.double() for t in ts]
+    truth = run(dwconv_ln.dwconv_layernorm_reference, x.double(), to64(params), dy.double())
+    got = run(fn, x, params, dy)
+    low = x.dtype != torch.float32
+    ref = run(dwconv_ln.dwconv_layernorm_reference, x, params, dy) if low else None
+    for i, name in enumerate(["y", "dx", "d conv_weight", "d conv_bias", "d ln_weight", "d ln_bias"]):
+        assert got[i].shape == truth[i].shape and got[i].dtype == x.dtype, name
+        scale = truth[i].abs().max().item()
+        err = (got[i].double() - truth[i]).abs().max().item() / scale
+        bound = tol if not low else max(tol, 2 * (ref[i].double() - truth[i]).abs().max().item() / scale)
+        assert err <= bound, f"{name}: relative error {err:.2e} > {bound:.2e}"
+
+
+@pytest.mark.parametrize("N,C,H,W,dtype,layout", [
+    (2, 40, 9, 11, torch.float32, "contiguous"),  # H, W not multiples of any tile; C not a power of two
+    (1, 96, 5, 6, torch.float32, "channels_last"),  # H, W < 7: every tap clipped; batch 1
+    (2, 40, 8, 3, torch.float32, "sliced"),  # non-contiguous input
+    (2, 40, 9, 11, torch.bfloat16, "channels_last"),
+    (1, 96, 5, 6, torch.float16, "contiguous"),
+])
+def test_triton_matches_reference(N, C, H, W, dtype, layout):
+    x, params, dy = make_inputs(N, C, H, W, dtype, layout)
+    assert_close_to_reference(dwconv_ln.dwconv_layernorm_triton, x, params, dy,
+                              tol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def test_triton_saves_no_conv_output():
+    x, params, _ = make_inputs(1, 40, 5, 6, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, *params)]
+    y = dwconv_ln.dwconv_layernorm_triton(*leaves)
+    saved = y.grad_fn.saved_tensors
+    # x, conv weight, conv bias, ln weight and the two (N*H*W,) stats: nothing activation-sized but x
+    assert sum(t.numel() for t in saved) == x.numel() + 40 * 49 + 2 * 40 + 2 * 30
+
+
+def grads_twice(device, shape):
+    x, params, dy = make_inputs(*shape, torch.float32, "channels_last", device=device)
+    return run(dwconv_ln.dwconv_layernorm_triton, x, params, dy), run(dwconv_ln.dwconv_layernorm_triton, x, params, dy)
+
+
+def test_triton_grads_bit_identical():
+    first, second = grads_twice("cpu", (2, 40, 9, 11))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_op_on_cpu_matches_reference():
+    x, params, dy = make_inputs(2, 40, 9, 11, torch.float32)
+    assert_close_to_reference(dwconv_ln.dwconv_layernorm, x, params, dy, tol=1e-5)
+    leaves = [t.requires_grad_() for t in (x, *params)]
+    torch.library.opcheck(torch.ops.emonext.dwconv_layernorm.default, (*leaves, 1e-6))
+    _, mean, rstd = torch.ops.emonext.dwconv_layernorm(x, *params, 1e-6)
+    x, w, b, lnw, _ = [t.detach() for t in leaves]  # no double backward: only the forward op has a formula
+    torch.library.opcheck(torch.ops.emonext.dwconv_layernorm_backward.default,
+                          (dy, x, w, b, lnw, mean.detach(), rstd.detach(), 1e-6))
+
+
+class Block(torch.nn.Module):
+    """The first half of a ConvNeXt block around the op, so compile has neighbours to fuse and break between."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.dwconv = torch.nn.Conv2d(C, C, 7, padding=3, groups=C)
+        self.norm = torch.nn.LayerNorm(C, eps=1e-6)
+        self.fc = torch.nn.Linear(C, 2 * C)
+
+    def forward(self, x):
+        x = x * 2
+        y = dwconv_ln.dwconv_layernorm(x, self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias)
+        return torch.nn.functional.gelu(self.fc(y)).sum(-1)
+
+
+def test_compile_has_no_graph_breaks_and_matches_eager():
+    torch._dynamo.reset()
+    block = Block(40)
+    x = torch.randn(2, 40, 9, 11)
+    assert torch._dynamo.explain(block)(x).graph_break_count == 0
+    eager_x, compiled_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager = block(eager_x)
+    eager.sum().backward()
+    eager_grads = [eager_x.grad] + [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(compiled_x)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip([compiled_x.grad] + [p.grad for p in block.parameters()], eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_imports_and_runs_without_triton():
+    code = (
+        "import sys, importlib.util, torch\n"
+        "sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        f"spec = importlib.util.spec_from_file_location('dwconv_ln', {dwconv_ln.__file__!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "assert not m.triton_available()\n"
+        "x = torch.randn(1, 8, 5, 5); w = torch.randn(8, 1, 7, 7); b = torch.randn(8)\n"
+        "torch.testing.assert_close(m.dwconv_layernorm(x, w, b, b, b), m.dwconv_layernorm_reference(x, w, b, b, b))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# --- CUDA, no interpreter: run on a GPU machine ---
+
+
+@cuda
+@pytest.mark.parametrize("N,C,H,W", [(4, 96, 56, 56), (8, 192, 28, 28), (8, 384, 14, 14), (16, 768, 7, 7),
+                                     (3, 2048, 7, 7), (2, 40, 9, 11), (2, 80, 5, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_reference(N, C, H, W, dtype):
+    x, params, dy = make_inputs(N, C, H, W, dtype, "channels_last", device="cuda")
+    assert_close_to_reference(dwconv_ln.dwconv_layernorm_triton, x, params, dy,
+                              tol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@cuda
+def test_cuda_noncontiguous_fp16():
+    x, params, dy = make_inputs(2, 96, 13, 17, torch.float16, "sliced", device="cuda")
+    assert_close_to_reference(dwconv_ln.dwconv_layernorm_triton, x, params, dy, tol=1e-2)
+
+
+@cuda
+def test_cuda_grads_bit_identical():
+    first, second = grads_twice("cuda", (16, 192, 28, 28))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@cuda
+def test_cuda_op_runs_triton():
+    assert dwconv_ln.triton_available()
+    x, params, dy = make_inputs(4, 96, 14, 14, torch.bfloat16, "channels_last", device="cuda")
+    op = run(dwconv_ln.dwconv_layernorm, x, params, dy)
+    triton_path = run(dwconv_ln.dwconv_layernorm_triton, x, params, dy)
+    assert all(torch.equal(a, b) for a, b in zip(op, triton_path))
