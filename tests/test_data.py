@@ -1,0 +1,307 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import FER2013_NPZ
+
+USAGES = ["Training", "Training", "Training", "PublicTest", "PrivateTest", "PrivateTest"]
+
+
+def faces(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 48, 48), dtype=np.uint8)
+
+
+def pixel_string(face):
+    return " ".join(map(str, face.ravel().tolist()))
+
+
+def write_csv(path, header, rows):
+    path.write_text("\n".join([header] + rows) + "\n")
+    return path
+
+
+def fer_csv(tmp_path, rows=None):
+    """A fer2013.csv in Kaggle's layout; `rows` replaces its data lines."""
+    x = faces(len(USAGES))
+    y = np.arange(len(USAGES)) % 7
+    default = [f"{c},{pixel_string(f)},{u}" for c, f, u in zip(y, x, USAGES)]
+    return write_csv(tmp_path / "fer2013.csv", "emotion,pixels,Usage", default if rows is None else rows), x, y
+
+
+def check_splits(splits, sizes):
+    assert set(splits) == {"train", "val", "test"}
+    for name, n in zip(("train", "val", "test"), sizes):
+        x, y = splits[name]
+        assert x.shape == (n, 48, 48) and x.dtype == torch.uint8
+        assert y.shape == (n,) and y.dtype == torch.int64
+
+
+def assert_error(path, where, **kwargs):
+    """The loader raises one ValueError whose message names the file and the place in it."""
+    with pytest.raises(ValueError) as e:
+        data.load_fer2013(path, **kwargs)
+    assert str(e.value).startswith(str(where)), str(e.value)
+    return str(e.value)
+
+# -----------------------------------------------------------------------------
+# csv files
+
+
+def test_fer2013_csv(tmp_path):
+    path, x, y = fer_csv(tmp_path)
+    splits = data.load_fer2013(path)
+    check_splits(splits, (3, 1, 2))
+    assert torch.equal(splits["train"][0], torch.from_numpy(x[:3]))
+    assert torch.equal(splits["val"][0], torch.from_numpy(x[3:4]))
+    assert torch.equal(splits["test"][0], torch.from_numpy(x[4:]))
+    assert splits["test"][1].tolist() == y[4:].tolist()
+
+
+def test_icml_csv_other_order_and_spaced_names(tmp_path):
+    x = faces(3)
+    rows = [f'{c},{u},"{pixel_string(f)}"' for c, f, u in zip((3, 0, 6), x, ("Training", "PublicTest", "PrivateTest"))]
+    splits = data.load_fer2013(write_csv(tmp_path / "icml_face_data.csv", "emotion, Usage, pixels", rows))
+    check_splits(splits, (1, 1, 1))
+    assert [splits[s][1].item() for s in ("train", "val", "test")] == [3, 0, 6]
+    assert torch.equal(splits["val"][0][0], torch.from_numpy(x[1]))
+
+
+def test_competition_train_csv_is_all_train(tmp_path):
+    rows = [f"{c},{pixel_string(f)}" for c, f in zip((1, 2, 5), faces(3))]
+    check_splits(data.load_fer2013(write_csv(tmp_path / "train.csv", "emotion,pixels", rows)), (3, 0, 0))
+
+
+def test_competition_test_csv_is_refused(tmp_path):
+    path = write_csv(tmp_path / "test.csv", "pixels", [pixel_string(f) for f in faces(2)])
+    assert "unlabelled" in assert_error(path, path)
+
+
+@pytest.mark.parametrize("row, reason", [
+    ("3,{pixels} 7,Training", "2305 values"),
+    ("3,{short},Training", "2303 values"),
+    ("3,{pixels_256},Training", "0..256"),
+    ("3,{pixels_neg},Training", "-1.."),
+    ("3,{pixels_text},Training", "other text"),
+    ("3,,Training", "0 values"),
+    ("7,{pixels},Training", "label '7'"),
+    ("x,{pixels},Training", "label 'x'"),
+    ("3,{pixels},Train", "Usage 'Train'"),
+    ("3,{pixels}", "expected 3 fields, got 2"),
+])
+def test_bad_csv_row_names_file_and_line(tmp_path, row, reason):
+    face = faces(1)[0]
+    good = pixel_string(face)
+    row = row.format(pixels=good, short=good.rsplit(" ", 1)[0], pixels_256="256" + good[good.index(" "):],
+                     pixels_neg="-1" + good[good.index(" "):], pixels_text=good.replace(" ", " a", 1))
+    path, _, _ = fer_csv(tmp_path, [f"0,{good},Training", row, f"1,{good},PublicTest"])
+    assert reason in assert_error(path, f"{path}, line 3:")
+
+
+def test_bad_csv_files(tmp_path):
+    assert_error(tmp_path / "missing.csv", tmp_path / "missing.csv")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert "empty" in assert_error(empty, empty)
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\n\n")
+    assert "empty" in assert_error(blank, blank)
+    header_only = write_csv(tmp_path / "header.csv", "emotion,pixels,Usage", [])
+    assert "no data rows" in assert_error(header_only, header_only)
+    no_pixels = write_csv(tmp_path / "nopixels.csv", "emotion,Usage", ["0,Training"])
+    assert "missing column 'pixels'" in assert_error(no_pixels, f"{no_pixels}, line 1:")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert_error(binary, binary)
+
+
+def test_skip_bad_rows_counts(tmp_path, capsys):
+    good = pixel_string(faces(1)[0])
+    rows = [f"0,{good},Training", f"9,{good},Training", f"1,{good},PublicTest", f"2,1 2 3,Training",
+            f"3,{good},PrivateTest"]
+    path, _, _ = fer_csv(tmp_path, rows)
+    assert "1 more bad rows" in assert_error(path, f"{path}, line 3:")
+    splits = data.load_fer2013(path, skip_bad_rows=True)
+    check_splits(splits, (1, 1, 1))
+    assert "skipped 2 bad rows" in capsys.readouterr().out
+    all_bad, _, _ = fer_csv(tmp_path, [f"9,{good},Training"])
+    assert_error(all_bad, all_bad, skip_bad_rows=True)
+
+# -----------------------------------------------------------------------------
+# image folders, npz, single images
+
+
+def save_image(path, size=(48, 48), mode="L", value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value, value, value)).save(path)
+
+
+def test_image_folders_with_public_private_prefixes(tmp_path):
+    save_image(tmp_path / "train" / "happy" / "Training_1.jpg")
+    save_image(tmp_path / "train" / "angry" / "Training_2.png", size=(100, 60), mode="RGB", value=200)
+    save_image(tmp_path / "train" / "angry" / "Training_3.png", size=(30, 30), mode="RGB")
+    (tmp_path / "train" / "angry" / "notes.txt").write_text("not an image, ignored")
+    save_image(tmp_path / "test" / "sad" / "PublicTest_1.jpg")
+    save_image(tmp_path / "test" / "neutral" / "PrivateTest_1.jpg")
+    save_image(tmp_path / "test" / "neutral" / "PrivateTest_2.jpg")
+    splits = data.load_fer2013(tmp_path)
+    check_splits(splits, (3, 1, 2))
+    assert splits["train"][1].tolist() == [0, 0, 3]  # class folders in FER2013 order, files sorted
+    assert splits["train"][0][0].float().mean().item() == pytest.approx(200, abs=1)
+    assert splits["val"][1].tolist() == [4] and splits["test"][1].tolist() == [6, 6]
+
+
+def test_image_folders_with_val_folder(tmp_path):
+    save_image(tmp_path / "train" / "fear" / "a.jpg")
+    save_image(tmp_path / "val" / "surprise" / "b.jpg")
+    save_image(tmp_path / "test" / "disgust" / "c.jpg")
+    splits = data.load_fer2013(tmp_path)
+    check_splits(splits, (1, 1, 1))
+    assert [splits[s][1].item() for s in ("train", "val", "test")] == [2, 5, 1]
+
+
+def test_bad_image_folders(tmp_path):
+    assert "no train/" in assert_error(tmp_path, tmp_path)
+    save_image(tmp_path / "train" / "happy" / "a.jpg")
+    (tmp_path / "test" / "happy").mkdir(parents=True)
+    assert "no images" in assert_error(tmp_path, tmp_path / "test")
+    save_image(tmp_path / "test" / "joy" / "a.jpg")
+    assert "unknown class folder 'joy'" in assert_error(tmp_path, tmp_path / "test" / "joy")
+    (tmp_path / "test" / "joy" / "a.jpg").unlink()
+    (tmp_path / "test" / "joy").rmdir()
+    (tmp_path / "test" / "happy" / "broken.jpg").write_text("not a jpeg")
+    assert "not a readable image" in assert_error(tmp_path, tmp_path / "test" / "happy" / "broken.jpg")
+
+
+def save_npz(path, **splits):
+    arrays = {}
+    for prefix, n in splits.items():
+        arrays[f"{prefix}_x"], arrays[f"{prefix}_y"] = faces(n), (np.arange(n) % 7).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz(tmp_path):
+    check_splits(data.load_fer2013(save_npz(tmp_path / "a.npz", train=5, public_test=2, private_test=3)), (5, 2, 3))
+    check_splits(data.load_fer2013(save_npz(tmp_path / "b.npz", test=4)), (0, 0, 4))  # public + private as test
+
+
+def test_bad_npz(tmp_path):
+    bad = save_npz(tmp_path / "labels.npz", train=3)
+    arrays = dict(np.load(bad))
+    arrays["train_y"][2] = 7
+    np.savez(bad, **arrays)
+    assert "train_y row 2" in assert_error(bad, bad)
+    other = tmp_path / "other.npz"
+    np.savez(other, votes=np.zeros(3))
+    assert "none of the arrays" in assert_error(other, other)
+    half = tmp_path / "half.npz"
+    np.savez(half, train_x=faces(2))
+    assert_error(half, half)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK not really a zip")
+    assert "not a readable .npz" in assert_error(garbage, garbage)
+
+
+def test_load_image_any_mode_and_size(tmp_path):
+    save_image(tmp_path / "wide.png", size=(120, 80), mode="RGB", value=90)
+    img = data.load_image(tmp_path / "wide.png")
+    assert img.shape == (48, 48) and img.dtype == torch.uint8 and (img - 90).abs().max() <= 1
+    (tmp_path / "x.jpg").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="x.jpg"):
+        data.load_image(tmp_path / "x.jpg")
+    with pytest.raises(ValueError, match="nothere.png"):
+        data.load_image(tmp_path / "nothere.png")
+
+# -----------------------------------------------------------------------------
+# synthetic set and load_dataset
+
+
+def test_synthetic_faces():
+    a = data.synthetic_faces(n_train=140, n_val=14, n_test=70, seed=1)
+    check_splits(a, (140, 14, 70))
+    assert torch.bincount(a["train"][1], minlength=7).tolist() == [20] * 7
+    b = data.synthetic_faces(n_train=70, n_val=14, n_test=70, seed=1)
+    assert torch.equal(a["test"][0], b["test"][0])  # each split has its own stream
+    c = data.synthetic_faces(n_train=140, n_val=14, n_test=70, seed=2)
+    assert not torch.equal(a["train"][0], c["train"][0])
+    assert a["train"][0].float().std() > 30  # real contrast, not a blank canvas
+
+
+def test_load_dataset(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "ROOT", str(tmp_path))
+    assert data.find_default_data() == "synthetic"
+    (tmp_path / "data").mkdir()
+    path = save_npz(tmp_path / "data" / "fer2013.npz", train=7, public_test=2, private_test=3)
+    assert data.find_default_data() == str(path)
+    splits, description = data.load_dataset(None)
+    check_splits(splits, (7, 2, 3))
+    assert str(path) in description and "\n" not in description
+
+# -----------------------------------------------------------------------------
+# batches and augmentation
+
+
+def test_iterate_batches():
+    x, y = torch.arange(10).view(10, 1, 1).expand(10, 48, 48).to(torch.uint8), torch.arange(10)
+    seen = torch.cat([yb for _, yb in data.iterate_batches(x, y, 4, shuffle=True, generator=torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
+    again = torch.cat([yb for _, yb in data.iterate_batches(x, y, 4, shuffle=True, generator=torch.Generator().manual_seed(0))])
+    assert torch.equal(seen, again)
+    batches = list(data.iterate_batches(x, y, 4, shuffle=False, drop_last=True))
+    assert [len(yb) for _, yb in batches] == [4, 4] and torch.equal(batches[1][0][:, 0, 0], batches[1][1].to(torch.uint8))
+
+
+def test_augment_shape_determinism_and_identity():
+    x = torch.from_numpy(faces(8))
+    out = data.augment(x, 64, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (8, 1, 64, 64) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert torch.equal(out, data.augment(x, 64, generator=torch.Generator().manual_seed(0)))
+    assert not torch.allclose(out, data.augment(x, 64, generator=torch.Generator().manual_seed(1)))
+    # with every random transform off, the warp is the eval path's plain resize
+    plain = data.augment(x, 64, rotate=0, scale=(1, 1), translate=0, hflip=False)
+    assert torch.allclose(plain, data.preprocess(x, 64), atol=1e-5)
+    # flips only: each sample is the image or its mirror, and both occur
+    flipped = data.augment(x, 48, generator=torch.Generator().manual_seed(0), rotate=0, scale=(1, 1), translate=0)
+    ref = data.preprocess(x, 48)
+    mirrored = torch.tensor([torch.allclose(f, r.flip(-1), atol=1e-5) for f, r in zip(flipped, ref)])
+    unchanged = torch.tensor([torch.allclose(f, r, atol=1e-5) for f, r in zip(flipped, ref)])
+    assert (mirrored | unchanged).all() and mirrored.any() and unchanged.any()
+
+
+def test_preprocess_normalises():
+    x = torch.full((2, 48, 48), 255, dtype=torch.uint8)
+    out = data.preprocess(x, 32)
+    assert out.shape == (2, 1, 32, 32) and torch.allclose(out, torch.tensor((1 - data.MEAN) / data.STD))
+
+
+def test_ten_crop():
+    # an input already at the resize size (51 for 48) is cropped as is, so crops are plain slices
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 51, 51), dtype=np.uint8))
+    crops = data.ten_crop(x, 48)
+    assert crops.shape == (2, 10, 1, 48, 48)
+    full = data.preprocess(x, 51)
+    assert torch.equal(crops[:, 0], full[..., :48, :48])  # top left
+    assert torch.equal(crops[:, 3], full[..., 3:, 3:])  # bottom right
+    assert torch.equal(crops[:, 4], full[..., 1:49, 1:49])  # centre
+    assert torch.equal(crops[:, 5:], crops[:, :5].flip(-1))  # the second five are the mirrors of the first
+    assert data.ten_crop(torch.from_numpy(faces(3)), 64).shape == (3, 10, 1, 64, 64)
+
+# -----------------------------------------------------------------------------
+# the real data
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(FER2013_NPZ), reason="needs ../shared/data/fer2013.npz")
+def test_real_fer2013_npz():
+    splits = data.load_fer2013(FER2013_NPZ)
+    check_splits(splits, (28709, 3589, 3589))
+    counts = {name: torch.bincount(splits[name][1], minlength=7).tolist() for name in splits}
+    assert counts == {"train": [3995, 436, 4097, 7215, 4830, 3171, 4965],
+                      "val": [467, 56, 496, 895, 653, 415, 607],
+                      "test": [491, 55, 528, 879, 594, 416, 626]}
+    mean = splits["train"][0].float().div(255)
+    assert mean.mean().item() == pytest.approx(data.MEAN, abs=1e-3) and mean.std().item() == pytest.approx(data.STD, abs=1e-3)
