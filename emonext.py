@@ -222,9 +222,11 @@ class EmoNeXt(nn.Module):
         return cls(EmoNeXtConfig(**{"depths": depths, "dims": dims, **overrides}))
 
     @classmethod
-    def from_checkpoint(cls, path: str, prefer_ema: bool = True) -> "EmoNeXt":
-        """Builds the model a checkpoint of this project (train.py's, with its "config") describes, and loads it."""
-        ckpt = _read_checkpoint(path)
+    def from_checkpoint(cls, src, prefer_ema: bool = True) -> "EmoNeXt":
+        """Builds the model a checkpoint of this project (train.py's, with its "config") describes, and loads it.
+        src: a path, an URL or the checkpoint dict."""
+        ckpt = read_checkpoint(src)
+        path = src if isinstance(src, str) else "checkpoint"
         if not isinstance(ckpt.get("config"), dict):
             raise ValueError(f"{path}: not an EmoNeXt checkpoint of this project (no 'config' entry); "
                              f"build the model yourself and use load_weights(model, path)")
@@ -281,7 +283,8 @@ _INPUT_CONVS = ("downsample_layers.0.0.weight", "localization.0.weight")  # the 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "ema_model.")  # DDP, torch.compile, ema_pytorch
 
 
-def _read_checkpoint(src):
+def read_checkpoint(src) -> dict:
+    """A checkpoint dict from a dict, a path (torch.load weights_only=True) or an URL (torch.hub's cache)."""
     if isinstance(src, dict):
         return src
     src = str(src)
@@ -335,7 +338,7 @@ def load_weights(model: EmoNeXt, src, prefer_ema: bool = True, verbose: bool = T
               for their shape (the head), and input convs converted between channel counts.
     """
     name = src if isinstance(src, str) else "state dict"
-    state = _state_dict_of(_read_checkpoint(src), prefer_ema)
+    state = _state_dict_of(read_checkpoint(src), prefer_ema)
     own = model.state_dict()
     if "fc_loc.0.weight" in state or any(k.startswith("attention.") for k in state):
         kind = "emonext"
