@@ -194,9 +194,15 @@ def test_error_when_devices_differ():
         affine_sample(torch.zeros(2, 1, 8, 8), torch.zeros(2, 2, 3, device="meta"))
 
 
+def test_error_when_a_sample_is_too_large_for_32_bit_indexing():
+    x = torch.zeros(1, 1, 1, 1).expand(1, 2**15, 2**8, 2**8)  # 2^31 elements, never materialised
+    with pytest.raises(RuntimeError, match="too large for 32-bit indexing"):
+        affine_sample(x, torch.zeros(1, 2, 3))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_available_is_false_without_a_gpu():
-    if not torch.cuda.is_available():
-        assert sampler.cuda_available() is False
+    assert sampler.cuda_available() is False
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

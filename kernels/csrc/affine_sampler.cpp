@@ -22,11 +22,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 namespace affine_sampler {
-const char* affine_sample_forward_cuda(int dtype, const void* x, const void* theta, void* y, int64_t N, int64_t C,
-                                       int64_t H, int64_t W, void* stream);
+const char* affine_sample_forward_cuda(int dtype, const void* x, const void* theta, void* y, int N, int C, int H,
+                                       int W, void* stream);
 const char* affine_sample_backward_cuda(int dtype, const void* x, const void* gy, const void* theta, void* gx,
-                                        void* partials, void* theta_grad, int64_t N, int64_t C, int64_t H, int64_t W,
-                                        void* stream);
+                                        void* partials, void* theta_grad, int N, int C, int H, int W, void* stream);
 }  // namespace affine_sampler
 #endif
 
@@ -41,12 +40,12 @@ struct PlainAdd {
 // Samples are independent (each writes its own output and image-gradient block, and sums its own theta
 // gradient in pixel order), so the loop is parallel over the batch and still deterministic.
 template <typename T, typename A>
-void forward_cpu(const T* x, const A* theta, T* y, int64_t N, int64_t C, int64_t H, int64_t W) {
+void forward_cpu(const T* x, const A* theta, T* y, int N, int C, int H, int W) {
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const A* t = theta + n * 6;
-      for (int64_t i = 0; i < H; ++i)
-        for (int64_t j = 0; j < W; ++j) {
+      for (int i = 0; i < H; ++i)
+        for (int j = 0; j < W; ++j) {
           A ix, iy;
           source_pixel(t, base_coord<A>(j, W), base_coord<A>(i, H), H, W, ix, iy);
           forward_pixel(x + n * C * H * W, y + n * C * H * W, C, H, W, i * W + j, taps_at(ix, iy, H, W));
@@ -56,15 +55,14 @@ void forward_cpu(const T* x, const A* theta, T* y, int64_t N, int64_t C, int64_t
 }
 
 template <typename T, typename A>
-void backward_cpu(const T* x, const T* gy, const A* theta, A* gx, A* theta_grad, int64_t N, int64_t C, int64_t H,
-                  int64_t W) {
+void backward_cpu(const T* x, const T* gy, const A* theta, A* gx, A* theta_grad, int N, int C, int H, int W) {
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const A* t = theta + n * 6;
       const int64_t off = n * C * H * W;
       double acc[6] = {0, 0, 0, 0, 0, 0};  // a whole image's sum: double keeps it as exact as the GPU's tree
-      for (int64_t i = 0; i < H; ++i)
-        for (int64_t j = 0; j < W; ++j) {
+      for (int i = 0; i < H; ++i)
+        for (int j = 0; j < W; ++j) {
           const A xn = base_coord<A>(j, W), yn = base_coord<A>(i, H);
           A ix, iy, d_ix, d_iy;
           source_pixel(t, xn, yn, H, W, ix, iy);
@@ -88,6 +86,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& theta) {
               "affine_sample: x must be float32, float64, float16 or bfloat16, got ", dt);
   TORCH_CHECK(at::isFloatingType(theta.scalar_type()), "affine_sample: theta must be floating point, got ",
               theta.scalar_type());
+  // The kernels index within a sample, and count pixels (hence blocks), in 32-bit integers.
+  const int64_t hw = x.size(2) * x.size(3);
+  TORCH_CHECK(x.size(1) * hw <= INT32_MAX && x.size(0) * hw <= INT32_MAX, "affine_sample: x ", x.sizes(),
+              " is too large for 32-bit indexing");
 }
 
 // Whether x goes to the CUDA kernels (false: the CPU loop); refuses devices this build has no kernel for.
@@ -120,7 +122,7 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& theta_in) {
   const at::Tensor x = x_in.contiguous();
   const at::Tensor theta = theta_in.to(math_type(x)).contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int N = int(x.size(0)), C = int(x.size(1)), H = int(x.size(2)), W = int(x.size(3));
   if (y.numel() == 0) return y;
   if (on_cuda(x)) {
 #ifdef AFFINE_SAMPLER_WITH_CUDA
@@ -149,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y_in, const a
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad_y = grad_y_in.to(x.scalar_type()).contiguous();
   const at::Tensor theta = theta_in.to(math_type(x)).contiguous();
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int N = int(x.size(0)), C = int(x.size(1)), H = int(x.size(2)), W = int(x.size(3));
   at::Tensor theta_grad = at::zeros_like(theta);
   at::Tensor x_grad_acc = x_grad ? at::zeros(x.sizes(), x.options().dtype(math_type(x))) : at::Tensor();
   void* gx = x_grad ? x_grad_acc.data_ptr() : nullptr;

@@ -3,11 +3,11 @@
 //   F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=True), "bilinear", "zeros", align_corners=True)
 // computes, without ever materialising the grid. No torch and no CUDA headers: plain C++ that nvcc and g++ both
 // compile. `T` is the storage type of x / y (float, double, half, bfloat16: anything static_cast to and from A),
-// `A` the math type (float, or double for double tensors).
+// `A` the math type (float, or double for double tensors). Indices within one sample are 32-bit (64-bit integer
+// division is slow on the GPU); the binding checks that C * H * W fits, callers offset pointers to the sample.
 #pragma once
 
 #include <cmath>
-#include <cstdint>
 
 #if defined(__CUDACC__)
 #define AS_HD __host__ __device__ __forceinline__
@@ -22,16 +22,16 @@ namespace affine_sampler {
 constexpr int kThreads = 256;
 constexpr int kPixelsPerThread = 4;
 
-AS_HD int64_t backward_blocks_per_sample(int64_t hw) {
-  const int64_t per_block = int64_t(kThreads) * kPixelsPerThread;
-  const int64_t blocks = (hw + per_block - 1) / per_block;
+AS_HD int backward_blocks_per_sample(int hw) {
+  const int per_block = kThreads * kPixelsPerThread;
+  const int blocks = (hw + per_block - 1) / per_block;
   return blocks > 0 ? blocks : 1;
 }
 
 // Normalised coordinate of pixel i on an axis of `size` pixels, as affine_grid builds it with
 // torch.linspace(-1, 1, size) (same two-sided formula, so the same rounding); a size-1 axis sits at 0.
 template <typename A>
-AS_HD A base_coord(int64_t i, int64_t size) {
+AS_HD A base_coord(int i, int size) {
   if (size <= 1) return A(0);
   const A step = A(2) / A(size - 1);
   return i < size / 2 ? A(-1) + step * A(i) : A(1) - step * A(size - 1 - i);
@@ -40,7 +40,7 @@ AS_HD A base_coord(int64_t i, int64_t size) {
 // Source position in input pixels of the output pixel with normalised coordinates (xn, yn): theta @ (xn, yn, 1),
 // then grid_sample's align_corners=True unnormalisation ((g + 1) / 2) * (size - 1).
 template <typename A>
-AS_HD void source_pixel(const A* t, A xn, A yn, int64_t H, int64_t W, A& ix, A& iy) {
+AS_HD void source_pixel(const A* t, A xn, A yn, int H, int W, A& ix, A& iy) {
   const A gx = xn * t[0] + yn * t[1] + t[2];
   const A gy = xn * t[3] + yn * t[4] + t[5];
   ix = (gx + A(1)) / A(2) * A(W - 1);
@@ -51,20 +51,20 @@ AS_HD void source_pixel(const A* t, A xn, A yn, int64_t H, int64_t W, A& ix, A& 
 // north/south rows, and which of the taps lie inside the image (zero padding: outside taps read as 0).
 template <typename A>
 struct Taps {
-  int64_t x0, y0;
+  int x0, y0;
   A wx0, wx1, wy0, wy1;
   bool in_x0, in_x1, in_y0, in_y1;
 };
 
 template <typename A>
-AS_HD Taps<A> taps_at(A ix, A iy, int64_t H, int64_t W) {
+AS_HD Taps<A> taps_at(A ix, A iy, int H, int W) {
   Taps<A> k;
-  // A position at least two pixels outside (or NaN) touches no tap; clamping it first keeps floor() -> int64 defined.
+  // A position at least two pixels outside (or NaN) touches no tap; clamping it first keeps floor() -> int defined.
   const bool near = ix > A(-2) && ix < A(W + 1) && iy > A(-2) && iy < A(H + 1);
   if (!near) { ix = A(-3); iy = A(-3); }
   const A fx0 = floor(ix), fy0 = floor(iy);
-  k.x0 = int64_t(fx0);
-  k.y0 = int64_t(fy0);
+  k.x0 = int(fx0);
+  k.y0 = int(fy0);
   // Weights written as grid_sample writes them ((x0 + 1) - ix rather than 1 - (ix - x0)) for the same rounding.
   k.wx0 = fx0 + A(1) - ix;
   k.wx1 = ix - fx0;
@@ -84,7 +84,7 @@ struct Corners {
 };
 
 template <typename T, typename A>
-AS_HD Corners<A> load_corners(const T* plane, int64_t W, const Taps<A>& k) {
+AS_HD Corners<A> load_corners(const T* plane, int W, const Taps<A>& k) {
   const T* row0 = plane + k.y0 * W + k.x0;
   const T* row1 = row0 + W;
   Corners<A> c;
@@ -110,21 +110,21 @@ AS_HD void bilinear_grad(const Corners<A>& c, const Taps<A>& k, A& d_ix, A& d_iy
 
 // y[c, p] for every channel of one output pixel p; x and y point at one sample's (C, H, W) block.
 template <typename T, typename A>
-AS_HD void forward_pixel(const T* x, T* y, int64_t C, int64_t H, int64_t W, int64_t p, const Taps<A>& k) {
-  const int64_t hw = H * W;
-  for (int64_t c = 0; c < C; ++c) y[c * hw + p] = static_cast<T>(bilinear(load_corners(x + c * hw, W, k), k));
+AS_HD void forward_pixel(const T* x, T* y, int C, int H, int W, int p, const Taps<A>& k) {
+  const int hw = H * W;
+  for (int c = 0; c < C; ++c) y[c * hw + p] = static_cast<T>(bilinear(load_corners(x + c * hw, W, k), k));
 }
 
 // Backward of one output pixel p over every channel: returns d(loss)/d(ix), d(loss)/d(iy) through
 // (d_ix, d_iy), and when gx is non-null scatters gy * tap weight into the image gradient with `add(ptr, value)`
 // (an atomic add on the GPU, where neighbouring pixels share taps; a plain add in the CPU loop).
 template <typename T, typename A, typename Add>
-AS_HD void backward_pixel(const T* x, const T* gy, A* gx, Add add, int64_t C, int64_t H, int64_t W, int64_t p,
+AS_HD void backward_pixel(const T* x, const T* gy, A* gx, Add add, int C, int H, int W, int p,
                           const Taps<A>& k, A& d_ix, A& d_iy) {
-  const int64_t hw = H * W;
+  const int hw = H * W;
   d_ix = A(0);
   d_iy = A(0);
-  for (int64_t c = 0; c < C; ++c) {
+  for (int c = 0; c < C; ++c) {
     const A g = static_cast<A>(gy[c * hw + p]);
     A dx, dy;
     bilinear_grad(load_corners(x + c * hw, W, k), k, dx, dy);
@@ -143,7 +143,7 @@ AS_HD void backward_pixel(const T* x, const T* gy, A* gx, Add add, int64_t C, in
 // Chains d(loss)/d(ix, iy) of one pixel through the unnormalisation and theta @ (xn, yn, 1) into the six
 // theta-gradient sums of its sample.
 template <typename A, typename S>
-AS_HD void accumulate_theta_grad(A d_ix, A d_iy, A xn, A yn, int64_t H, int64_t W, S* acc) {
+AS_HD void accumulate_theta_grad(A d_ix, A d_iy, A xn, A yn, int H, int W, S* acc) {
   const A gx = d_ix * (A(W - 1) / A(2));
   const A gy = d_iy * (A(H - 1) / A(2));
   acc[0] += gx * xn;
