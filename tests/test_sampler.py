@@ -205,27 +205,33 @@ def test_cuda_available_is_false_without_a_gpu():
     assert sampler.cuda_available() is False
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
-    cmd = ["nvcc", "-std=c++17", "-O3", "-Werror", "all-warnings", "-c", CU, "-o", str(tmp_path / "affine_sampler.o")]
-    for arch in ("80", "90"):
-        cmd[1:1] = ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def nvcc(*args):
+    done = subprocess.run(["nvcc", *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
+def symbols(obj, kind):
+    """The launcher symbols (affine_sample_*_cuda) an object file defines ("T") or needs ("U")."""
+    out = subprocess.run(["nm", obj], capture_output=True, text=True, check=True).stdout.split("\n")
+    return {line.split()[-1] for line in out if "affine_sample_" in line and f" {kind} " in line}
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_cuda_part_of_the_binding_compiles(tmp_path):
-    # The .cpp's CUDA branch is otherwise compiled only on a GPU machine. A CPU-only torch ships the c10/cuda
-    # headers but not their generated build-config header, which a one-line stand-in provides.
+def test_cuda_build_compiles_for_sm80_and_sm90_and_links(tmp_path):
+    # The .cu with the flags torch's extension build gives nvcc (they switch off the half types' implicit
+    # conversions), so a CUDA error fails here rather than on the GPU machine.
+    kernels_o, binding_o = str(tmp_path / "affine_sampler_cu.o"), str(tmp_path / "affine_sampler.o")
+    nvcc(*cpp_extension.COMMON_NVCC_FLAGS, "-std=c++20", "-O3", "-Werror", "all-warnings",
+         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90", "-c", CU, "-o", kernels_o)
+    # The .cpp's CUDA branch. A CPU-only torch ships the c10/cuda headers but not their generated build-config
+    # header, which a one-line stand-in provides.
     stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     stub.parent.mkdir(parents=True)
     stub.write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{tmp_path}"]
-    cmd = ["nvcc", "-std=c++20", "-DAFFINE_SAMPLER_WITH_CUDA", *includes, "-Xcompiler", "-fsyntax-only", "-c",
-           CU.replace(".cu", ".cpp"), "-o", str(tmp_path / "binding.o")]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    nvcc("-std=c++20", "-O0", "-DAFFINE_SAMPLER_WITH_CUDA", *includes, "-c", CU.replace(".cu", ".cpp"), "-o", binding_o)
+    needed = symbols(binding_o, "U")
+    assert len(needed) == 2 and needed <= symbols(kernels_o, "T"), "launcher declarations and definitions differ"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -10,6 +10,20 @@
 #include "affine_sampler.h"
 
 namespace affine_sampler {
+
+template <>
+__host__ __device__ __forceinline__ float storage_cast<float, __half>(__half v) { return __half2float(v); }
+template <>
+__host__ __device__ __forceinline__ __half storage_cast<__half, float>(float v) { return __float2half_rn(v); }
+template <>
+__host__ __device__ __forceinline__ float storage_cast<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <>
+__host__ __device__ __forceinline__ __nv_bfloat16 storage_cast<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
 namespace {
 
 struct AtomicAdd {

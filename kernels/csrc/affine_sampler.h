@@ -2,7 +2,7 @@
 // (affine_sampler.cpp), so both compute exactly what
 //   F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=True), "bilinear", "zeros", align_corners=True)
 // computes, without ever materialising the grid. No torch and no CUDA headers: plain C++ that nvcc and g++ both
-// compile. `T` is the storage type of x / y (float, double, half, bfloat16: anything static_cast to and from A),
+// compile. `T` is the storage type of x / y (float, double, half, bfloat16: see storage_cast),
 // `A` the math type (float, or double for double tensors). Indices within one sample are 32-bit (64-bit integer
 // division is slow on the GPU); the binding checks that C * H * W fits, callers offset pointers to the sample.
 #pragma once
@@ -27,6 +27,11 @@ AS_HD int backward_blocks_per_sample(int hw) {
   const int blocks = (hw + per_block - 1) / per_block;
   return blocks > 0 ? blocks : 1;
 }
+
+// Storage <-> math conversion. The .cu specialises it for CUDA's half types, whose implicit conversions torch's
+// extension build switches off (-D__CUDA_NO_HALF_CONVERSIONS__ and friends).
+template <typename To, typename From>
+AS_HD To storage_cast(From v) { return static_cast<To>(v); }
 
 // Normalised coordinate of pixel i on an axis of `size` pixels, as affine_grid builds it with
 // torch.linspace(-1, 1, size) (same two-sided formula, so the same rounding); a size-1 axis sits at 0.
@@ -88,10 +93,10 @@ AS_HD Corners<A> load_corners(const T* plane, int W, const Taps<A>& k) {
   const T* row0 = plane + k.y0 * W + k.x0;
   const T* row1 = row0 + W;
   Corners<A> c;
-  c.v00 = k.in_y0 && k.in_x0 ? static_cast<A>(row0[0]) : A(0);
-  c.v01 = k.in_y0 && k.in_x1 ? static_cast<A>(row0[1]) : A(0);
-  c.v10 = k.in_y1 && k.in_x0 ? static_cast<A>(row1[0]) : A(0);
-  c.v11 = k.in_y1 && k.in_x1 ? static_cast<A>(row1[1]) : A(0);
+  c.v00 = k.in_y0 && k.in_x0 ? storage_cast<A>(row0[0]) : A(0);
+  c.v01 = k.in_y0 && k.in_x1 ? storage_cast<A>(row0[1]) : A(0);
+  c.v10 = k.in_y1 && k.in_x0 ? storage_cast<A>(row1[0]) : A(0);
+  c.v11 = k.in_y1 && k.in_x1 ? storage_cast<A>(row1[1]) : A(0);
   return c;
 }
 
@@ -112,7 +117,7 @@ AS_HD void bilinear_grad(const Corners<A>& c, const Taps<A>& k, A& d_ix, A& d_iy
 template <typename T, typename A>
 AS_HD void forward_pixel(const T* x, T* y, int C, int H, int W, int p, const Taps<A>& k) {
   const int hw = H * W;
-  for (int c = 0; c < C; ++c) y[c * hw + p] = static_cast<T>(bilinear(load_corners(x + c * hw, W, k), k));
+  for (int c = 0; c < C; ++c) y[c * hw + p] = storage_cast<T>(bilinear(load_corners(x + c * hw, W, k), k));
 }
 
 // Backward of one output pixel p over every channel: returns d(loss)/d(ix), d(loss)/d(iy) through
@@ -125,7 +130,7 @@ AS_HD void backward_pixel(const T* x, const T* gy, A* gx, Add add, int C, int H,
   d_ix = A(0);
   d_iy = A(0);
   for (int c = 0; c < C; ++c) {
-    const A g = static_cast<A>(gy[c * hw + p]);
+    const A g = storage_cast<A>(gy[c * hw + p]);
     A dx, dy;
     bilinear_grad(load_corners(x + c * hw, W, k), k, dx, dy);
     d_ix += g * dx;
