@@ -80,13 +80,26 @@ def dwconv_layernorm_reference(x, conv_weight, conv_bias, ln_weight, ln_bias, ep
 
 # ----------------------------------------------------------------------------------------------------------
 # kernels. Tensors are channels-last: element (n, h, w, c) of an (N, H, W, C) buffer is at (n*H*W + h*W + w)*C + c.
-# A program owns BLOCK_P consecutive pixels (row-major over H*W) of one image and BLOCK_C channels.
+# A program owns a BLOCK_H x BLOCK_W tile of pixels of one image (2-D, so the 7x7 halo it re-reads stays small
+# and in L1) and BLOCK_C channels. H, W, C are compile-time constants (a model has a few stage shapes): address
+# arithmetic folds, and channel masks vanish when C is a power of two.
 
 
 @_jit
-def _conv_tile(x_img, WT, B, h, w, p_ok, c, c_ok, H, W, C,
+def _pixels(tile, H: tl.constexpr, W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Row, column and in-image mask of the BLOCK_H * BLOCK_W pixels of 2-D tile number `tile` (row-major)."""
+    tiles_w: tl.constexpr = (W + BLOCK_W - 1) // BLOCK_W
+    i = tl.arange(0, BLOCK_H * BLOCK_W)
+    h = (tile // tiles_w) * BLOCK_H + i // BLOCK_W
+    w = (tile % tiles_w) * BLOCK_W + i % BLOCK_W
+    return h, w, (h < H) & (w < W)
+
+
+@_jit
+def _conv_tile(x_img, WT, h, w, p_ok, c, c_ok, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
-    """fp32 (BLOCK_P, BLOCK_C) depthwise conv output at pixels (h, w) of one image; WT is the (K*K, C) weight."""
+    """fp32 (BLOCK_P, BLOCK_C) depthwise conv (no bias) at pixels (h, w); WT is the (K*K, C) tap-major weight."""
+    offs = (h * W + w)[:, None] * C + c[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for kh in tl.static_range(K):
         hh = h + (kh - K // 2)
@@ -94,48 +107,47 @@ def _conv_tile(x_img, WT, B, h, w, p_ok, c, c_ok, H, W, C,
         for kw in tl.static_range(K):
             ww = w + (kw - K // 2)
             ok = row_ok & (ww >= 0) & (ww < W)
-            xv = tl.load(x_img + (hh * W + ww)[:, None] * C + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
+            xv = tl.load(x_img + offs + ((kh - K // 2) * W + (kw - K // 2)) * C,
+                         mask=ok[:, None] & c_ok[None, :], other=0.0)
             wv = tl.load(WT + (kh * K + kw) * C + c, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    bias = tl.load(B + c, mask=c_ok, other=0.0)
-    return acc + bias.to(tl.float32)[None, :]
+    return acc
 
 
 @_jit
-def _fwd_kernel(X, WT, B, LW, LB, Y, MEAN, RSTD, H, W, C, eps,
-                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
-    """y = LayerNorm(conv(x)) for BLOCK_P pixels x all C channels (BLOCK_C >= C); stores fp32 mean and rstd."""
+def _fwd_kernel(X, WT, B, LW, LB, Y, MEAN, RSTD, eps, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
+    """y = LayerNorm(conv(x) + b) on one pixel tile, all C channels (BLOCK_C >= C); stores fp32 mean and rstd."""
     n = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    h, w, p_ok = _pixels(tl.program_id(0), H, W, BLOCK_H, BLOCK_W)
     c = tl.arange(0, BLOCK_C)
-    p_ok = p < H * W
     c_ok = c < C
-    conv = _conv_tile(X + n * H * W * C, WT, B, p // W, p % W, p_ok, c, c_ok, H, W, C, BLOCK_P, BLOCK_C, K)
-    # padded channels of conv are 0 (masked loads), so plain sums over BLOCK_C are sums over C
-    mean = tl.sum(conv, axis=1) / C
+    conv = _conv_tile(X + n * H * W * C, WT, h, w, p_ok, c, c_ok, H, W, C, BLOCK_H * BLOCK_W, BLOCK_C, K)
+    conv += tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    mean = tl.sum(conv, axis=1) / C  # padded channels of conv are 0, so sums over BLOCK_C are sums over C
     diff = tl.where(c_ok[None, :], conv - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(diff * diff, axis=1) / C + eps)
     lw = tl.load(LW + c, mask=c_ok, other=0.0).to(tl.float32)
     lb = tl.load(LB + c, mask=c_ok, other=0.0).to(tl.float32)
     y = diff * rstd[:, None] * lw[None, :] + lb[None, :]
-    pix = n * H * W + p
+    pix = n * H * W + h * W + w
     tl.store(Y + pix[:, None] * C + c[None, :], y.to(Y.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
     tl.store(MEAN + pix, mean, mask=p_ok)
     tl.store(RSTD + pix, rstd, mask=p_ok)
 
 
 @_jit
-def _bwd_ln_kernel(X, WT, B, LW, DY, MEAN, RSTD, DCONV, PART, H, W, C,
-                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
-    """Recompute conv, LayerNorm backward: DCONV = d(conv out); PART[tile] = (sum dy*xhat, sum dy, sum dconv)."""
+def _bwd_ln_kernel(X, WT, B, LW, DY, MEAN, RSTD, DCONV, PART, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
+    """Recompute the conv, LayerNorm backward: DCONV = d(conv out); PART[tile] = (sum dy*xhat, sum dy, sum dconv)."""
     n = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    h, w, p_ok = _pixels(tl.program_id(0), H, W, BLOCK_H, BLOCK_W)
     c = tl.arange(0, BLOCK_C)
-    p_ok = p < H * W
     c_ok = c < C
     ok = p_ok[:, None] & c_ok[None, :]
-    conv = _conv_tile(X + n * H * W * C, WT, B, p // W, p % W, p_ok, c, c_ok, H, W, C, BLOCK_P, BLOCK_C, K)
-    pix = n * H * W + p
+    conv = _conv_tile(X + n * H * W * C, WT, h, w, p_ok, c, c_ok, H, W, C, BLOCK_H * BLOCK_W, BLOCK_C, K)
+    conv += tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    pix = n * H * W + h * W + w
     mean = tl.load(MEAN + pix, mask=p_ok, other=0.0)
     rstd = tl.load(RSTD + pix, mask=p_ok, other=0.0)
     xhat = tl.where(ok, (conv - mean[:, None]) * rstd[:, None], 0.0)
@@ -152,51 +164,64 @@ def _bwd_ln_kernel(X, WT, B, LW, DY, MEAN, RSTD, DCONV, PART, H, W, C,
 
 
 @_jit
-def _bwd_dx_kernel(X, DCONV, WT, DX, PARTW, H, W, C,
-                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
-    """dx[q] = sum_t dconv[q - off_t] * w_t;  PARTW[tile, t] = sum_{q in tile} dconv[q - off_t] * x[q].
-
-    Both come from the same shifted load of dconv: the conv weight grad sum_p dconv[p] * x[p + off_t] is the
-    same sum indexed by q = p + off_t. Grid: (pixel tiles, N, channel blocks).
-    """
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _dx_kernel(DCONV, WT_FLIP, DX, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
+    """dx[q] = sum_t dconv[q - off_t] w_t: the same depthwise conv, with the kernel flipped. Grid: (tiles, N, C blocks)."""
+    img = tl.program_id(1).to(tl.int64) * H * W * C
+    h, w, p_ok = _pixels(tl.program_id(0), H, W, BLOCK_H, BLOCK_W)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = p < H * W
     c_ok = c < C
-    h = p // W
-    w = p % W
-    img = n * H * W * C
-    x = tl.load(X + img + p[:, None] * C + c[None, :], mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    partw = PARTW + (n * tl.num_programs(0) + tl.program_id(0)) * K * K * C + c
-    dx = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    dx = _conv_tile(DCONV + img, WT_FLIP, h, w, p_ok, c, c_ok, H, W, C, BLOCK_H * BLOCK_W, BLOCK_C, K)
+    tl.store(DX + img + (h * W + w)[:, None] * C + c[None, :], dx.to(DX.dtype.element_ty),
+             mask=p_ok[:, None] & c_ok[None, :])
+
+
+@_jit
+def _dw_kernel(X, DCONV, PARTW, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
+    """PARTW[n, band, t] = sum over the band's pixels p of dconv[p] * x[p + off_t], one BLOCK_C channel block.
+
+    A program owns a band of BLOCK_H rows, all columns; for each tap it walks the band's tiles accumulating
+    products element-wise and reduces across the tile once per tap. Grid: (bands, N, C blocks).
+    """
+    img = tl.program_id(1).to(tl.int64) * H * W * C
+    tiles_w: tl.constexpr = (W + BLOCK_W - 1) // BLOCK_W
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    partw = PARTW + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * K * K * C + c
     for kh in tl.static_range(K):
-        hh = h - (kh - K // 2)
-        row_ok = p_ok & (hh >= 0) & (hh < H)
         for kw in tl.static_range(K):
-            ww = w - (kw - K // 2)
-            ok = row_ok & (ww >= 0) & (ww < W)
-            ds = tl.load(DCONV + img + (hh * W + ww)[:, None] * C + c[None, :],
-                         mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            wv = tl.load(WT + (kh * K + kw) * C + c, mask=c_ok, other=0.0).to(tl.float32)
-            dx += ds * wv[None, :]
-            tl.store(partw + (kh * K + kw) * C, tl.sum(ds * x, axis=0), mask=c_ok)
-    tl.store(DX + img + p[:, None] * C + c[None, :], dx.to(DX.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+            acc = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], dtype=tl.float32)
+            for tile in range(tl.program_id(0) * tiles_w, (tl.program_id(0) + 1) * tiles_w):
+                h, w, p_ok = _pixels(tile, H, W, BLOCK_H, BLOCK_W)
+                hh = h + (kh - K // 2)
+                ww = w + (kw - K // 2)
+                ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                offs = img + (h * W + w)[:, None] * C + c[None, :]
+                ds = tl.load(DCONV + offs, mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+                xv = tl.load(X + offs + ((kh - K // 2) * W + (kw - K // 2)) * C,
+                             mask=ok[:, None] & c_ok[None, :], other=0.0)
+                acc += ds.to(tl.float32) * xv.to(tl.float32)
+            tl.store(partw + (kh * K + kw) * C, tl.sum(acc, axis=0), mask=c_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 
 
-def _tile(C: int, HW: int, block_c: int, elems: int):
-    """(BLOCK_P, BLOCK_C, num_warps) for a program of about `elems` fp32 values with BLOCK_C >= block_c channels.
+def _tile(H: int, W: int, block_c: int, elems: int):
+    """(BLOCK_H, BLOCK_W, num_warps) for a tile of about `elems` fp32 values with `block_c` channels per pixel.
 
-    Under the interpreter each program instance costs ~0.3 s however big, so tiles there are as large as possible.
+    BLOCK_W is the width of 16, 8 or 4 that pads W the least (then the widest). Under the interpreter, where a
+    program instance and a loop step cost the same however big, a tile spans whole rows (CUDA tests cover the rest).
     """
-    if _INTERPRET:
-        elems = 1 << 16
-    block_p = max(1, min(triton.next_power_of_2(HW), elems // block_c))
-    return block_p, block_c, 4 if block_p * block_c <= 4096 else 8
+    block_w = triton.next_power_of_2(W) if _INTERPRET else min((16, 8, 4), key=lambda b: triton.cdiv(W, b) * b)
+    block_h = max(1, min(triton.next_power_of_2(H), elems // (block_c * block_w)))
+    return block_h, block_w, 4 if block_h * block_w * block_c <= 4096 else 8
+
+
+def _n_tiles(H, W, block_h, block_w):
+    return triton.cdiv(H, block_h) * triton.cdiv(W, block_w)
 
 
 def _channels_last(x):
@@ -215,15 +240,16 @@ def _forward(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
     y = torch.empty_like(xc)
     mean = torch.empty(N * H * W, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    block_p, block_c, warps = _tile(C, H * W, triton.next_power_of_2(C), 8192)
-    _fwd_kernel[(triton.cdiv(H * W, block_p), N)](
-        xc, _flat_weight(conv_weight), conv_bias, ln_weight, ln_bias, y, mean, rstd, H, W, C, eps,
-        BLOCK_P=block_p, BLOCK_C=block_c, K=K, num_warps=warps)
+    block_c = triton.next_power_of_2(C)
+    bh, bw, warps = _tile(H, W, block_c, 8192)
+    _fwd_kernel[(_n_tiles(H, W, bh, bw), N)](
+        xc, _flat_weight(conv_weight), conv_bias, ln_weight, ln_bias, y, mean, rstd, eps, H=H, W=W, C=C,
+        BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=block_c, K=K, num_warps=warps)
     return y, mean, rstd
 
 
 def _backward(dy, x, conv_weight, conv_bias, ln_weight, mean, rstd):
-    """Launch the two backward kernels and reduce their per-tile partial sums.
+    """Launch the three backward kernels and reduce their per-tile partial sums.
 
     Returns:
         (dx, d conv_weight, d conv_bias, d ln_weight, d ln_bias), each in its input's dtype; dx is channels-last.
@@ -231,25 +257,32 @@ def _backward(dy, x, conv_weight, conv_bias, ln_weight, mean, rstd):
     N, C, H, W = x.shape
     xc = _channels_last(x)
     dy = dy.contiguous()
-    wt = _flat_weight(conv_weight)
     dconv = torch.empty_like(xc)  # x's dtype, as eager's conv-output gradient
 
-    block_p, block_c, warps = _tile(C, H * W, triton.next_power_of_2(C), 4096)
-    tiles = triton.cdiv(H * W, block_p)
+    block_c = triton.next_power_of_2(C)
+    bh, bw, warps = _tile(H, W, block_c, 4096)
+    tiles = _n_tiles(H, W, bh, bw)
     part = torch.empty(N * tiles, 3, C, device=x.device, dtype=torch.float32)
-    _bwd_ln_kernel[(tiles, N)](xc, wt, conv_bias, ln_weight, dy, mean, rstd, dconv, part, H, W, C,
-                               BLOCK_P=block_p, BLOCK_C=block_c, K=K, num_warps=warps)
+    _bwd_ln_kernel[(tiles, N)](xc, _flat_weight(conv_weight), conv_bias, ln_weight, dy, mean, rstd, dconv, part,
+                               H=H, W=W, C=C, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=block_c, K=K, num_warps=warps)
 
-    # a thin channel block and a tall pixel tile: fewer tiles means a smaller weight-grad partial buffer
-    block_p, block_c, warps = _tile(C, H * W, min(triton.next_power_of_2(C), 32), 8192)
-    tiles = triton.cdiv(H * W, block_p)
-    partw = torch.empty(N * tiles, K * K, C, device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(xc)
-    _bwd_dx_kernel[(tiles, N, triton.cdiv(C, block_c))](xc, dconv, wt, dx, partw, H, W, C,
-                                                        BLOCK_P=block_p, BLOCK_C=block_c, K=K, num_warps=warps)
+    dx = torch.empty_like(xc)  # dx and dw only need a channel block: more programs for the small stages
+    block_c = min(block_c, 128)
+    bh, bw, warps = _tile(H, W, block_c, 8192)
+    _dx_kernel[(_n_tiles(H, W, bh, bw), N, triton.cdiv(C, block_c))](
+        dconv, _flat_weight(conv_weight.flip((2, 3))), dx, H=H, W=W, C=C,
+        BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=block_c, K=K, num_warps=warps)
 
-    d_lnw, d_lnb, d_convb = part.sum(0)
-    d_convw = partw.sum(0).t().reshape(C, 1, K, K)
+    block_c = min(block_c, 32)
+    bh, bw, warps = _tile(H, W, block_c, 4096)
+    bands = triton.cdiv(H, bh)
+    partw = torch.empty(N, bands, K * K, C, device=x.device, dtype=torch.float32)
+    _dw_kernel[(bands, N, triton.cdiv(C, block_c))](xc, dconv, partw, H=H, W=W, C=C,
+                                                    BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=block_c, K=K, num_warps=warps)
+
+    # separate sums: a custom op's outputs must not be views of one another
+    d_lnw, d_lnb, d_convb = (part[:, i].sum(0) for i in range(3))
+    d_convw = partw.sum((0, 1)).t().reshape(C, 1, K, K)
     return (dx.permute(0, 3, 1, 2), d_convw.to(conv_weight.dtype), d_convb.to(conv_bias.dtype),
             d_lnw.to(ln_weight.dtype), d_lnb.to(ln_weight.dtype))
 
