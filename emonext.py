@@ -193,7 +193,7 @@ class EmoNeXt(nn.Module):
             self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6),
                                                         nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2),
                                                         SqueezeExcite(dims[i + 1])))
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         for i, depth in enumerate(config.depths):
             start = sum(config.depths[:i])
@@ -310,8 +310,8 @@ def _state_dict_of(ckpt: dict, prefer_ema: bool) -> dict:
             break
     state = {}
     for k, v in ckpt.items():
-        if not isinstance(v, torch.Tensor) or k.startswith("online_model."):
-            continue  # ema_pytorch also stores the online copy and counters
+        if not isinstance(v, torch.Tensor) or k.startswith("online_model.") or k in ("initted", "step"):
+            continue  # ema_pytorch also stores the online copy and its counters (tensor buffers)
         for prefix in _WRAPPER_PREFIXES:
             k = k.removeprefix(prefix)
         state[k] = v
