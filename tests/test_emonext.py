@@ -1,0 +1,662 @@
+"""emonext.py: shapes, the official key layout, the loss, load_weights and its errors, the copy-alone promise,
+and the fused-kernels backend on CPU (issue 2's test list).
+
+Runs on one CPU thread: on a busy 2-core machine two OpenMP threads fight each other and run ~10x slower.
+The big sizes (tiny ... xlarge) are built and run on the meta device: shapes and parameter counts, no arithmetic.
+"""
+import ast
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import emonext
+from emonext import SIZES, EmoNeXt, load_weights
+
+SMALL = ("atto", "femto", "pico", "nano")
+BIG = ("tiny", "small", "base", "large", "xlarge")
+IMG_SIZES = (48, 64, 112, 224)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model(size="atto", img_size=48, seed=0, **kw):
+    torch.manual_seed(seed)
+    return EmoNeXt.from_size(size, img_size=img_size, **kw)
+
+
+def scramble(m, seed=1):
+    """Make every part of the model matter: a non-identity STN that depends on its input, BatchNorm statistics
+    that are not (0, 1), layer scales of 1, attention weights large enough for SA to be well above zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        m.fc_loc[2].weight.copy_(torch.randn(m.fc_loc[2].weight.shape, generator=g) * 0.02)
+        m.fc_loc[2].bias.add_(torch.tensor([0.05, -0.1, 0.013, 0.08, -0.05, -0.021]))
+        for bn in (m.localization[1], m.localization[5]):
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.5)
+            bn.weight.copy_(torch.rand(bn.weight.shape, generator=g) + 0.5)
+        for stage in m.stages:
+            for block in stage:
+                block.gamma.fill_(0.5)
+        for lin in (m.attention.query, m.attention.key):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.3)
+    return m
+
+
+# -----------------------------------------------------------------------------
+# shapes, sizes, parameter counts
+
+def convnext_params(depths, dims, in_chans, num_classes):
+    """Parameters of facebookresearch's ConvNeXt (anchored below on its published counts)."""
+    n = in_chans * dims[0] * 16 + dims[0] + 2 * dims[0]  # stem conv + LN
+    for i in range(1, 4):
+        n += 2 * dims[i - 1] + 4 * dims[i - 1] * dims[i] + dims[i]  # LN + conv 2x2
+    n += sum(depth * (8 * d * d + 58 * d) for depth, d in zip(depths, dims))  # dwconv, LN, 2 linears, gamma
+    return n + 2 * dims[3] + dims[3] * num_classes + num_classes  # norm + head
+
+
+def emonext_params(size, img_size, in_chans, num_classes=7):
+    depths, dims = SIZES[size]
+    s = ((img_size - 6) // 2 - 4) // 2
+    stn = in_chans * 8 * 49 + 8 + 16 + 8 * 10 * 25 + 10 + 20 + (10 * s * s * 32 + 32) + (32 * 6 + 6)
+    se = sum(2 * d * (d // 16) for d in dims[1:])
+    attention = 2 * dims[3] + 3 * (dims[3] ** 2 + dims[3])
+    return convnext_params(depths, dims, in_chans, num_classes) + stn + se + attention
+
+
+def test_convnext_param_formula_matches_published_counts():
+    assert convnext_params(*SIZES["tiny"], 3, 1000) == 28_589_128
+    assert convnext_params(*SIZES["small"], 3, 1000) == 50_223_688
+    assert convnext_params(*SIZES["base"], 3, 1000) == 88_591_464
+
+
+def test_size_table():
+    assert SIZES["atto"] == ((2, 2, 6, 2), (40, 80, 160, 320))
+    assert SIZES["femto"][1] == (48, 96, 192, 384) and SIZES["pico"][1] == (64, 128, 256, 512)
+    assert SIZES["nano"] == ((2, 2, 8, 2), (80, 160, 320, 640))
+    assert SIZES["tiny"] == ((3, 3, 9, 3), (96, 192, 384, 768))
+    assert SIZES["small"] == ((3, 3, 27, 3), (96, 192, 384, 768))
+    assert SIZES["base"][1] == (128, 256, 512, 1024) and SIZES["large"][1] == (192, 384, 768, 1536)
+    assert SIZES["xlarge"] == ((3, 3, 27, 3), (256, 512, 1024, 2048))
+    with pytest.raises(ValueError, match="unknown EmoNeXt size 'huge'"):
+        EmoNeXt.from_size("huge")
+
+
+@pytest.mark.parametrize("img_size", IMG_SIZES)
+@pytest.mark.parametrize("size", SMALL)
+def test_shapes_small_sizes(size, img_size):
+    in_chans = 1 if size in ("atto", "pico") else 3
+    m = model(size, img_size, in_chans=in_chans).eval()
+    assert sum(p.numel() for p in m.parameters()) == emonext_params(size, img_size, in_chans)
+    assert m.fc_loc[0].in_features == 10 * (((img_size - 6) // 2 - 4) // 2) ** 2
+    x = torch.randn(2, in_chans, img_size, img_size)
+    with torch.no_grad():
+        warped, theta = m.stn(x)
+        features = m.forward_features(x)
+        logits = m(x)
+    assert warped.shape == x.shape and theta.shape == (2, 2, 3)
+    assert features.shape == (2, SIZES[size][1][-1])
+    assert logits.shape == (2, 7) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("size", BIG)
+def test_shapes_big_sizes_on_meta(size):
+    for img_size in IMG_SIZES:
+        with torch.device("meta"):
+            m = EmoNeXt.from_size(size, img_size=img_size, num_classes=5)
+            logits = m.eval()(torch.empty(2, 3, img_size, img_size))
+            features = m.forward_features(torch.empty(3, 1, img_size, img_size))
+        assert logits.shape == (2, 5) and logits.is_meta
+        assert features.shape == (3, SIZES[size][1][-1])
+        assert sum(p.numel() for p in m.parameters()) == emonext_params(size, img_size, 3, 5)
+
+
+def test_stn_regressor_width_at_224_is_official():
+    assert emonext._stn_feature_side(224) == 52
+    with torch.device("meta"):
+        m = EmoNeXt.from_size("atto", img_size=224)
+    assert m.fc_loc[0].weight.shape == (32, 10 * 52 * 52)
+
+
+def test_config_defaults():
+    c = emonext.EmoNeXtConfig()
+    assert (c.num_classes, c.label_smoothing, c.sa_weight, c.in_chans) == (7, 0.2, 1.0, 3)
+    assert (c.drop_path_rate, c.layer_scale_init) == (0.1, 1e-6)
+    m = model("atto", 48, drop_path_rate=0.3)
+    assert m.stages[0][0].drop_path.p == 0.0 and m.stages[3][1].drop_path.p == pytest.approx(0.3)
+    rates = [b.drop_path.p for stage in m.stages for b in stage]
+    assert rates == sorted(rates) and len(rates) == 12
+    assert torch.all(m.stages[1][0].gamma == 1e-6)
+
+
+def test_init_as_official():
+    m = model("atto", 48)
+    ws = torch.cat([mod.weight.flatten() for mod in m.modules()
+                    if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod is not m.fc_loc[2]])
+    # trunc_normal_(std=0.02) as the official code: the cut at +-2 (absolute) is 100 std away, so a plain N(0, 0.02)
+    assert ws.std().item() == pytest.approx(0.02, rel=0.03) and abs(ws.mean().item()) < 1e-3
+    assert ws.abs().max() < 0.15
+    biases = [mod.bias for mod in m.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))
+              and mod.bias is not None and mod is not m.fc_loc[2]]
+    assert all(torch.all(b == 0) for b in biases)
+
+
+# -----------------------------------------------------------------------------
+# STN, loss, self-attention
+
+@pytest.mark.parametrize("in_chans", (1, 3))
+def test_identity_stn_at_init(in_chans):
+    m = model("atto", 64, in_chans=in_chans)
+    x = torch.randn(3, in_chans, 64, 64)
+    warped, theta = m.stn(x)
+    assert torch.equal(theta, torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(3, 2, 3))
+    torch.testing.assert_close(warped, x, rtol=0, atol=1e-4)  # grid coordinates carry float rounding
+    assert torch.all(m.fc_loc[2].weight == 0)
+
+
+def test_stn_warps_when_theta_is_not_identity():
+    m = model("atto", 48, in_chans=1)
+    with torch.no_grad():
+        m.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, 0.5, 0, 1, 0]))  # shift by a quarter of the image
+    x = torch.randn(2, 1, 48, 48)
+    warped, _ = m.stn(x)
+    # output column j samples input column j + 0.5 * 47 / 2 = j + 11.75: away from the border it is a shifted x
+    torch.testing.assert_close(warped[..., :, 5:30], 0.25 * x[..., :, 16:41] + 0.75 * x[..., :, 17:42],
+                               rtol=0, atol=1e-4)
+
+
+def loss_by_hand(m, x, y):
+    features = m.forward_features(x)
+    logits = features @ m.head.weight.T + m.head.bias
+    k, eps = logits.shape[1], m.config.label_smoothing
+    q = torch.full_like(logits, eps / k)
+    q[torch.arange(len(y)), y] += 1 - eps
+    ce = -(q * logits.log_softmax(-1)).sum(1).mean()
+    att = m.attention
+    f = features - features.mean(1, keepdim=True)
+    f = f / torch.sqrt(features.var(1, unbiased=False, keepdim=True) + att.norm.eps) * att.norm.weight + att.norm.bias
+    q_, k_ = f @ att.query.weight.T + att.query.bias, f @ att.key.weight.T + att.key.bias
+    w = torch.softmax(q_ @ k_.T / features.shape[1] ** 0.25, dim=-1)
+    assert w.shape == (len(x), len(x))
+    sa = ((w - w.mean()) ** 2).mean()
+    return logits, ce, sa
+
+
+@pytest.mark.parametrize("label_smoothing,sa_weight", [(0.2, 1.0), (0.1, 30.0), (0.0, 0.0)])
+def test_loss_equals_ce_plus_weighted_sa(label_smoothing, sa_weight):
+    m = scramble(model("atto", 48, in_chans=1, label_smoothing=label_smoothing, sa_weight=sa_weight)).eval()
+    x, y = torch.randn(6, 1, 48, 48), torch.tensor([0, 1, 2, 3, 6, 6])
+    with torch.no_grad():
+        logits, loss, (ce, sa) = m(x, y, loss_parts=True)
+        logits2, loss2 = m(x, y)
+        ref_logits, ref_ce, ref_sa = loss_by_hand(m, x, y)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sa, ref_sa, rtol=1e-4, atol=1e-9)
+    assert sa.item() > 1e-4  # the scrambled attention makes SA matter
+    torch.testing.assert_close(loss, ref_ce + sa_weight * ref_sa, rtol=1e-5, atol=1e-6)
+    assert torch.equal(loss, loss2) and torch.equal(logits, logits2)
+    torch.testing.assert_close(ce, F.cross_entropy(logits, y, label_smoothing=label_smoothing))
+
+
+def test_sa_not_computed_without_targets_and_never_changes_logits():
+    m = scramble(model("atto", 48, in_chans=1)).eval()
+    x, y = torch.randn(4, 1, 48, 48), torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        logits_with, _ = m(x, y)
+        before = m(x)
+
+        def boom(*a):
+            raise AssertionError("attention ran without targets")
+        m.attention.forward = boom
+        logits = m(x)  # must not call the attention
+        del m.attention.forward
+        for p in m.attention.parameters():
+            p.mul_(-3.0).add_(1.0)
+        after = m(x)
+    assert torch.equal(logits, before) and torch.equal(after, before) and torch.equal(logits_with, before)
+
+
+def test_gradients_reach_the_stn_regressor():
+    m = model("atto", 48, in_chans=1).train()
+    x, y = torch.randn(4, 1, 48, 48), torch.tensor([0, 3, 5, 6])
+    _, loss = m(x, y)
+    loss.backward()
+    assert m.fc_loc[2].weight.grad is not None and m.fc_loc[2].weight.grad.abs().sum() > 0
+    assert m.fc_loc[2].bias.grad.abs().sum() > 0
+    assert m.attention.query.weight.grad.abs().sum() > 0  # SA's gradient flows too
+    # one optimiser step on the regressor moves theta off the identity, so the next step reaches the localization net
+    with torch.no_grad():
+        m.fc_loc[2].weight.sub_(1.0 * m.fc_loc[2].weight.grad)
+    m.zero_grad()
+    m(x, y)[1].backward()
+    assert m.localization[0].weight.grad.abs().sum() > 0
+
+
+def test_drop_path_stochastic_in_train_deterministic_in_eval():
+    m = model("atto", 48, in_chans=1, drop_path_rate=0.5, layer_scale_init=1.0)
+    x = torch.randn(8, 1, 48, 48)
+    with torch.no_grad():
+        m.train()
+        a, b = m(x), m(x)
+        m.eval()
+        c, d = m(x), m(x)
+    assert not torch.allclose(a, b, atol=1e-4)
+    assert torch.equal(c, d)
+    m0 = model("atto", 48, in_chans=1, drop_path_rate=0.0, layer_scale_init=1.0).train()
+    with torch.no_grad():
+        assert torch.equal(m0(x), m0(x))  # without drop path, train mode is deterministic too
+    dp = emonext.DropPath(0.25).train()
+    torch.manual_seed(0)
+    out = dp(torch.ones(4000, 3, 2, 2))
+    per_sample = out.flatten(1)
+    assert torch.all(per_sample == per_sample[:, :1])  # whole samples are dropped or kept
+    assert per_sample[:, 0].unique().tolist() == [0.0, pytest.approx(4 / 3)]
+    assert (per_sample[:, 0] == 0).double().mean().item() == pytest.approx(0.25, abs=0.03)
+
+
+# -----------------------------------------------------------------------------
+# inputs
+
+def test_bad_inputs_get_clear_errors():
+    m1 = model("atto", 48, in_chans=1)
+    with pytest.raises(ValueError, match=r"expects input of shape \(N, 1, 48, 48\), got \(2, 3, 48, 48\)"):
+        m1(torch.randn(2, 3, 48, 48))
+    with pytest.raises(ValueError, match=r"\(N, 1, 48, 48\), got \(2, 1, 64, 64\)"):
+        m1(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"got \(2, 1, 48, 47\)"):
+        m1(torch.randn(2, 1, 48, 47))
+    with pytest.raises(ValueError, match=r"got \(1, 48, 48\)"):
+        m1(torch.randn(1, 48, 48))
+    m3 = model("atto", 48, in_chans=3)
+    with pytest.raises(ValueError, match=r"\(N, 3, 48, 48\) or \(N, 1, 48, 48\), got \(2, 2, 48, 48\)"):
+        m3(torch.randn(2, 2, 48, 48))
+
+
+def test_img_size_too_small_says_the_minimum():
+    with pytest.raises(ValueError, match="img_size=31 is too small.*at least 32"):
+        EmoNeXt.from_size("atto", img_size=31)
+    with pytest.raises(ValueError, match="at least 32"):
+        EmoNeXt.from_size("atto", img_size=16)
+    m = model("atto", 32, in_chans=1).eval()  # the minimum works
+    with torch.no_grad():
+        assert m(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="in_chans"):
+        EmoNeXt.from_size("atto", in_chans=0)
+
+
+def test_rgb_model_accepts_grey_input_as_expanded_input():
+    m = scramble(model("atto", 48, in_chans=3)).eval()
+    grey = torch.randn(3, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(m(grey), m(grey.expand(-1, 3, -1, -1).contiguous()), rtol=0, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# state dict layout
+
+FAMILIES = [
+    r"localization\.[04]\.(weight|bias)",
+    r"localization\.[15]\.(weight|bias|running_mean|running_var|num_batches_tracked)",
+    r"fc_loc\.[02]\.(weight|bias)",
+    r"downsample_layers\.0\.[01]\.(weight|bias)",
+    r"downsample_layers\.[123]\.[01]\.(weight|bias)",
+    r"downsample_layers\.[123]\.2\.fc\.[02]\.weight",
+    r"stages\.[0-3]\.\d+\.(dwconv|norm|pwconv1|pwconv2)\.(weight|bias)",
+    r"stages\.[0-3]\.\d+\.gamma",
+    r"norm\.(weight|bias)",
+    r"attention\.(norm|query|key|value)\.(weight|bias)",
+    r"head\.(weight|bias)",
+]
+
+
+def test_state_dict_key_layout_is_official():
+    m = model("atto", 48, in_chans=1)
+    keys = list(m.state_dict())
+    for k in keys:
+        matches = [f for f in FAMILIES if re.fullmatch(f, k)]
+        assert len(matches) == 1, f"key {k!r} is outside the official families"
+    for f in FAMILIES:
+        assert any(re.fullmatch(f, k) for k in keys), f"no key of family {f}"
+    for k in ("localization.0.weight", "localization.1.running_var", "localization.4.bias",
+              "localization.5.num_batches_tracked", "fc_loc.0.weight", "fc_loc.2.bias",
+              "downsample_layers.0.0.weight", "downsample_layers.0.1.bias", "downsample_layers.1.0.weight",
+              "downsample_layers.2.1.bias", "downsample_layers.3.2.fc.0.weight", "downsample_layers.1.2.fc.2.weight",
+              "stages.0.1.dwconv.weight", "stages.2.5.pwconv2.bias", "stages.3.1.gamma", "norm.weight",
+              "attention.value.bias", "attention.norm.weight", "head.weight"):
+        assert k in keys, k
+    for k in ("downsample_layers.0.2.fc.0.weight", "downsample_layers.1.2.fc.0.bias", "stages.2.6.gamma",
+              "stages.4.0.gamma", "localization.2.weight"):
+        assert k not in keys, k
+    blocks = {(int(i), int(j)) for i, j in re.findall(r"stages\.(\d)\.(\d+)\.gamma", " ".join(keys))}
+    assert blocks == {(i, j) for i, d in enumerate(SIZES["atto"][0]) for j in range(d)}
+    assert len(keys) == 14 + 4 + 4 + 3 * 6 + 12 * 9 + 2 + 8 + 2  # 2 convs + 2 BNs (5 entries each) in the localization net
+
+
+# -----------------------------------------------------------------------------
+# load_weights
+
+def test_one_channel_equivalence_through_load_weights():
+    m3 = scramble(model("atto", 48, in_chans=3)).eval()
+    src = m3.state_dict()
+    m1 = model("atto", 48, in_chans=1, seed=5).eval()
+    report = load_weights(m1, src, verbose=False)
+    assert report["kind"] == "emonext" and not report["missing"] and not report["unexpected"]
+    assert sorted(report["converted"]) == ["downsample_layers.0.0.weight: 3 -> 1 input channels",
+                                           "localization.0.weight: 3 -> 1 input channels"]
+    assert src["localization.0.weight"].shape[1] == 3  # the source is not modified
+    grey = torch.rand(4, 1, 48, 48) * 4 - 2
+    with torch.no_grad():
+        a, b = m1(grey), m3(grey.repeat(1, 3, 1, 1))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert a.std() > 1e-3  # a real comparison, not two near-constant outputs
+    # and back: 1 -> 3 splits the weights evenly, so the RGB model on a repeated grey image agrees again
+    m3b = model("atto", 48, in_chans=3, seed=6).eval()
+    report = load_weights(m3b, m1.state_dict(), verbose=False)
+    assert len(report["converted"]) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(m3b(grey.repeat(1, 3, 1, 1)), a, rtol=0, atol=1e-5)
+
+
+def official_state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("wrap", ["raw", "model", "state_dict", "module.", "_orig_mod."])
+def test_official_checkpoint_loads_strict_with_identical_outputs(wrap, tmp_path):
+    src = scramble(model("atto", 48, in_chans=1)).eval()
+    sd = official_state(src)
+    x, y = torch.randn(4, 1, 48, 48), torch.tensor([0, 1, 5, 6])
+    strict = model("atto", 48, in_chans=1, seed=3).eval()
+    strict.load_state_dict(sd, strict=True)
+    ckpt = {"raw": sd, "model": {"model": sd, "epoch": 3}, "state_dict": {"state_dict": sd},
+            "module.": {"model": {"module." + k: v for k, v in sd.items()}},
+            "_orig_mod.": {"_orig_mod." + k: v for k, v in sd.items()}}[wrap]
+    path = tmp_path / "official.pt"
+    torch.save(ckpt, path)
+    dst = model("atto", 48, in_chans=1, seed=4).eval()
+    report = load_weights(dst, str(path), verbose=False)
+    assert report == {"kind": "emonext", "missing": [], "unexpected": [], "skipped": [], "converted": []}
+    with torch.no_grad():
+        ref_logits, ref_loss = src(x, y)
+        for m in (strict, dst):
+            logits, loss = m(x, y)
+            assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_ema_pytorch_checkpoint_loads_the_ema_weights():
+    ema = scramble(model("atto", 48, in_chans=1, seed=1)).eval()
+    online = model("atto", 48, in_chans=1, seed=2)
+    inner = {"initted": torch.tensor(True), "step": torch.tensor(1234)}
+    inner.update({"ema_model." + k: v for k, v in ema.state_dict().items()})
+    inner.update({"online_model." + k: v for k, v in online.state_dict().items()})
+    dst = model("atto", 48, in_chans=1, seed=3).eval()
+    report = load_weights(dst, {"ema": inner}, verbose=False)
+    assert report["kind"] == "emonext" and not report["missing"] and not report["unexpected"]
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, ema.state_dict()[k]), k
+    # a checkpoint with both: prefer_ema picks the EMA, prefer_ema=False the model
+    both = {"model": online.state_dict(), "ema": ema.state_dict()}
+    load_weights(dst, both, prefer_ema=False, verbose=False)
+    assert torch.equal(dst.head.weight, online.head.weight)
+    load_weights(dst, both, verbose=False)
+    assert torch.equal(dst.head.weight, ema.head.weight)
+
+
+NOT_CONVNEXT = re.compile(r"^(localization|fc_loc|attention)\.|^downsample_layers\.[123]\.2\.")
+
+
+@pytest.mark.parametrize("in_chans", (3, 1))
+def test_convnext_imagenet_checkpoint_loads_and_reports(in_chans, tmp_path, capsys):
+    rgb = scramble(model("atto", 48, in_chans=3, seed=7))
+    sd = {k: v.clone() for k, v in rgb.state_dict().items() if not NOT_CONVNEXT.search(k)}
+    sd["head.weight"], sd["head.bias"] = torch.randn(1000, 320), torch.randn(1000)
+    assert "downsample_layers.1.1.weight" in sd and "stages.3.1.gamma" in sd and "norm.bias" in sd
+    path = tmp_path / "convnext_atto_1k_224.pth"
+    torch.save({"model": sd}, path)
+
+    dst = model("atto", 48, in_chans=in_chans, seed=8)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    report = load_weights(dst, str(path))
+    out = capsys.readouterr().out
+    kept = sorted(k for k in before if NOT_CONVNEXT.search(k))
+    assert report["kind"] == "convnext"
+    assert sorted(report["missing"]) == sorted(kept + ["head.weight", "head.bias"])
+    assert report["unexpected"] == []
+    assert report["skipped"] == ["head.weight (1000, 320) (model has (7, 320))",
+                                 "head.bias (1000,) (model has (7,))"]
+    assert len(report["converted"]) == (1 if in_chans == 1 else 0)
+    assert "convnext checkpoint" in out and "skipped (2): head.weight" in out
+    assert f"missing ({len(kept) + 2})" in out and "localization.0.weight" in out and "attention.query.weight" in out
+    after = dst.state_dict()
+    for k in kept + ["head.weight", "head.bias"]:
+        assert torch.equal(after[k], before[k]), f"{k} should keep its init"
+    for k, v in sd.items():
+        if k.startswith("head."):
+            continue
+        if k == "downsample_layers.0.0.weight" and in_chans == 1:
+            torch.testing.assert_close(after[k], v.sum(1, keepdim=True))
+        else:
+            assert torch.equal(after[k], v), k
+    # with 1000 classes the head loads too
+    dst1k = model("atto", 48, in_chans=3, num_classes=1000)
+    report = load_weights(dst1k, str(path), verbose=False)
+    assert report["skipped"] == [] and "head.weight" not in report["missing"]
+    assert torch.equal(dst1k.head.weight, sd["head.weight"])
+
+
+def test_unknown_checkpoint_formats_are_refused():
+    m = model("atto", 48, in_chans=1)
+    timm = {"stem.0.weight": torch.randn(40, 3, 4, 4), "stages.0.blocks.0.conv_dw.weight": torch.randn(40, 1, 7, 7)}
+    with pytest.raises(ValueError, match="timm-format ConvNeXt"):
+        load_weights(m, timm)
+    with pytest.raises(ValueError, match="neither an EmoNeXt nor a facebookresearch ConvNeXt checkpoint"):
+        load_weights(m, {"foo": torch.zeros(3), "bar.weight": torch.ones(2)})
+    with pytest.raises(ValueError, match="neither"):
+        load_weights(m, {"foo": 1})
+    with pytest.raises(ValueError, match="from_checkpoint|no 'config'"):
+        EmoNeXt.from_checkpoint({"model": m.state_dict()})
+
+
+def test_checkpoint_of_another_size_or_img_size_is_refused():
+    with torch.device("meta"):
+        shapes = EmoNeXt.from_size("tiny", img_size=48, in_chans=1).state_dict()
+    tiny = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}
+    m = model("atto", 48, in_chans=1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"another size.*downsample_layers\.0\.0\.weight: checkpoint \(96, 1, 4, 4\) "
+                                         r"vs model \(40, 1, 4, 4\)"):
+        load_weights(m, tiny)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # nothing half-loaded
+    with pytest.raises(ValueError, match=r"fc_loc\.0\.weight: checkpoint \(32, 640\) vs model \(32, 1440\)"):
+        load_weights(model("atto", 64, in_chans=1), model("atto", 48, in_chans=1).state_dict())
+    # an EmoNeXt checkpoint missing a non-head key is not silently half-loaded
+    partial = dict(before)
+    del partial["stages.1.0.gamma"]
+    with pytest.raises(ValueError, match=r"does not match this model: missing \['stages.1.0.gamma'\]"):
+        load_weights(m, partial)
+
+
+def test_missing_and_damaged_files(tmp_path):
+    m = model("atto", 48, in_chans=1)
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.pt"):
+        load_weights(m, str(missing))
+    good = tmp_path / "good.pt"
+    torch.save({"model": m.state_dict()}, good)
+    data = good.read_bytes()
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="damaged.pt: cannot be read as a weights-only torch checkpoint"):
+        load_weights(m, str(damaged))
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="notes.pt: cannot be read"):
+        load_weights(m, str(text))
+    listed = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], listed)
+    with pytest.raises(ValueError, match="expected a dict checkpoint, found list"):
+        load_weights(m, str(listed))
+
+
+def test_from_checkpoint_rebuilds_a_project_checkpoint():
+    src = scramble(model("atto", 48, in_chans=1, drop_path_rate=0.0)).eval()
+    ema = scramble(model("atto", 48, in_chans=1, seed=9), seed=2).eval()
+    ckpt = {"config": emonext.config_dict(src), "model": src.state_dict(), "ema": ema.state_dict(), "iter": 5}
+    assert ckpt["config"]["dims"] == [40, 80, 160, 320]  # plain lists: weights_only friendly
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(EmoNeXt.from_checkpoint(ckpt).eval()(x), ema(x))
+        assert torch.equal(EmoNeXt.from_checkpoint(ckpt, prefer_ema=False).eval()(x), src(x))
+    with pytest.raises(ValueError, match="config does not describe an EmoNeXt"):
+        EmoNeXt.from_checkpoint({**ckpt, "config": {**ckpt["config"], "wings": 2}})
+
+
+# -----------------------------------------------------------------------------
+# emonext.py stands alone
+
+def test_imports_only_torch_and_stdlib():
+    path = os.path.join(REPO, "emonext.py")
+    tree = ast.parse(open(path).read())
+    optional = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try):
+            catches = {getattr(h.type, "id", None) for h in node.handlers}
+            if catches & {"ImportError", "ModuleNotFoundError"}:
+                for sub in node.body:
+                    for n in ast.walk(sub):
+                        if isinstance(n, (ast.Import, ast.ImportFrom)):
+                            optional.add(id(n))
+    roots = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import in emonext.py"
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            root = name.split(".")[0]
+            roots.append(root)
+            if root == "kernels":
+                assert id(node) in optional, "kernels must be imported inside try/except ImportError"
+            else:
+                assert root == "torch" or root in sys.stdlib_module_names, f"emonext.py imports {name}"
+    assert "torch" in roots and "kernels" in roots
+
+
+COPY_SCRIPT = r"""
+import sys, torch
+torch.set_num_threads(1)
+import emonext
+assert emonext.__file__.startswith(sys.argv[1]), emonext.__file__
+assert emonext.kernels is None, "kernels/ should not be importable here"
+ckpt = torch.load("ckpt.pt", weights_only=True)
+m = emonext.EmoNeXt.from_checkpoint("ckpt.pt").eval()
+m2 = emonext.EmoNeXt.from_size("atto", img_size=48, in_chans=1)
+report = emonext.load_weights(m2, "ckpt.pt", verbose=False)
+assert report["kind"] == "emonext" and not report["missing"], report
+x, y = ckpt["x"], ckpt["y"]
+with torch.no_grad():
+    logits, loss = m(x, y)
+    logits2 = m2.eval()(x)
+torch.save({"logits": logits, "loss": loss, "logits2": logits2}, "out.pt")
+print("ok")
+"""
+
+
+def test_works_when_copied_alone(tmp_path):
+    src = scramble(model("atto", 48, in_chans=1)).eval()
+    x, y = torch.randn(3, 1, 48, 48), torch.tensor([0, 2, 6])
+    torch.save({"config": emonext.config_dict(src), "model": src.state_dict(), "x": x, "y": y},
+               tmp_path / "ckpt.pt")
+    shutil.copy(os.path.join(REPO, "emonext.py"), tmp_path / "emonext.py")
+    (tmp_path / "run.py").write_text(COPY_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "run.py", str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        logits, loss = src(x, y)
+    torch.testing.assert_close(out["logits"], logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["logits2"], logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["loss"], loss, rtol=0, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# the kernels backend on CPU
+
+def _kernels():
+    if emonext.kernels is None:
+        pytest.skip("kernels/ is not importable (emonext.kernels is None): the fused backend cannot be tested")
+    k = emonext.kernels
+    for op in ("dwconv_layernorm", "affine_sample"):
+        if not hasattr(torch.ops.emonext, op):
+            pytest.skip(f"torch.ops.emonext.{op} is not registered yet")
+    return k
+
+
+@pytest.fixture
+def kernels_backend():
+    k = _kernels()
+    yield k
+    k.set_backend("auto")
+
+
+def test_fused_backend_matches_torch_backend_on_cpu(kernels_backend):
+    k = kernels_backend
+    m = scramble(model("atto", 48, in_chans=1, drop_path_rate=0.0)).train()
+    x, y = torch.randn(4, 1, 48, 48), torch.tensor([0, 1, 4, 6])
+    results = {}
+    for backend in ("torch", "fused"):
+        k.set_backend(backend)
+        assert k.use_dwconv_layernorm(x) == (backend == "fused") and k.use_affine_sample(x) == (backend == "fused")
+        m.zero_grad()
+        logits, loss = m(x, y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        results[backend] = (logits.detach(), loss.detach(), grads)
+    (lt, st, gt), (lf, sf, gf) = results["torch"], results["fused"]
+    assert gf.keys() == gt.keys() and len(gt) == len(list(m.parameters())) - 2  # all but attention.value's
+    torch.testing.assert_close(lf, lt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sf, st, rtol=1e-5, atol=1e-6)
+    for n in gt:  # relative to the gradient's size (the conv bias in front of train-mode BatchNorm gets only noise)
+        err, scale = (gf[n] - gt[n]).norm().item(), gt[n].norm().item()
+        assert err <= 1e-3 * scale + 1e-5, f"grad of {n}: |fused - torch| {err:.3g}, |torch| {scale:.3g}"
+    assert gf["fc_loc.2.weight"].abs().sum() > 0 and gf["stages.0.0.dwconv.weight"].abs().sum() > 0
+
+
+def test_compile_with_fused_ops_has_no_graph_breaks(kernels_backend):
+    k = kernels_backend
+    k.set_backend("fused")
+    m = model("atto", 32, in_chans=1).eval()
+    x = torch.randn(2, 1, 32, 32)
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(m)(x)
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    code = "\n".join(g.code for g in explanation.graphs)
+    assert "emonext.dwconv_layernorm" in code and "emonext.affine_sample" in code
