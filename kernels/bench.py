@@ -19,7 +19,7 @@ import torch
 if __package__ in (None, ""):  # `python kernels/bench.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import dwconv_ln  # noqa: E402
+from kernels import dwconv_ln, sampler  # noqa: E402
 
 DATASHEET_GBS = {"H100": 3350, "H200": 4800, "A100": 2039}  # SXM parts; a PCIe H100 is ~2000: pass --peak-gbs
 
@@ -119,9 +119,59 @@ def bench_dwconv(args):
     return rows
 
 
+# --- sampler ---
+# The STN warp at 224x224, x not requiring grad (EmoNeXt warps the input image): backward is d/d theta only.
+# Bytes counted: forward reads x and writes y; forward+backward also reads x and dy in the backward (4 image-sized
+# tensors); theta is negligible. The reference also writes and reads an (N, H, W, 2) grid, which is not counted.
+
+
+def bench_sampler(args):
+    """Eager and torch.compile of affine_grid + grid_sample, and the fused op: forward, forward+backward."""
+    cuda = torch.cuda.is_available()
+    impls = {"eager": sampler.affine_sample_reference,
+             "compile": torch.compile(sampler.affine_sample_reference, dynamic=False)}
+    if sampler.cuda_available() if cuda else sampler.load_extension():
+        impls["kernel"] = sampler.affine_sample  # on the CPU: the extension's C++ loop
+    device = "cuda" if cuda else "cpu"
+    N = args.batch if cuda else 2
+    dtypes = [torch.float32] if args.quick or not cuda else [torch.float32, torch.bfloat16]  # fp32: EmoNeXt's input
+    channels = [1] if args.quick and not cuda else [1, 3]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(channels) * len(dtypes))
+    bw = peak_gbs(args) if cuda else None
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.eye(2, 3) + 0.1 * torch.randn(N, 2, 3, generator=gen)
+    rows = []
+    for dtype in dtypes:
+        for C in channels:
+            x = torch.randn(N, C, 224, 224, generator=gen).to(device, dtype)
+            dy = torch.randn(N, C, 224, 224, generator=gen).to(device, dtype)
+            th = theta.to(device, dtype).requires_grad_()  # x's dtype: grid_sample takes one dtype
+            row = {"shape": f"{N}x{C}x224x224", "dtype": str(dtype).replace("torch.", "")}
+            for name, fn in impls.items():
+                fwd = lambda: fn(x, th)  # noqa: E731 (theta requires grad: the forward that training runs)
+                step = lambda: fn(x, th).backward(dy)  # noqa: E731
+                step()  # compiles, builds the extension, warms up allocations
+                row[f"fwd {name} ms"] = bench_ms(fwd, args.quick)
+                row[f"f+b {name} ms"] = bench_ms(step, args.quick)
+                if cuda:
+                    row[f"f+b peak MB {name}"] = peak_mb(step)
+                th.grad = None
+            if "kernel" in impls:
+                for mode in ("fwd", "f+b"):
+                    for base in ("eager", "compile"):
+                        row[f"{mode} kernel/{base}"] = row[f"{mode} {base} ms"] / row[f"{mode} kernel ms"]
+                    if cuda:
+                        nbytes = (2 if mode == "fwd" else 4) * x.numel() * x.element_size()
+                        gbs = nbytes / row[f"{mode} kernel ms"] / 1e6
+                        row[f"{mode} kernel GB/s"] = gbs
+                        row[f"{mode} % of {bw:.0f} GB/s"] = 100 * gbs / bw
+            rows.append(row)
+    return rows
+
+
 # --- main ---
 
-SECTIONS = {"dwconv": bench_dwconv}
+SECTIONS = {"dwconv": bench_dwconv, "sampler": bench_sampler}
 
 
 def markdown(rows) -> str:
