@@ -73,9 +73,10 @@ def parse_args(argv=None):
 def lr_at(it, args, max_iters):
     """Linear warmup to args.lr, then cosine decay to args.min_lr at max_iters."""
     if it < args.warmup:
-        return args.lr * (it + 1) / args.warmup
+        return args.lr * ((it + 1) / args.warmup)  # lr * (k / k) is lr exactly; (lr * k) / k may be off by an ulp
     progress = (it - args.warmup) / max(1, max_iters - args.warmup)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    w = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # 1 -> 0; the blend is exactly lr at 1, min_lr at 0
+    return args.lr * w + args.min_lr * (1 - w)
 
 
 def param_groups(model, weight_decay):
