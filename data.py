@@ -209,12 +209,12 @@ def load_image(path):
 
 # per class: brow (inner, outer) heights above the eye, eye half-height, mouth kind
 _EXPRESSIONS = {
-    0: dict(brow=(3, 10), eye=2.0, mouth="tight"),  # angry: brows pulled down to a V, narrowed eyes
-    1: dict(brow=(5, 6), eye=2.0, mouth="sneer"),  # disgust: low brows, one side of the upper lip raised
-    2: dict(brow=(15, 11), eye=5.5, mouth="wide"),  # fear: raised, inner-up brows, wide eyes, stretched open mouth
-    3: dict(brow=(9, 9), eye=3.5, mouth="smile"),  # happy: U-shaped smile
-    4: dict(brow=(13, 6), eye=3.0, mouth="frown"),  # sad: inner brow ends raised, downturned mouth
-    5: dict(brow=(16, 16), eye=5.5, mouth="o"),  # surprise: high arched brows, wide eyes, round open mouth
+    0: dict(brow=(1, 13), eye=2.0, mouth="grimace"),  # angry: brows pulled down to a V, narrowed eyes, bared teeth
+    1: dict(brow=(5, 7), eye=2.5, mouth="sneer"),  # disgust: low brows, one side of the upper lip raised
+    2: dict(brow=(16, 10), eye=6.0, mouth="wide"),  # fear: raised, inner-up brows, wide eyes, stretched open mouth
+    3: dict(brow=(10, 10), eye=3.5, mouth="smile"),  # happy: U-shaped smile
+    4: dict(brow=(15, 4), eye=3.0, mouth="frown"),  # sad: inner brow ends raised, downturned mouth
+    5: dict(brow=(18, 18), eye=6.0, mouth="o"),  # surprise: high brows, wide eyes, round open mouth
     6: dict(brow=(9, 9), eye=3.5, mouth="flat"),  # neutral: level brows, straight mouth
 }
 
@@ -235,8 +235,8 @@ def _draw_face(rng, label):
     cx, cy, fw, fh = 48 + u(-2, 2), 50 + u(-2, 2), u(27, 33), u(33, 39)
     d.ellipse((cx - fw, cy - fh, cx + fw, cy + fh), fill=int(skin))
     if u() < 0.6:  # hair: a dark cap over the forehead
-        d.chord((cx - fw - 1, cy - fh - 2, cx + fw + 1, cy - fh * u(0.4, 0.7)), 180, 360, fill=int(skin * u(0, 0.5)))
-    ey, dx, ew, bw = cy - u(7, 11), u(11, 14), u(4.5, 6), int(u(2, 4))
+        d.chord((cx - fw - 1, cy - fh - 2, cx + fw + 1, cy - fh * u(0.6, 0.9)), 180, 360, fill=int(skin * u(0, 0.5)))
+    ey, dx, ew, bw = cy - u(7, 11), u(11, 14), u(4.5, 6), int(u(4, 6))
     for side in (-1, 1):
         ex = cx + side * dx
         eh = e["eye"] * u(0.85, 1.15)
@@ -244,29 +244,30 @@ def _draw_face(rng, label):
         r = min(eh, 2.5)
         d.ellipse((ex - r, ey - r, ex + r, ey + r), fill=int(ink))
         inner, outer = (h * u(0.85, 1.15) for h in e["brow"])
-        d.line((ex - side * 6, ey - eh - inner, ex + side * 8, ey - eh - outer), fill=int(ink), width=bw)
+        d.line((ex - side * 7, ey - eh - inner, ex + side * 9, ey - eh - outer), fill=int(ink), width=bw)
     d.line((cx, ey + 4, cx - 2, cy + 8, cx + 2, cy + 9), fill=int(ink), width=1)  # nose
-    my, mw, lw = cy + u(18, 22), u(9, 13), int(u(2, 4))
+    my, mw, lw = cy + u(18, 22), u(10, 14), int(u(3, 5))
     kind = e["mouth"]
     if kind == "flat":
         d.line((cx - mw, my, cx + mw, my), fill=int(ink), width=lw)
-    elif kind == "tight":
-        d.line((cx - mw * 0.7, my + 1, cx + mw * 0.7, my + 1), fill=int(ink), width=lw + 2)
+    elif kind == "grimace":
+        d.rectangle((cx - mw * 0.8, my - 3, cx + mw * 0.8, my + 4), fill=int(ink))
+        d.line((cx - mw * 0.7, my, cx + mw * 0.7, my), fill=int(min(255, skin + 40)), width=2)  # teeth
     elif kind == "smile":
-        d.arc((cx - mw, my - 9, cx + mw, my + u(4, 7)), 10, 170, fill=int(ink), width=lw)
+        d.arc((cx - mw, my - 10, cx + mw, my + u(6, 9)), 10, 170, fill=int(ink), width=lw)
     elif kind == "frown":
-        d.arc((cx - mw, my - 2, cx + mw, my + u(8, 12)), 190, 350, fill=int(ink), width=lw)
+        d.arc((cx - mw, my - 2, cx + mw, my + u(10, 14)), 190, 350, fill=int(ink), width=lw)
     elif kind == "sneer":
         s = 1 if u() < 0.5 else -1  # which side of the lip is raised
         d.line((cx - s * mw, my + 2, cx, my + 1, cx + s * mw * 0.6, my - 3, cx + s * mw, my - 5), fill=int(ink), width=lw)
         d.line((cx + s * 4, cy - 2, cx + s * 8, cy + 2), fill=int(ink), width=1)  # wrinkled nose
     elif kind == "wide":
-        d.ellipse((cx - mw - 2, my - u(2.5, 3.5), cx + mw + 2, my + u(2.5, 3.5)), fill=int(ink))
+        d.ellipse((cx - mw - 2, my - u(3.5, 4.5), cx + mw + 2, my + u(3.5, 4.5)), fill=int(ink))
     else:  # "o"
-        r = u(4, 6)
+        r = u(5, 7)
         d.ellipse((cx - r, my - r * 1.5, cx + r, my + r * 1.5), fill=int(ink))
     # pose: rotate, scale and shift about the centre (PIL's matrix maps output pixels to input pixels)
-    angle, zoom, tx, ty = np.radians(u(-20, 20)), u(0.85, 1.15), u(-3, 3), u(-3, 3)
+    angle, zoom, tx, ty = np.radians(u(-15, 15)), u(0.9, 1.1), u(-3, 3), u(-3, 3)
     a, b, c = np.cos(angle) / zoom, np.sin(angle) / zoom, IMG / 2
     im = im.reduce(2).transform((IMG, IMG), Image.AFFINE, (a, b, c - a * c - b * c + tx, -b, a, c + b * c - a * c + ty),
                                 resample=Image.BILINEAR, fillcolor=int(bg))
