@@ -345,7 +345,8 @@ def test_state_dict_key_layout_is_official():
         assert k not in keys, k
     blocks = {(int(i), int(j)) for i, j in re.findall(r"stages\.(\d)\.(\d+)\.gamma", " ".join(keys))}
     assert blocks == {(i, j) for i, d in enumerate(SIZES["atto"][0]) for j in range(d)}
-    assert len(keys) == 14 + 4 + 4 + 3 * 6 + 12 * 9 + 2 + 8 + 2  # 2 convs + 2 BNs (5 entries each) in the localization net
+    # localization: 2 convs + 2 BatchNorms of 5 entries; fc_loc; stem; 3 downsamplers with SE; 12 blocks of 9; ...
+    assert len(keys) == 14 + 4 + 4 + 3 * 6 + 12 * 9 + 2 + 8 + 2
 
 
 # -----------------------------------------------------------------------------
