@@ -1,0 +1,258 @@
+"""eval.py: scores of a fresh checkpoint (they must agree with train.py's own), the confusion PNG, predictions on
+image files of any size/mode, clear errors for foreign or damaged checkpoints, and the helpers on hand-made input.
+One tiny checkpoint is trained once for the module (atto, 32 px, 12 iterations, one CPU thread)."""
+import io
+import os
+import re
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import eval as evaluate
+import train
+from emonext import EmoNeXt
+
+K = len(data.CLASS_NAMES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A checkpoint fresh from train.py, trained on a small .npz of synthetic faces, and train.py's own scores."""
+    root = tmp_path_factory.mktemp("eval")
+    d = data.synthetic_faces(n_train=320, n_val=63, n_test=77, seed=2)
+    npz = root / "faces.npz"
+    np.savez(npz, train_x=d["train"][0].numpy(), train_y=d["train"][1].numpy(),
+             public_test_x=d["val"][0].numpy(), public_test_y=d["val"][1].numpy(),
+             private_test_x=d["test"][0].numpy(), private_test_y=d["test"][1].numpy())
+    with redirect_stdout(io.StringIO()):
+        results = train.main(["--data", str(npz), "--model", "atto", "--img-size", "32", "--batch-size", "32",
+                              "--max-iters", "12", "--eval-interval", "6", "--log-interval", "6", "--warmup", "2",
+                              "--out-dir", str(root / "out"), "--threads", "1"])
+    torch.set_num_threads(1)
+    return {"root": root, "ckpt": str(root / "out" / "best.pt"), "results": results, "splits": d}
+
+
+def run_eval(argv, capsys):
+    ret = evaluate.main(argv)
+    return ret, capsys.readouterr().out
+
+
+def parse_report(out, names):
+    rows = {}
+    for name in names:
+        m = re.search(rf"^{name}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", out, re.M)
+        assert m, f"no report row for {name}:\n{out}"
+        rows[name] = (float(m[1]), float(m[2]), float(m[3]), int(m[4]))
+    cm = []
+    for name in names:
+        m = re.search(rf"^{name}\s+((?:\s*\d+){{{len(names)}}})$", out.split("confusion matrix")[1], re.M)
+        assert m, f"no confusion row for {name}"
+        cm.append([int(v) for v in m[1].split()])
+    return rows, torch.tensor(cm)
+
+
+def test_eval_scores_agree_with_train_and_write_the_png(run, capsys, tmp_path):
+    acc, out = run_eval([run["ckpt"], "--out-dir", str(tmp_path)], capsys)
+    # the same EMA weights, the same test split, the same ten-crop: the same accuracy as train.py's final test
+    assert acc == pytest.approx(run["results"]["test_acc_tencrop"], abs=1e-12)
+    assert f"test accuracy (tencrop): {100 * acc:.2f}% of 77" in out
+    rows, cm = parse_report(out, data.CLASS_NAMES)
+    y = run["splits"]["test"][1]
+    assert [r[3] for r in rows.values()] == torch.bincount(y, minlength=K).tolist()  # support per class
+    assert cm.sum(1).tolist() == torch.bincount(y, minlength=K).tolist()
+    assert cm.diag().sum().item() == round(acc * 77)
+    for i, (p, r, f1, _) in enumerate(rows.values()):
+        assert r == pytest.approx(cm[i, i].item() / max(1, cm[i].sum().item()), abs=6e-4)
+        assert p == pytest.approx(cm[i, i].item() / max(1, cm[:, i].sum().item()), abs=6e-4)
+    png = tmp_path / "confusion_test.png"
+    assert f"confusion matrix picture: {png}" in out
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (80 + K * 64 + 10,) * 2
+        assert len(np.unique(np.asarray(im.convert("L")))) > 2  # drawn, not blank
+
+
+def test_eval_plain_val_split_matches_best_val_acc(run, capsys):
+    # best.pt holds the EMA whose plain val accuracy made it the best; the PNG goes beside the checkpoint
+    acc, out = run_eval([run["ckpt"], "--split", "val", "--tta", "none"], capsys)
+    assert acc == pytest.approx(run["results"]["best_val_acc"], abs=1e-12)
+    assert "val accuracy (none)" in out and "of 63" in out
+    assert os.path.exists(os.path.join(os.path.dirname(run["ckpt"]), "confusion_val.png"))
+    acc_none, _ = run_eval([run["ckpt"], "--tta", "none", "--out-dir", str(run["root"])], capsys)
+    assert acc_none == pytest.approx(run["results"]["test_acc_none"], abs=1e-12)
+
+
+def test_eval_uses_the_ema_weights(run):
+    ckpt = torch.load(run["ckpt"], weights_only=True)
+    model, args = evaluate.load_model(run["ckpt"], "cpu")
+    assert not model.training and args["model"] == "atto" and args["img_size"] == 32
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+
+
+def test_images_of_any_size_and_mode(run, capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    files = []
+
+    def save(name, im):
+        path = faces / name if name.startswith("in_dir") else tmp_path / name
+        im.save(path)
+        return str(path)
+    files.append(save("rgb_100x60.jpg", Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))))
+    files.append(save("rgba_30x50.png", Image.fromarray(rng.integers(0, 256, (50, 30, 4), dtype=np.uint8))))
+    face = run["splits"]["test"][0][0].numpy()
+    files.append(save("grey_48.png", Image.fromarray(face)))
+    files.append(save("palette.gif", Image.fromarray(rng.integers(0, 256, (70, 70, 3), dtype=np.uint8)).convert("P")))
+    files.append(save("bits.bmp", Image.fromarray(rng.integers(0, 2, (40, 52), dtype=np.uint8) * 255).convert("1")))
+    in_dir = [save("in_dir_b.png", Image.fromarray(face[::-1].copy())),
+              save("in_dir_a.tif", Image.fromarray(rng.integers(0, 65535, (33, 47), dtype=np.uint16)))]
+    (faces / "notes.txt").write_text("not an image")
+    probs, out = run_eval([run["ckpt"], "--images", *files, str(faces)], capsys)
+    expected = files + sorted(in_dir)  # folders are listed in name order, non-images left out
+    assert probs.shape == (len(expected), K)
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(expected)), rtol=0, atol=1e-5)
+    assert (probs > 0).all()
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["file", "top", *data.CLASS_NAMES]
+    assert len(lines) == 1 + len(expected)
+    for line, path, p in zip(lines[1:], expected, probs):
+        fields = line.split()
+        assert fields[0] == path and fields[1] == data.CLASS_NAMES[p.argmax()]
+        values = [float(v) for v in fields[2:]]
+        assert len(values) == K and sum(values) == pytest.approx(1.0, abs=4e-3)
+        assert values == pytest.approx(p.tolist(), abs=5e-4)
+    # a 48x48 grey face is preprocessed exactly like the test split
+    model, _ = evaluate.load_model(run["ckpt"], "cpu")
+    ref = evaluate.predict(model, torch.from_numpy(face)[None], 32, "tencrop").softmax(-1)[0]
+    torch.testing.assert_close(probs[2], ref, rtol=0, atol=1e-6)
+
+
+def test_images_errors(run, capsys, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([run["ckpt"], "--images", str(bad)])
+    assert "broken.jpg: not a readable image" in str(e.value.code)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no image files in"):
+        evaluate.main([run["ckpt"], "--images", str(empty)])
+    with pytest.raises(SystemExit, match="missing.png: no such file"):
+        evaluate.main([run["ckpt"], "--images", str(tmp_path / "missing.png")])
+
+
+def test_foreign_and_damaged_checkpoints_get_clear_errors(run, tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"foo": 1}, foreign)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(foreign)])
+    assert str(e.value.code).startswith("eval.py: ") and "not an EmoNeXt checkpoint" in str(e.value.code)
+
+    plain = tmp_path / "state_dict.pt"  # weights without the config that says which model they are
+    torch.save(EmoNeXt.from_size("atto", img_size=32, in_chans=1).state_dict(), plain)
+    with pytest.raises(SystemExit, match="no 'config' entry"):
+        evaluate.main([str(plain)])
+
+    damaged = tmp_path / "damaged.pt"
+    blob = open(run["ckpt"], "rb").read()
+    damaged.write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(damaged)])
+    assert "damaged.pt: cannot be read as a weights-only torch checkpoint" in str(e.value.code)
+
+    with pytest.raises(SystemExit, match="checkpoint not found: .*nothing.pt"):
+        evaluate.main([str(tmp_path / "nothing.pt")])
+
+    pickled = tmp_path / "pickled.pt"  # arbitrary objects: refused by weights_only, never unpickled
+    torch.save({"config": {"depths": [2, 2, 6, 2]}, "obj": io.StringIO}, pickled)
+    with pytest.raises(SystemExit, match="pickled.pt: cannot be read"):
+        evaluate.main([str(pickled)])
+
+
+def test_confusion_matrix_and_report_by_hand():
+    targets = torch.tensor([0, 0, 1, 2, 2, 2, 1, 0])
+    preds = torch.tensor([0, 1, 1, 2, 0, 2, 1, 0])
+    cm = evaluate.confusion_matrix(preds, targets, 4)
+    assert cm.tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
+    names = ("a", "bb", "c", "d")
+    text = evaluate.report(cm, names)
+    rows, cm_text = parse_report(text, names)
+    assert torch.equal(cm_text, cm)
+    # a: tp 2, predicted 3, true 3; bb: tp 2, predicted 3, true 2; c: tp 2, predicted 2, true 3; d: nothing
+    assert rows["a"] == pytest.approx((0.667, 0.667, 0.667, 3), abs=1e-3)
+    assert rows["bb"] == pytest.approx((0.667, 1.0, 0.8, 2), abs=1e-3)
+    assert rows["c"] == pytest.approx((1.0, 0.667, 0.8, 3), abs=1e-3)
+    assert rows["d"] == (0.0, 0.0, 0.0, 0)
+    macro = re.search(r"^macro avg\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", text, re.M)
+    assert [float(v) for v in macro.groups()[:3]] == pytest.approx(
+        [(2 / 3 + 2 / 3 + 1) / 4, (2 / 3 + 1 + 2 / 3) / 4, (2 / 3 + 0.8 + 0.8) / 4], abs=1e-3)
+    assert int(macro[4]) == 8
+    assert text.splitlines()[0].split() == ["class", "precision", "recall", "f1", "support"]
+    # every (true, predicted) pair lands in its own cell
+    t, p = torch.arange(49) // 7, torch.arange(49) % 7
+    assert torch.equal(evaluate.confusion_matrix(p, t, 7), torch.ones(7, 7, dtype=torch.long))
+
+
+def test_save_confusion_png(tmp_path):
+    cm = torch.tensor([[5, 1], [0, 3]])
+    path = str(tmp_path / "cm.png")
+    evaluate.save_confusion_png(cm, ("left", "right"), path, cell=40)
+    with Image.open(path) as im:
+        assert im.size == (80 + 2 * 40 + 10,) * 2
+        rgb = im.convert("RGB")
+        assert rgb.getpixel((80 + 40 + 2, 80 + 2)) == (212, 212, 255)  # row 0, col 1: 1 of 6
+        assert rgb.getpixel((80 + 2, 80 + 40 + 2)) == (255, 255, 255)  # row 1, col 0: 0 of 3
+        assert rgb.getpixel((80 + 40 + 2, 80 + 40 + 2)) == (0, 0, 255)  # 100% cell: full blue
+    assert not [f for f in os.listdir(tmp_path) if f != "cm.png"]  # no temporary file left
+
+
+def test_save_stn_picture(tmp_path):
+    torch.manual_seed(0)
+    model = EmoNeXt.from_size("atto", img_size=48, in_chans=1)  # identity STN at init
+    x = data.synthetic_faces(n_train=5, n_val=0, n_test=0, seed=3)["train"][0]
+    path = str(tmp_path / "stn.png")
+    evaluate.save_stn_picture(model, x, 48, path)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "L" and im.size == (4 * (2 * 48 + 8), 2 * (48 + 4))
+        pixels = np.asarray(im).astype(int)
+    for i in range(5):
+        r, c = divmod(i, 4)
+        top, left = r * 52, c * 104
+        face = x[i].numpy().astype(int)
+        assert np.abs(pixels[top:top + 48, left:left + 48] - face).max() <= 1  # the input as it went in
+        assert np.abs(pixels[top:top + 48, left + 48:left + 96] - face).max() <= 1  # identity warp: the same
+    assert (pixels[52:, 104:] == 255).all()  # the empty slots stay white
+    # a shifted warp moves the picture
+    with torch.no_grad():
+        model.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, 0.5, 0, 1, 0]))
+    evaluate.save_stn_picture(model, x[:1], 48, path)
+    with Image.open(path) as im:
+        pixels = np.asarray(im).astype(int)
+    assert np.abs(pixels[:48, 48:96] - x[0].numpy()).max() > 20
+
+
+def test_predict_batches_and_tencrop(run):
+    model, _ = evaluate.load_model(run["ckpt"], "cpu")
+    x = run["splits"]["test"][0][:10]
+    a = evaluate.predict(model, x, 32, "none", batch_size=3)
+    b = evaluate.predict(model, x, 32, "none", batch_size=256)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(a, model(data.preprocess(x, 32)), rtol=0, atol=1e-5)
+        crops = data.ten_crop(x, 32)
+        ref = torch.stack([model(crops[:, i]) for i in range(10)], 1).mean(1)
+    torch.testing.assert_close(evaluate.predict(model, x, 32, "tencrop", batch_size=4), ref, rtol=0, atol=1e-5)
+    assert evaluate.predict(model, x[:0], 32).shape == (0, K)
