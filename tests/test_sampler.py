@@ -4,9 +4,10 @@ CPU tests run the extension's C++ loop (built once per fresh environment, a few 
 shares its per-pixel math with the CUDA kernels; the .cu is compiled with nvcc for sm_80/sm_90 when nvcc is
 present; the CUDA tests run where a GPU is.
 
-Theta-gradient comparisons avoid transforms that put sample positions on exact integer pixel coordinates
-(e.g. the identity): bilinear sampling has a kink there, and the reference's grid differs from the kernel's by
-an ulp (affine_grid's batched matmul, CPU grid_sample's fused multiply-add), which picks the other side of it.
+Bilinear sampling has a kink at integer pixel coordinates, and the reference's grid differs from the kernel's
+by an ulp (affine_grid's batched matmul, CPU grid_sample's fused multiply-add): a sample within an ulp of an
+integer may take the slope of the other side. Theta-gradient comparisons therefore avoid transforms that put
+samples on integers (e.g. the identity) and use smooth images, whose slope barely changes across a pixel.
 """
 import math
 import os
@@ -37,6 +38,18 @@ THETAS = {
 }
 
 
+def image(shape, device="cpu", fade=False):
+    """Random smooth images: bicubic upsampling of random 6x6 ones. fade: multiplied by a window that is flat 0 at
+    the border, so that zero padding adds no cliff there. A sample on the last row or column is a kink as high
+    as the image; among the millions of samples of a training-size batch, one or two land there (within an ulp)."""
+    low = torch.randn(*shape[:2], 6, 6, device=device)
+    x = torch.nn.functional.interpolate(low, size=shape[2:], mode="bicubic", align_corners=True)
+    if fade:
+        rows, cols = (torch.sin(torch.linspace(0, math.pi, n, device=device)) ** 2 for n in shape[2:])
+        x = x * rows[:, None] * cols
+    return x
+
+
 def batch_theta(name, n, dtype=torch.float32, device="cpu"):
     """n transforms around THETAS[name], each slightly different, so samples do not share one theta."""
     base = torch.tensor(THETAS[name], dtype=torch.float64)
@@ -58,6 +71,12 @@ def close(actual, expected, rtol):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
 
 
+def theta_rtol(dtype):
+    """Theta-gradient tolerance: fp32 summation, plus the rare sample on a kink (module doc), which costs more
+    on a half-precision image: rounding leaves it rough at the pixel level (slopes jump by ~eps)."""
+    return 1e-4 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps / 4
+
+
 def test_the_extension_builds_and_is_used():
     # Otherwise every other CPU test would compare the reference with itself.
     assert sampler.load_extension(), "the C++ extension must build here"
@@ -68,7 +87,7 @@ def test_the_extension_builds_and_is_used():
 @pytest.mark.parametrize("shape", [(2, 3, 37, 53), (1, 1, 16, 16), (3, 1, 9, 4)])
 def test_forward_and_gradients_match_reference_fp32(name, shape):
     torch.manual_seed(0)
-    x = torch.randn(shape)
+    x = image(shape)
     theta = batch_theta(name, shape[0])
     grad_y = torch.randn(shape)
     y, g_theta, g_x = run(affine_sample, x, theta, grad_y, x_grad=True)
@@ -92,7 +111,7 @@ def test_identity_forward_and_image_gradient():
 @pytest.mark.parametrize("shape", [(2, 2, 1, 5), (2, 1, 4, 1)])
 def test_size_one_axes_sit_at_the_centre_like_affine_grid(shape):
     torch.manual_seed(0)
-    x, grad_y = torch.randn(shape), torch.randn(shape)
+    x, grad_y = image(shape), torch.randn(shape)
     theta = batch_theta("shear_flip", shape[0])
     got, want = run(affine_sample, x, theta, grad_y, True), run(affine_sample_reference, x, theta, grad_y, True)
     for got, want in zip(got, want):
@@ -101,10 +120,10 @@ def test_size_one_axes_sit_at_the_centre_like_affine_grid(shape):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_uses_fp32_math(dtype):
-    # Same rounded inputs through the fp32 reference: the kernel differs only by the rounding of its output
-    # (and not at all in the theta gradient, which is accumulated in fp32 from the same values).
+    # Same rounded inputs through the fp32 reference: the kernel differs by the rounding of its outputs, and its
+    # theta gradient (accumulated in fp32 from the same values) only by summation order and kinks.
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 37, 53).to(dtype)
+    x = image((2, 3, 37, 53)).to(dtype)
     grad_y = torch.randn(2, 3, 37, 53).to(dtype)
     theta = batch_theta("rotate_30", 2)
     y, g_theta, g_x = run(affine_sample, x, theta, grad_y, x_grad=True)
@@ -113,7 +132,7 @@ def test_half_precision_uses_fp32_math(dtype):
     eps = torch.finfo(dtype).eps
     close(y.float(), y_ref, eps)
     close(g_x.float(), g_x_ref, eps)
-    close(g_theta, g_theta_ref, 1e-4)
+    close(g_theta, g_theta_ref, theta_rtol(dtype))
 
 
 def test_gradcheck_float64():
@@ -143,7 +162,7 @@ def test_theta_gradient_is_bit_identical_over_runs():
 
 def test_theta_in_another_float_dtype_gets_its_gradient_in_that_dtype():
     torch.manual_seed(0)
-    x, grad_y = torch.randn(2, 1, 12, 10), torch.randn(2, 1, 12, 10)
+    x, grad_y = image((2, 1, 12, 10)), torch.randn(2, 1, 12, 10)
     theta = batch_theta("rotate_30", 2, torch.float64)
     y, g_theta, _ = run(affine_sample, x, theta, grad_y, x_grad=False)
     y_ref, g_theta_ref, _ = run(affine_sample_reference, x, theta.float(), grad_y, x_grad=False)
@@ -251,13 +270,15 @@ def test_cuda_kernels_are_loaded():
 def test_cuda_matches_reference_at_training_size(name, channels, dtype):
     torch.manual_seed(0)
     shape = (64, channels, 224, 224)
-    x = torch.randn(shape, device="cuda").to(dtype)
+    x = image(shape, "cuda", fade=True).to(dtype)
     grad_y = torch.randn(shape, device="cuda").to(dtype)
     theta = batch_theta(name, 64, device="cuda")
     y, g_theta, _ = run(affine_sample, x, theta, grad_y, x_grad=False)
     y_ref, g_theta_ref, _ = run(affine_sample_reference, x.float(), theta, grad_y.float(), x_grad=False)
-    close(y.float(), y_ref, torch.finfo(dtype).eps)
-    close(g_theta, g_theta_ref, 1e-4)
+    close(y.float(), y_ref, max(torch.finfo(dtype).eps, 1e-5))
+    # Among 64 x 224 x 224 samples one or two sit within an ulp of a kink: each costs up to ~3e-4 of the largest
+    # entry here. A CUDA indexing or reduction error (a lost block, warp or channel) costs percents.
+    close(g_theta, g_theta_ref, max(1e-3, theta_rtol(dtype)))
     assert torch.equal(g_theta, run(affine_sample, x, theta, grad_y, x_grad=False)[1])  # deterministic
 
 
@@ -265,14 +286,16 @@ def test_cuda_matches_reference_at_training_size(name, channels, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_cuda_image_gradient_matches_reference(dtype):
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 37, 53, device="cuda").to(dtype)
+    x = image((4, 3, 37, 53), "cuda").to(dtype)
     grad_y = torch.randn(4, 3, 37, 53, device="cuda").to(dtype)
     theta = batch_theta("zoom_out_outside", 4, device="cuda")
-    got = run(affine_sample, x, theta, grad_y, x_grad=True)
-    want = run(affine_sample_reference, x.double(), theta.double(), grad_y.double(), x_grad=True)
+    y, g_theta, g_x = run(affine_sample, x, theta, grad_y, x_grad=True)
+    y_ref, g_theta_ref, g_x_ref = run(affine_sample_reference, x.double(), theta.double(), grad_y.double(), True)
     rtol = max(torch.finfo(dtype).eps, 1e-5)
-    for a, b in zip(got, want):
-        close(a.double(), b, rtol)
+    close(y.double(), y_ref, rtol)
+    close(g_x.double(), g_x_ref, rtol)
+    if dtype == torch.float64:  # same sample positions to ~1e-16, no kink ambiguity (fp32: the test above)
+        close(g_theta.double(), g_theta_ref, 1e-5)
 
 
 @cuda
