@@ -153,10 +153,13 @@ def test_imports_and_runs_without_triton():
 # --- CUDA, no interpreter: run on a GPU machine ---
 
 
+# each (H, W, C, dtype) compiles the four kernels anew (a few seconds each), so the list stays short
 @cuda
-@pytest.mark.parametrize("N,C,H,W", [(4, 96, 56, 56), (8, 192, 28, 28), (8, 384, 14, 14), (16, 768, 7, 7),
-                                     (3, 2048, 7, 7), (2, 40, 9, 11), (2, 80, 5, 3)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,C,H,W,dtype", [
+    (4, 96, 56, 56, torch.bfloat16), (8, 192, 28, 28, torch.bfloat16), (8, 384, 14, 14, torch.bfloat16),
+    (16, 768, 7, 7, torch.bfloat16), (3, 2048, 7, 7, torch.bfloat16), (2, 80, 5, 3, torch.bfloat16),
+    (4, 96, 56, 56, torch.float32), (16, 768, 7, 7, torch.float32), (2, 40, 9, 11, torch.float32),
+])
 def test_cuda_matches_reference(N, C, H, W, dtype):
     x, params, dy = make_inputs(N, C, H, W, dtype, "channels_last", device="cuda")
     assert_close_to_reference(dwconv_ln.dwconv_layernorm_triton, x, params, dy,
