@@ -9,9 +9,9 @@ backward recomputes the conv instead of keeping an activation:
 
     _bwd_ln_kernel   conv again -> LayerNorm backward -> d(conv out) into a buffer, plus per-tile partial sums
                      for the LayerNorm weight/bias and conv bias grads
-    _bwd_dx_kernel   dx = transposed depthwise conv of that buffer, plus per-tile partial sums of the conv
-                     weight grad (the same shifted loads serve both)
-    then one torch.sum over the tiles: no float atomics, so gradients are bit-identical run to run.
+    _dx_kernel       dx = transposed depthwise conv of that buffer (the same conv code, kernel flipped)
+    _dw_kernel       conv weight grad: per (image, band of rows) partial sums, one reduction per tap
+    then torch.sum over the partials: no float atomics, so gradients are bit-identical run to run.
 
 Public functions:
     dwconv_layernorm_reference  the plain PyTorch expression (CPU path, tests, bench baseline)
