@@ -62,6 +62,31 @@ def peak_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 1e6
 
 
+def time_impls(impls, args_list, dy, leaves, row, quick):
+    """Adds "fwd NAME ms", "f+b NAME ms" (and on CUDA "f+b peak MB NAME") to row for each implementation."""
+    for name, fn in impls.items():
+        fwd = lambda: fn(*args_list)  # noqa: E731 (inputs require grad: the forward that training runs)
+        step = lambda: fn(*args_list).backward(dy)  # noqa: E731
+        step()  # compiles, builds extensions, warms up allocations
+        row[f"fwd {name} ms"] = bench_ms(fwd, quick)
+        row[f"f+b {name} ms"] = bench_ms(step, quick)
+        if torch.cuda.is_available():
+            row[f"f+b peak MB {name}"] = peak_mb(step)
+        for t in leaves:
+            t.grad = None
+
+
+def add_ratios(row, best, bases, nbytes, bw):
+    """Speed-ups of `best` over each base, and on CUDA its GB/s and % of bandwidth bw; nbytes: {mode: bytes}."""
+    for mode in ("fwd", "f+b"):
+        for base in bases:
+            row[f"{mode} {best}/{base}"] = row[f"{mode} {base} ms"] / row[f"{mode} {best} ms"]
+        if bw is not None:
+            gbs = nbytes[mode] / row[f"{mode} {best} ms"] / 1e6
+            row[f"{mode} {best} GB/s"] = gbs
+            row[f"{mode} % of {bw:.0f} GB/s"] = 100 * gbs / bw
+
+
 # --- dwconv+layernorm ---
 # ConvNeXt-T stages at 224x224: (C, H = W). Bytes counted: forward reads x and writes y; forward+backward
 # also reads x and dy and writes dx in the backward (5 activation-sized tensors); parameters are negligible.
@@ -95,25 +120,10 @@ def bench_dwconv(args):
         for C, HW in stages:
             leaves, dy = dwconv_case(N, C, HW, dtype, "cuda" if cuda else "cpu")
             row = {"shape": f"{N}x{C}x{HW}x{HW}", "dtype": str(dtype).replace("torch.", "")}
-            for name, fn in impls.items():
-                fwd = lambda: fn(*leaves)  # noqa: E731 (inputs require grad: the forward that training runs)
-                step = lambda: fn(*leaves).backward(dy)  # noqa: E731
-                step()  # compiles, and warms up allocations
-                row[f"fwd {name} ms"] = bench_ms(fwd, args.quick)
-                row[f"f+b {name} ms"] = bench_ms(step, args.quick)
-                if cuda:
-                    row[f"f+b peak MB {name}"] = peak_mb(step)
-                for t in leaves:
-                    t.grad = None
-            for mode in ("fwd", "f+b"):
-                best = "kernel" if cuda else "compile"
-                for base in ("eager", "compile") if cuda else ("eager",):
-                    row[f"{mode} {best}/{base}"] = row[f"{mode} {base} ms"] / row[f"{mode} {best} ms"]
-                if cuda:
-                    nbytes = (2 if mode == "fwd" else 5) * dy.numel() * dy.element_size()
-                    gbs = nbytes / row[f"{mode} kernel ms"] / 1e6
-                    row[f"{mode} kernel GB/s"] = gbs
-                    row[f"{mode} % of {bw:.0f} GB/s"] = 100 * gbs / bw
+            time_impls(impls, leaves, dy, leaves, row, args.quick)
+            size = dy.numel() * dy.element_size()
+            add_ratios(row, "kernel" if cuda else "compile", ("eager", "compile") if cuda else ("eager",),
+                       {"fwd": 2 * size, "f+b": 5 * size}, bw)
             rows.append(row)
             print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return rows
@@ -147,24 +157,10 @@ def bench_sampler(args):
             dy = torch.randn(N, C, 224, 224, generator=gen).to(device, dtype)
             th = theta.to(device, dtype).requires_grad_()  # x's dtype: grid_sample takes one dtype
             row = {"shape": f"{N}x{C}x224x224", "dtype": str(dtype).replace("torch.", "")}
-            for name, fn in impls.items():
-                fwd = lambda: fn(x, th)  # noqa: E731 (theta requires grad: the forward that training runs)
-                step = lambda: fn(x, th).backward(dy)  # noqa: E731
-                step()  # compiles, builds the extension, warms up allocations
-                row[f"fwd {name} ms"] = bench_ms(fwd, args.quick)
-                row[f"f+b {name} ms"] = bench_ms(step, args.quick)
-                if cuda:
-                    row[f"f+b peak MB {name}"] = peak_mb(step)
-                th.grad = None
+            time_impls(impls, (x, th), dy, (th,), row, args.quick)
             if "kernel" in impls:
-                for mode in ("fwd", "f+b"):
-                    for base in ("eager", "compile"):
-                        row[f"{mode} kernel/{base}"] = row[f"{mode} {base} ms"] / row[f"{mode} kernel ms"]
-                    if cuda:
-                        nbytes = (2 if mode == "fwd" else 4) * x.numel() * x.element_size()
-                        gbs = nbytes / row[f"{mode} kernel ms"] / 1e6
-                        row[f"{mode} kernel GB/s"] = gbs
-                        row[f"{mode} % of {bw:.0f} GB/s"] = 100 * gbs / bw
+                size = x.numel() * x.element_size()
+                add_ratios(row, "kernel", ("eager", "compile"), {"fwd": 2 * size, "f+b": 4 * size}, bw)
             rows.append(row)
     return rows
 
