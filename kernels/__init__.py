@@ -20,6 +20,9 @@ from . import dwconv_ln, sampler
 from .dwconv_ln import dwconv_layernorm
 from .sampler import affine_sample
 
+__all__ = ["BACKENDS", "set_backend", "get_backend", "use_dwconv_layernorm", "use_affine_sample",
+           "describe", "dwconv_layernorm", "affine_sample"]
+
 BACKENDS = ("auto", "torch", "fused")
 _backend = "auto"
 

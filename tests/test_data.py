@@ -120,7 +120,7 @@ def test_bad_csv_files(tmp_path):
 
 def test_skip_bad_rows_counts(tmp_path, capsys):
     good = pixel_string(faces(1)[0])
-    rows = [f"0,{good},Training", f"9,{good},Training", f"1,{good},PublicTest", f"2,1 2 3,Training",
+    rows = [f"0,{good},Training", f"9,{good},Training", f"1,{good},PublicTest", "2,1 2 3,Training",
             f"3,{good},PrivateTest"]
     path, _, _ = fer_csv(tmp_path, rows)
     assert "1 more bad rows" in assert_error(path, f"{path}, line 3:")

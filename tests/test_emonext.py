@@ -5,7 +5,6 @@ Runs on one CPU thread: on a busy 2-core machine two OpenMP threads fight each o
 The big sizes (tiny ... xlarge) are built and run on the meta device: shapes and parameter counts, no arithmetic.
 """
 import ast
-import math
 import os
 import re
 import shutil
@@ -23,14 +22,6 @@ SMALL = ("atto", "femto", "pico", "nano")
 BIG = ("tiny", "small", "base", "large", "xlarge")
 IMG_SIZES = (48, 64, 112, 224)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def model(size="atto", img_size=48, seed=0, **kw):

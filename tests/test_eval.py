@@ -19,14 +19,6 @@ from emonext import EmoNeXt
 K = len(data.CLASS_NAMES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A checkpoint fresh from train.py, trained on a small .npz of synthetic faces, and train.py's own scores."""

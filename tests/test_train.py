@@ -25,13 +25,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS_PER_EPOCH = 14  # 448 faces / batch 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def faces_npz(tmp_path_factory):
     """448 train / 70 val / 70 test synthetic faces in the .npz layout of ../shared/data/fer2013.npz."""
