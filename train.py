@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--max-iters", type=int, default=0, help="if > 0, train this many iterations instead of --epochs")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, used exactly as given")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    p.add_argument("--warmup", type=int, default=300, help="linear warmup iterations")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup iterations (default: one epoch)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.2)
     p.add_argument("--sa-weight", type=float, default=1.0, help="weight of the self-attention regulariser")
@@ -144,6 +144,8 @@ def main(argv=None):
     if iters_per_epoch == 0:
         sys.exit(f"train.py: {len(train_y)} training faces is fewer than one batch of {args.batch_size}")
     max_iters = args.max_iters or args.epochs * iters_per_epoch
+    if args.warmup is None:
+        args.warmup = min(iters_per_epoch, max_iters)
     eval_interval = args.eval_interval or iters_per_epoch
 
     # model, EMA copy, optimizer
