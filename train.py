@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--img-size", type=int, default=64, help="faces are resized from 48 to this side")
     p.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="3 to use RGB ImageNet weights as they are")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=None, help="default: 30 on FER2013, 6 on synthetic faces")
+    p.add_argument("--epochs", type=int, default=None, help="default: 30 on FER2013, 8 on synthetic faces")
     p.add_argument("--max-iters", type=int, default=0, help="if > 0, train this many iterations instead of --epochs")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, used exactly as given")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
@@ -139,7 +139,7 @@ def main(argv=None):
     val_x, val_y = splits["val"] if len(splits["val"][1]) else splits["test"]
     test_x, test_y = splits["test"]
     if args.epochs is None:
-        args.epochs = 6 if args.data == "synthetic" or description.startswith("synthetic") else 30
+        args.epochs = 8 if args.data == "synthetic" or description.startswith("synthetic") else 30
     iters_per_epoch = len(train_y) // args.batch_size
     if iters_per_epoch == 0:
         sys.exit(f"train.py: {len(train_y)} training faces is fewer than one batch of {args.batch_size}")
