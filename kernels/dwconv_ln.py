@@ -115,15 +115,24 @@ def _conv_tile(x_img, WT, h, w, p_ok, c, c_ok, H: tl.constexpr, W: tl.constexpr,
 
 
 @_jit
-def _fwd_kernel(X, WT, B, LW, LB, Y, MEAN, RSTD, eps, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
-    """y = LayerNorm(conv(x) + b) on one pixel tile, all C channels (BLOCK_C >= C); stores fp32 mean and rstd."""
+def _conv_bias_tile(X, WT, B, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
+    """This program's pixel tile (all C channels): image n, pixels (h, w, p_ok), channels (c, c_ok) and the fp32
+    conv + bias, as the forward and the LayerNorm backward both start."""
     n = tl.program_id(1).to(tl.int64)
     h, w, p_ok = _pixels(tl.program_id(0), H, W, BLOCK_H, BLOCK_W)
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
     conv = _conv_tile(X + n * H * W * C, WT, h, w, p_ok, c, c_ok, H, W, C, BLOCK_H * BLOCK_W, BLOCK_C, K)
     conv += tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return n, h, w, p_ok, c, c_ok, conv
+
+
+@_jit
+def _fwd_kernel(X, WT, B, LW, LB, Y, MEAN, RSTD, eps, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
+    """y = LayerNorm(conv(x) + b) on one pixel tile, all C channels (BLOCK_C >= C); stores fp32 mean and rstd."""
+    n, h, w, p_ok, c, c_ok, conv = _conv_bias_tile(X, WT, B, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, K)
     mean = tl.sum(conv, axis=1) / C  # padded channels of conv are 0, so sums over BLOCK_C are sums over C
     diff = tl.where(c_ok[None, :], conv - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(diff * diff, axis=1) / C + eps)
@@ -140,13 +149,8 @@ def _fwd_kernel(X, WT, B, LW, LB, Y, MEAN, RSTD, eps, H: tl.constexpr, W: tl.con
 def _bwd_ln_kernel(X, WT, B, LW, DY, MEAN, RSTD, DCONV, PART, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr):
     """Recompute the conv, LayerNorm backward: DCONV = d(conv out); PART[tile] = (sum dy*xhat, sum dy, sum dconv)."""
-    n = tl.program_id(1).to(tl.int64)
-    h, w, p_ok = _pixels(tl.program_id(0), H, W, BLOCK_H, BLOCK_W)
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    n, h, w, p_ok, c, c_ok, conv = _conv_bias_tile(X, WT, B, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C, K)
     ok = p_ok[:, None] & c_ok[None, :]
-    conv = _conv_tile(X + n * H * W * C, WT, h, w, p_ok, c, c_ok, H, W, C, BLOCK_H * BLOCK_W, BLOCK_C, K)
-    conv += tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     pix = n * H * W + h * W + w
     mean = tl.load(MEAN + pix, mask=p_ok, other=0.0)
     rstd = tl.load(RSTD + pix, mask=p_ok, other=0.0)
