@@ -2,7 +2,8 @@
 Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device. Read it top to bottom.
 
     python train.py                                      # data/fer2013.{csv,npz} if present, else synthetic faces
-    python train.py --data ../shared/data/fer2013.npz --model atto --img-size 64 --epochs 30 --amp
+    python train.py --data ../shared/data/fer2013.npz --model atto --img-size 64 --epochs 42 --lr 1.5e-3 \\
+        --layer-scale-init 1 --drop-path 0 --rotate 10 --zoom 0.1 --shift 0.05   # from scratch on a CPU
     python train.py --data data/fer2013.csv --model tiny --img-size 224 --in-chans 3 --amp --compile \\
         --pretrained https://dl.fbaipublicfiles.com/convnext/convnext_tiny_22k_224.pth --lr 1e-4
     python train.py --resume --out-dir out               # continue the run saved in out/ckpt.pt
@@ -29,8 +30,9 @@ from eval import predict, save_stn_picture
 
 # arguments that define a run; --resume takes them from the checkpoint so the run continues unchanged
 RUN_ARGS = ("data", "model", "img_size", "in_chans", "batch_size", "epochs", "max_iters", "lr", "min_lr",
-            "warmup", "weight_decay", "label_smoothing", "sa_weight", "drop_path", "ema_decay", "amp",
-            "pretrained", "seed", "eval_interval", "vflip", "skip_bad_rows", "max_bad_steps")
+            "warmup", "weight_decay", "label_smoothing", "sa_weight", "drop_path", "layer_scale_init", "ema_decay",
+            "amp", "pretrained", "seed", "eval_interval", "rotate", "zoom", "shift", "vflip", "skip_bad_rows",
+            "max_bad_steps")
 
 
 def parse_args(argv=None):
@@ -52,11 +54,15 @@ def parse_args(argv=None):
     p.add_argument("--label-smoothing", type=float, default=0.2)
     p.add_argument("--sa-weight", type=float, default=1.0, help="weight of the self-attention regulariser")
     p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--layer-scale-init", type=float, default=1e-6, help="initial ConvNeXt layer scale (<= 0: none)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="per-iteration decay of the weight EMA")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA; CPUs with AVX512-BF16/AMX)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--kernels", default="auto", help="fused kernels: auto (on CUDA when available), torch, fused")
     p.add_argument("--pretrained", default=None, help="ConvNeXt ImageNet or EmoNeXt weights: path or URL")
+    p.add_argument("--rotate", type=float, default=20.0, help="augmentation: rotation up to this many degrees")
+    p.add_argument("--zoom", type=float, default=0.2, help="augmentation: zoom by a factor in [1 - zoom, 1 + zoom]")
+    p.add_argument("--shift", type=float, default=0.1, help="augmentation: shift up to this fraction of the side")
     p.add_argument("--vflip", action="store_true", help="also flip faces vertically in augmentation")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed csv rows (counted) instead of failing")
     p.add_argument("--out-dir", default="out")
@@ -150,7 +156,8 @@ def main(argv=None):
 
     # model, EMA copy, optimizer
     model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans,
-                              drop_path_rate=args.drop_path, label_smoothing=args.label_smoothing,
+                              drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
+                              label_smoothing=args.label_smoothing,
                               sa_weight=args.sa_weight)
     if args.pretrained and resume is None:
         load_weights(model, args.pretrained)
@@ -201,13 +208,15 @@ def main(argv=None):
         for start in range(offset * args.batch_size, iters_per_epoch * args.batch_size, args.batch_size):
             idx = order[start:start + args.batch_size].to(device)
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-            xb = data.augment(train_x[idx], args.img_size, gen, vflip=args.vflip)
+            xb = data.augment(train_x[idx], args.img_size, gen, rotate=args.rotate,
+                              scale=(1 - args.zoom, 1 + args.zoom), translate=args.shift, vflip=args.vflip)
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = train_y[idx]
             lr = lr_at(it, args, max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            bn_stats = [b.clone() for b in model.buffers()]  # the STN's BatchNorm statistics, to undo a bad batch
             with autocast:
                 logits, loss, (ce, sa) = train_model(xb, yb, loss_parts=True)
             if torch.isfinite(loss):
@@ -218,6 +227,9 @@ def main(argv=None):
                 update_ema(ema_model, model, min(args.ema_decay, (1 + it) / (10 + it)))
                 bad_in_a_row = 0
             else:
+                with torch.no_grad():
+                    for b, saved in zip(model.buffers(), bn_stats):
+                        b.copy_(saved)
                 nonfinite_total += 1
                 bad_in_a_row += 1
                 print(f"iter {it}: non-finite loss or gradient ({loss.item():.4g}), step skipped "
@@ -246,9 +258,9 @@ def main(argv=None):
                 improved = val_acc > best_acc
                 best_acc = max(best_acc, val_acc)
                 state = checkpoint()
-                save_checkpoint(state, ckpt_path)
-                if improved:
+                if improved:  # best.pt before ckpt.pt: a kill between the two then resumes from the older ckpt.pt
                     save_checkpoint(state, best_path)
+                save_checkpoint(state, ckpt_path)
                 print(f"epoch {it / iters_per_epoch:.2f} | iter {it} | val acc (EMA) {100 * val_acc:.2f}% | "
                       f"best {100 * best_acc:.2f}%{' (saved)' if improved else ''} | eval "
                       f"{time.time() - t_eval:.1f}s", flush=True)

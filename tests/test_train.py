@@ -153,6 +153,27 @@ def test_lr_schedule_warmup_then_cosine():
     assert train.lr_at(0, no_warmup, 10) == 1e-3 and train.lr_at(10, no_warmup, 10) == 0.0
 
 
+def test_recipe_flags_reach_the_model_and_the_augmentation(faces_npz, tmp_path, monkeypatch):
+    seen = []
+
+    def recording_augment(x, img_size, generator=None, **kw):
+        seen.append(kw)
+        return augment(x, img_size, generator, **kw)
+    augment = data.augment
+    monkeypatch.setattr(data, "augment", recording_augment)
+    out = tmp_path / "flags"
+    train.main(tiny_args(faces_npz, out, 2, 2, "--rotate", "7", "--zoom", "0.25", "--shift", "0.03", "--vflip",
+                         "--layer-scale-init", "0.5"))
+    assert seen == [dict(rotate=7.0, scale=(0.75, 1.25), translate=0.03, vflip=True)] * 2
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["layer_scale_init"] == 0.5
+    assert ckpt["args"]["rotate"] == 7.0 and ckpt["args"]["zoom"] == 0.25 and ckpt["args"]["shift"] == 0.03
+    # the defaults are the official recipe's augmentation
+    defaults = train.parse_args([])
+    assert (defaults.rotate, 1 - defaults.zoom, 1 + defaults.zoom, defaults.shift) == (20.0, 0.8, 1.2, 0.1)
+    assert defaults.layer_scale_init == 1e-6
+
+
 def test_non_finite_loss_is_skipped_and_stops_the_run(faces_npz, tmp_path, capsys):
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
@@ -212,9 +233,10 @@ def test_skipped_steps_leave_the_weights_unchanged(faces_npz, tmp_path, capsys, 
         assert all(torch.isfinite(v).all() for v in ckpt[part].values() if v.is_floating_point())
 
 
-def test_broken_weights_are_never_saved_over_a_good_checkpoint(faces_npz, tmp_path, capsys, monkeypatch):
-    """NaN batches from iteration 4 on: the steps are skipped, but the train-mode forward already put NaN into the
-    STN's BatchNorm running statistics; the evaluation at 6 finds them and stops without saving."""
+def test_nan_batches_leave_batchnorm_statistics_and_weights_unchanged(faces_npz, tmp_path, capsys, monkeypatch):
+    """NaN batches from iteration 4 on: the train-mode forward puts NaN into the STN's BatchNorm running
+    statistics before the loss is seen; a skipped step restores them, so every later checkpoint holds the weights
+    and statistics of iteration 4 until the run stops after 5 bad steps in a row."""
     augment, calls = data.augment, []
 
     def poisoned(x, *a, **kw):
@@ -224,14 +246,37 @@ def test_broken_weights_are_never_saved_over_a_good_checkpoint(faces_npz, tmp_pa
     monkeypatch.setattr(data, "augment", poisoned)
     saved = _record_checkpoints(monkeypatch)
     out = tmp_path / "poison"
-    with pytest.raises(SystemExit, match=r"non-finite weights at iteration 6; not saving over .*ckpt.pt"):
+    with pytest.raises(SystemExit, match=r"5 non-finite steps in a row at iteration 8"):
         train.main(tiny_args(faces_npz, out, 24, 2))
-    assert capsys.readouterr().out.count("step skipped") == 2
-    assert sorted(saved) == [2, 4]
+    assert capsys.readouterr().out.count("step skipped") == 5
+    assert sorted(saved) == [2, 4, 6, 8]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["iter"] == 4
-    assert all(torch.equal(v, saved[4]["model"][k]) for k, v in ckpt["model"].items())
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["iter"] == 8
+    assert any("running_mean" in k for k in ckpt["model"])
+    for k, v in ckpt["model"].items():
+        assert torch.equal(v, saved[4]["model"][k]) and torch.equal(v, saved[6]["model"][k]), k
+        if v.is_floating_point():
+            assert torch.isfinite(v).all(), k
+
+
+def test_non_finite_weights_are_never_saved_over_a_good_checkpoint(faces_npz, tmp_path, monkeypatch):
+    """An optimizer step that leaves an inf weight (finite loss and gradients): the evaluation finds it and stops
+    without writing a checkpoint."""
+    step, calls = torch.optim.AdamW.step, []
+
+    def breaking_step(self, *a, **kw):
+        out = step(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 3:
+            self.param_groups[0]["params"][0].data.view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", breaking_step)
+    saved = _record_checkpoints(monkeypatch)
+    out = tmp_path / "infweight"
+    with pytest.raises(SystemExit, match=r"non-finite weights at iteration 4; not saving over .*ckpt.pt"):
+        train.main(tiny_args(faces_npz, out, 24, 2))
+    assert sorted(saved) == [2]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 2
 
 
 def test_resume_refuses_without_checkpoint(tmp_path):
