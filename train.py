@@ -157,8 +157,7 @@ def main(argv=None):
     # model, EMA copy, optimizer
     model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans,
                               drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
-                              label_smoothing=args.label_smoothing,
-                              sa_weight=args.sa_weight)
+                              label_smoothing=args.label_smoothing, sa_weight=args.sa_weight)
     if args.pretrained and resume is None:
         load_weights(model, args.pretrained)
     model.to(device)
@@ -227,9 +226,7 @@ def main(argv=None):
                 update_ema(ema_model, model, min(args.ema_decay, (1 + it) / (10 + it)))
                 bad_in_a_row = 0
             else:
-                with torch.no_grad():
-                    for b, saved in zip(model.buffers(), bn_stats):
-                        b.copy_(saved)
+                torch._foreach_copy_(list(model.buffers()), bn_stats)
                 nonfinite_total += 1
                 bad_in_a_row += 1
                 print(f"iter {it}: non-finite loss or gradient ({loss.item():.4g}), step skipped "

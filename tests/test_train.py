@@ -154,12 +154,11 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_recipe_flags_reach_the_model_and_the_augmentation(faces_npz, tmp_path, monkeypatch):
-    seen = []
+    augment, seen = data.augment, []
 
     def recording_augment(x, img_size, generator=None, **kw):
         seen.append(kw)
         return augment(x, img_size, generator, **kw)
-    augment = data.augment
     monkeypatch.setattr(data, "augment", recording_augment)
     out = tmp_path / "flags"
     train.main(tiny_args(faces_npz, out, 2, 2, "--rotate", "7", "--zoom", "0.25", "--shift", "0.03", "--vflip",
