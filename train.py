@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -28,14 +29,7 @@ import emonext
 from emonext import SIZES, EmoNeXt, config_dict, load_weights
 from eval import predict, save_stn_picture
 
-# arguments that define a run; --resume takes them from the checkpoint so the run continues unchanged
-RUN_ARGS = ("data", "model", "img_size", "in_chans", "batch_size", "epochs", "max_iters", "lr", "min_lr",
-            "warmup", "weight_decay", "label_smoothing", "sa_weight", "drop_path", "layer_scale_init", "ema_decay",
-            "amp", "pretrained", "seed", "eval_interval", "rotate", "zoom", "shift", "vflip", "skip_bad_rows",
-            "max_bad_steps")
-
-
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Train EmoNeXt on FER2013 (or synthetic faces).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None,
@@ -73,7 +67,17 @@ def parse_args(argv=None):
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    return p
+
+
+# flags that say how and where a run goes, not what it computes; every other flag defines the run, and --resume
+# takes those from the checkpoint so the run continues unchanged
+RUNTIME_FLAGS = ("compile", "kernels", "out_dir", "resume", "log_interval", "threads", "device")
+RUN_ARGS = tuple(a.dest for a in build_parser()._actions if a.dest not in RUNTIME_FLAGS + ("help",))
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def lr_at(it, args, max_iters):
@@ -120,16 +124,26 @@ def fmt_time(seconds):
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    ckpt_path, best_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "best.pt")
-    resume = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"train.py: --resume: no checkpoint at {ckpt_path}")
-        resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        for k in RUN_ARGS:
-            setattr(args, k, resume["args"][k])
+
+# -----------------------------------------------------------------------------
+# a run: set up, train step by step, evaluate and save, test
+
+def read_resume(args):
+    """The checkpoint to continue from (None for a new run); its run flags replace the command line's."""
+    if not args.resume:
+        return None
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        sys.exit(f"train.py: --resume: no checkpoint at {path}")
+    resume = torch.load(path, map_location="cpu", weights_only=True)
+    for k in RUN_ARGS:
+        setattr(args, k, resume["args"][k])
+    return resume
+
+
+def setup(args, resume):
+    """Data on the device, the model, its EMA copy and the optimizer, restored from `resume` if given.
+    Returns the run's state as one namespace that the steps below read and update."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -142,8 +156,6 @@ def main(argv=None):
         sys.exit(f"train.py: {e}")
     print(description)
     train_x, train_y = (t.to(device) for t in splits["train"])
-    val_x, val_y = splits["val"] if len(splits["val"][1]) else splits["test"]
-    test_x, test_y = splits["test"]
     if args.epochs is None:
         args.epochs = 8 if args.data == "synthetic" or description.startswith("synthetic") else 30
     iters_per_epoch = len(train_y) // args.batch_size
@@ -152,9 +164,7 @@ def main(argv=None):
     max_iters = args.max_iters or args.epochs * iters_per_epoch
     if args.warmup is None:
         args.warmup = min(iters_per_epoch, max_iters)
-    eval_interval = args.eval_interval or iters_per_epoch
 
-    # model, EMA copy, optimizer
     model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans,
                               drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
                               label_smoothing=args.label_smoothing, sa_weight=args.sa_weight)
@@ -166,119 +176,156 @@ def main(argv=None):
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
-    it, best_acc, nonfinite_total = 0, -1.0, 0
+    run = SimpleNamespace(
+        args=args, device=device, train_x=train_x, train_y=train_y,
+        val=splits["val"] if len(splits["val"][1]) else splits["test"], test=splits["test"],
+        iters_per_epoch=iters_per_epoch, max_iters=max_iters, eval_interval=args.eval_interval or iters_per_epoch,
+        model=model, ema_model=ema_model, optimizer=optimizer, it=0, best_acc=-1.0, nonfinite_total=0,
+        bad_in_a_row=0, ckpt_path=os.path.join(args.out_dir, "ckpt.pt"),
+        best_path=os.path.join(args.out_dir, "best.pt"),
+        autocast=torch.autocast(device.type, torch.bfloat16, enabled=args.amp))
     if resume is not None:
         model.load_state_dict(resume["model"])
         ema_model.load_state_dict(resume["ema"])
         optimizer.load_state_dict(resume["optimizer"])
-        it, best_acc, nonfinite_total = resume["iter"], resume["best_val_acc"], resume["nonfinite_steps"]
+        run.it, run.best_acc, run.nonfinite_total = resume["iter"], resume["best_val_acc"], resume["nonfinite_steps"]
         torch.set_rng_state(resume["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in resume:
             torch.cuda.set_rng_state(resume["rng_cuda"])
-        print(f"resuming {ckpt_path} at iteration {it}/{max_iters}")
+        print(f"resuming {run.ckpt_path} at iteration {run.it}/{max_iters}")
     if emonext.kernels is not None:
         emonext.kernels.set_backend(args.kernels)
         print(emonext.kernels.describe(device))
     elif args.kernels != "torch":
         print("kernels/ not importable: plain PyTorch everywhere")
-    train_model = torch.compile(model) if args.compile else model
+    run.train_model = torch.compile(model) if args.compile else model
     n_params = sum(p.numel() for p in model.parameters())
     print(f"EmoNeXt-{args.model}: {n_params / 1e6:.2f}M parameters, img_size {args.img_size}, in_chans "
           f"{args.in_chans}, {max_iters} iterations of {args.batch_size} ({max_iters / iters_per_epoch:.1f} epochs)")
     os.makedirs(args.out_dir, exist_ok=True)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp)
+    return run
 
-    def checkpoint():
-        state = {"config": config_dict(model), "model": model.state_dict(), "ema": ema_model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "iter": it, "best_val_acc": best_acc,
-                 "nonfinite_steps": nonfinite_total, "args": vars(args), "class_names": list(data.CLASS_NAMES),
-                 "rng_cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        return state
 
-    # training loop: one permutation per epoch from (seed, epoch) and one augmentation stream per iteration from
-    # (seed, iteration), so a resumed run sees the same batches as an uninterrupted one
-    model.train()
-    bad_in_a_row, t_log, it_log = 0, time.time(), it
-    while it < max_iters:
-        epoch, offset = divmod(it, iters_per_epoch)
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        for start in range(offset * args.batch_size, iters_per_epoch * args.batch_size, args.batch_size):
-            idx = order[start:start + args.batch_size].to(device)
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-            xb = data.augment(train_x[idx], args.img_size, gen, rotate=args.rotate,
-                              scale=(1 - args.zoom, 1 + args.zoom), translate=args.shift, vflip=args.vflip)
-            if device.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yb = train_y[idx]
-            lr = lr_at(it, args, max_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            bn_stats = [b.clone() for b in model.buffers()]  # the STN's BatchNorm statistics, to undo a bad batch
-            with autocast:
-                logits, loss, (ce, sa) = train_model(xb, yb, loss_parts=True)
-            if torch.isfinite(loss):
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            if torch.isfinite(loss) and torch.isfinite(grad_norm):
-                optimizer.step()
-                update_ema(ema_model, model, min(args.ema_decay, (1 + it) / (10 + it)))
-                bad_in_a_row = 0
-            else:
-                torch._foreach_copy_(list(model.buffers()), bn_stats)
-                nonfinite_total += 1
-                bad_in_a_row += 1
-                print(f"iter {it}: non-finite loss or gradient ({loss.item():.4g}), step skipped "
-                      f"({bad_in_a_row} in a row, {nonfinite_total} in all)")
-                if bad_in_a_row >= args.max_bad_steps:
-                    sys.exit(f"train.py: stopping: {bad_in_a_row} non-finite steps in a row at iteration {it}; "
-                             f"the last good checkpoint is {ckpt_path} (try a lower --lr)")
-            optimizer.zero_grad(set_to_none=True)
-            it += 1
+def epoch_batches(run):
+    """Index batches from run.it to the end of its epoch. One permutation per epoch from (seed, epoch), so a
+    resumed run sees the same batches as an uninterrupted one."""
+    bs = run.args.batch_size
+    epoch, offset = divmod(run.it, run.iters_per_epoch)
+    order = torch.randperm(len(run.train_y), generator=torch.Generator().manual_seed(run.args.seed * 100_003 + epoch))
+    for start in range(offset * bs, run.iters_per_epoch * bs, bs):
+        yield order[start:start + bs].to(run.device)
 
-            if it % args.log_interval == 0 or it == max_iters:
+
+def train_step(run, idx):
+    """One optimizer step on the faces `idx`, or none if the loss or the gradient is not finite (the STN's
+    BatchNorm statistics are then restored, and the run stops after --max-bad-steps such steps in a row).
+    Returns (logits, targets, loss, ce, sa, lr)."""
+    args, model = run.args, run.model
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + run.it)  # augmentation stream from (seed, iteration)
+    xb = data.augment(run.train_x[idx], args.img_size, gen, rotate=args.rotate,
+                      scale=(1 - args.zoom, 1 + args.zoom), translate=args.shift, vflip=args.vflip)
+    if run.device.type == "cuda":
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    yb = run.train_y[idx]
+    lr = lr_at(run.it, args, run.max_iters)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    bn_stats = [b.clone() for b in model.buffers()]  # the STN's BatchNorm statistics, to undo a bad batch
+    with run.autocast:
+        logits, loss, (ce, sa) = run.train_model(xb, yb, loss_parts=True)
+    if torch.isfinite(loss):
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+        run.optimizer.step()
+        update_ema(run.ema_model, model, min(args.ema_decay, (1 + run.it) / (10 + run.it)))
+        run.bad_in_a_row = 0
+    else:
+        torch._foreach_copy_(list(model.buffers()), bn_stats)
+        run.nonfinite_total += 1
+        run.bad_in_a_row += 1
+        print(f"iter {run.it}: non-finite loss or gradient ({loss.item():.4g}), step skipped "
+              f"({run.bad_in_a_row} in a row, {run.nonfinite_total} in all)")
+        if run.bad_in_a_row >= args.max_bad_steps:
+            sys.exit(f"train.py: stopping: {run.bad_in_a_row} non-finite steps in a row at iteration {run.it}; "
+                     f"the last good checkpoint is {run.ckpt_path} (try a lower --lr)")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.it += 1
+    return logits, yb, loss, ce, sa, lr
+
+
+def checkpoint_state(run):
+    state = {"config": config_dict(run.model), "model": run.model.state_dict(), "ema": run.ema_model.state_dict(),
+             "optimizer": run.optimizer.state_dict(), "iter": run.it, "best_val_acc": run.best_acc,
+             "nonfinite_steps": run.nonfinite_total, "args": vars(run.args), "class_names": list(data.CLASS_NAMES),
+             "rng_cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def evaluate_and_save(run):
+    """Scores the EMA weights on the validation split, writes stn.png, ckpt.pt and (if improved) best.pt."""
+    t_eval = time.time()
+    val_x, val_y = run.val
+    val_acc = accuracy(predict(run.ema_model, val_x, run.args.img_size, amp=run.args.amp), val_y)
+    save_stn_picture(run.ema_model, val_x[:16], run.args.img_size, os.path.join(run.args.out_dir, "stn.png"))
+    if not all_finite(run.model):
+        sys.exit(f"train.py: non-finite weights at iteration {run.it}; not saving over {run.ckpt_path}")
+    improved = val_acc > run.best_acc
+    run.best_acc = max(run.best_acc, val_acc)
+    state = checkpoint_state(run)
+    if improved:  # best.pt before ckpt.pt: a kill between the two then resumes from the older ckpt.pt
+        save_checkpoint(state, run.best_path)
+    save_checkpoint(state, run.ckpt_path)
+    print(f"epoch {run.it / run.iters_per_epoch:.2f} | iter {run.it} | val acc (EMA) {100 * val_acc:.2f}% | "
+          f"best {100 * run.best_acc:.2f}%{' (saved)' if improved else ''} | eval "
+          f"{time.time() - t_eval:.1f}s", flush=True)
+    run.model.train()
+    return time.time() - t_eval
+
+
+def final_test(run):
+    """Tests the best EMA weights on the test split (PrivateTest for FER2013), plain and ten-crop."""
+    test_x, test_y = run.test
+    if len(test_y) == 0:
+        print(f"done; no test split. best val accuracy {100 * run.best_acc:.2f}%, checkpoint {run.best_path}")
+        return None
+    args = run.args
+    run.ema_model.load_state_dict(torch.load(run.best_path, map_location=run.device, weights_only=True)["ema"])
+    results = {"best_val_acc": run.best_acc, "nonfinite_steps": run.nonfinite_total}
+    for tta in ("none", "tencrop"):
+        results[f"test_acc_{tta}"] = accuracy(predict(run.ema_model, test_x, args.img_size, tta, amp=args.amp),
+                                              test_y)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"test accuracy of {run.best_path} (EMA): {100 * results['test_acc_none']:.2f}% plain, "
+          f"{100 * results['test_acc_tencrop']:.2f}% ten-crop (best val {100 * run.best_acc:.2f}%)")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = setup(args, read_resume(args))
+    run.model.train()
+    t_log, it_log = time.time(), run.it
+    while run.it < run.max_iters:
+        for idx in epoch_batches(run):
+            logits, yb, loss, ce, sa, lr = train_step(run, idx)
+            it = run.it
+            if it % args.log_interval == 0 or it == run.max_iters:
                 dt = time.time() - t_log
                 speed = (it - it_log) * args.batch_size / dt
-                eta = (max_iters - it) * dt / (it - it_log)
-                print(f"iter {it}/{max_iters} | loss {loss.item():.4f} (ce {ce.item():.4f} sa {sa.item():.2e}) | "
+                eta = (run.max_iters - it) * dt / (it - it_log)
+                print(f"iter {it}/{run.max_iters} | loss {loss.item():.4f} (ce {ce.item():.4f} sa {sa.item():.2e}) | "
                       f"acc {100 * accuracy(logits, yb):.1f}% | lr {lr:.2e} | {speed:.0f} img/s | "
                       f"eta {fmt_time(eta)}", flush=True)
                 t_log, it_log = time.time(), it
-
-            if it % eval_interval == 0 or it == max_iters:
-                t_eval = time.time()
-                val_acc = accuracy(predict(ema_model, val_x, args.img_size, amp=args.amp), val_y)
-                save_stn_picture(ema_model, val_x[:16], args.img_size, os.path.join(args.out_dir, "stn.png"))
-                if not all_finite(model):
-                    sys.exit(f"train.py: non-finite weights at iteration {it}; not saving over {ckpt_path}")
-                improved = val_acc > best_acc
-                best_acc = max(best_acc, val_acc)
-                state = checkpoint()
-                if improved:  # best.pt before ckpt.pt: a kill between the two then resumes from the older ckpt.pt
-                    save_checkpoint(state, best_path)
-                save_checkpoint(state, ckpt_path)
-                print(f"epoch {it / iters_per_epoch:.2f} | iter {it} | val acc (EMA) {100 * val_acc:.2f}% | "
-                      f"best {100 * best_acc:.2f}%{' (saved)' if improved else ''} | eval "
-                      f"{time.time() - t_eval:.1f}s", flush=True)
-                model.train()
-                t_log += time.time() - t_eval  # keep the evaluation out of the images/s
-            if it >= max_iters:
+            if it % run.eval_interval == 0 or it == run.max_iters:
+                t_log += evaluate_and_save(run)  # keep the evaluation out of the images/s
+            if it >= run.max_iters:
                 break
-
-    # final test of the best EMA weights on the test split (PrivateTest for FER2013)
-    if len(test_y) == 0:
-        print(f"done; no test split. best val accuracy {100 * best_acc:.2f}%, checkpoint {best_path}")
-        return None
-    ema_model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["ema"])
-    results = {"best_val_acc": best_acc, "nonfinite_steps": nonfinite_total}
-    for tta in ("none", "tencrop"):
-        results[f"test_acc_{tta}"] = accuracy(predict(ema_model, test_x, args.img_size, tta, amp=args.amp), test_y)
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"test accuracy of {best_path} (EMA): {100 * results['test_acc_none']:.2f}% plain, "
-          f"{100 * results['test_acc_tencrop']:.2f}% ten-crop (best val {100 * best_acc:.2f}%)")
-    return results
+    return final_test(run)
 
 
 if __name__ == "__main__":
