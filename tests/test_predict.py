@@ -65,7 +65,7 @@ def test_predict_equals_eval_images_on_files_of_any_size(model, checkpoint, face
     for i, pic in enumerate(pictures):
         files.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(pic).save(files[-1])
-    from_files = evaluate.main([checkpoint, "--images", *files, "--tta", "none"])
+    from_files = evaluate.main([checkpoint, "--images", *files, "--tta", "none", "--detect", "off"])
     capsys.readouterr()
     torch.testing.assert_close(model.predict(pictures), from_files, rtol=0, atol=1e-6)
 
