@@ -10,9 +10,11 @@ augmentation and normalisation happen later, on whole batches, wherever the mode
 Bad input ends in one ValueError whose message starts with the file (and line or row) it is about.
 """
 
+import contextlib
 import csv
 import math
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -59,6 +61,16 @@ def load_fer2013(path, skip_bad_rows=False):
     return _load_csv(path, skip_bad_rows)
 
 
+@contextlib.contextmanager
+def _unparsed_text_is_an_error():
+    """numpy 1.18 to 2.2 only warn when np.fromstring meets text it cannot parse, and return the numbers before it
+    (a row ending in "255 x" would pass as 2304 pixels): inside this, that warning is raised as an error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "string or file could not be read", DeprecationWarning)
+        yield
+
+
+@_unparsed_text_is_an_error()
 def _load_csv(path, skip_bad_rows):
     """Kaggle fer2013.csv (emotion,pixels,Usage), icml_face_data.csv (same columns, other order, names with
     leading spaces) and the competition's train.csv (no Usage: all rows are train)."""
@@ -98,7 +110,7 @@ def _load_csv(path, skip_bad_rows):
             label, usage = row[i_label].strip(), row[i_usage].strip() if i_usage is not None else "Training"
             try:
                 pixels = np.fromstring(row[i_pixels], dtype=np.int64, sep=" ")
-            except ValueError:
+            except (ValueError, DeprecationWarning):  # numpy >= 2.3 raises; 1.18 to 2.2 warn (an error here)
                 pixels = None
             if label not in ("0", "1", "2", "3", "4", "5", "6"):
                 reason = f"label {label!r} is not an integer in 0..6"

@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -86,6 +87,7 @@ def test_competition_test_csv_is_refused(tmp_path):
     ("3,{pixels_256},Training", "0..256"),
     ("3,{pixels_neg},Training", "-1.."),
     ("3,{pixels_text},Training", "other text"),
+    ("3,{pixels} x,Training", "other text"),  # 2304 good numbers, then text
     ("3,,Training", "0 values"),
     ("7,{pixels},Training", "label '7'"),
     ("x,{pixels},Training", "label 'x'"),
@@ -129,6 +131,25 @@ def test_skip_bad_rows_counts(tmp_path, capsys):
     assert "skipped 2 bad rows" in capsys.readouterr().out
     all_bad, _, _ = fer_csv(tmp_path, [f"9,{good},Training"])
     assert_error(all_bad, all_bad, skip_bad_rows=True)
+
+
+def test_unparsed_pixel_text_is_an_error_where_numpy_only_warns(tmp_path, monkeypatch):
+    """numpy 1.18 to 2.2 warn on text np.fromstring cannot parse and return the numbers before it; a row whose
+    2304 numbers are followed by text then looks complete. Emulate that numpy: the row must still be refused."""
+    def warn_only_fromstring(text, dtype, sep):
+        numbers = []
+        for token in text.split():
+            if not token.lstrip("-").isdigit():
+                warnings.warn("string or file could not be read to its end due to unmatched data; this will raise a "
+                              "ValueError in the future.", DeprecationWarning, stacklevel=2)
+                break
+            numbers.append(int(token))
+        return np.array(numbers, dtype=dtype)
+    monkeypatch.setattr(np, "fromstring", warn_only_fromstring)
+    good = pixel_string(faces(1)[0])
+    path, _, _ = fer_csv(tmp_path, [f"0,{good},Training", f"1,{good} 7x,Training", f"2,{good},PublicTest"])
+    assert "other text" in assert_error(path, f"{path}, line 3:")
+    check_splits(data.load_fer2013(path, skip_bad_rows=True), (1, 1, 0))  # the good rows still parse
 
 # -----------------------------------------------------------------------------
 # image folders, npz, single images
