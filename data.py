@@ -201,11 +201,31 @@ def _load_npz(path):
     return _splits(**parts)
 
 
+# the top of the range of PIL's 16-bit and float modes (PIL opens 16-bit PNG/TIFF as I;16 or I)
+_MODE_TOP = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def _grey(im, path):
+    """Any PIL image -> mode "L". 16-bit and float images are scaled by their mode's range (convert("L") would
+    clip them: a 16-bit 1000 becomes 255). Transparent parts are laid on FER2013's mean grey, which normalises
+    to about 0: the value the model sees wherever there is no picture (the STN samples 0 outside the frame too), so
+    neither a white nor a black background adds an edge the faces it learnt from never had."""
+    if im.mode in _MODE_TOP:
+        top, a = _MODE_TOP[im.mode], np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > top:
+            raise ValueError(f"{path}: {im.mode} image with values {a.min():g}..{a.max():g}, expected 0..{top:g}")
+        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8))
+    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:  # RGBA, LA, PA, P/RGB with tRNS
+        background = Image.new("RGBA", im.size, (round(255 * MEAN),) * 3 + (255,))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    return im.convert("L")
+
+
 def load_image(path):
     """Any image file (any size or mode) -> uint8 (48, 48) grey face, prepared like FER2013's crops."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("L")
+            im = _grey(ImageOps.exif_transpose(im), path)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
@@ -213,7 +233,8 @@ def load_image(path):
     if im.size != (IMG, IMG):
         side = min(im.size)  # centre square, so faces keep their proportions
         left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.resize((IMG, IMG), Image.BILINEAR, box=(left, top, left + side, top + side))
+        # crop, then resize: resize(box=...) would blend the pixels just outside the box into the edges
+        im = im.crop((left, top, left + side, top + side)).resize((IMG, IMG), Image.BILINEAR)
     return torch.from_numpy(np.array(im, dtype=np.uint8))
 
 # -----------------------------------------------------------------------------

@@ -227,15 +227,122 @@ def test_bad_npz(tmp_path):
     assert "not a readable .npz" in assert_error(garbage, garbage)
 
 
+def quadrants(side, levels):
+    """A (side, side) uint8 square of four flat quadrants: top left, top right, bottom left, bottom right."""
+    q = np.empty((side, side), np.uint8)
+    h = side // 2
+    q[:h, :h], q[:h, h:], q[h:, :h], q[h:, h:] = levels
+    return q
+
+
+def assert_quadrants(img, levels, margin=3):
+    """A 48x48 face that is four flat quadrants of these grey levels, away from the seams (resampling blurs them)."""
+    a, h = img.numpy().astype(int), 24
+    for (rows, cols), level in zip([(slice(0, h - margin), slice(0, h - margin)), (slice(0, h - margin), slice(h + margin, 48)),
+                                    (slice(h + margin, 48), slice(0, h - margin)), (slice(h + margin, 48), slice(h + margin, 48))],
+                                   levels):
+        assert (np.abs(a[rows, cols] - level) <= 1).all(), (level, a[rows, cols].min(), a[rows, cols].max())
+
+
 def test_load_image_any_mode_and_size(tmp_path):
-    save_image(tmp_path / "wide.png", size=(120, 80), mode="RGB", value=90)
-    img = data.load_image(tmp_path / "wide.png")
-    assert img.shape == (48, 48) and img.dtype == torch.uint8 and (img - 90).abs().max() <= 1
+    # a wide and a tall picture: the centre square (four quadrants) is the face, the white margins are cut off
+    levels = (40, 90, 160, 220)
+    for name, size in (("wide.png", (120, 80)), ("tall.png", (80, 120))):
+        canvas = np.full(size[::-1], 255, np.uint8)
+        top, left = (size[1] - 80) // 2, (size[0] - 80) // 2
+        canvas[top:top + 80, left:left + 80] = quadrants(80, levels)
+        Image.fromarray(canvas).convert("RGB").save(tmp_path / name)
+        img = data.load_image(tmp_path / name)
+        assert img.shape == (48, 48) and img.dtype == torch.uint8
+        assert_quadrants(img, levels)
+        assert img.max() < 230  # no margin left in
     (tmp_path / "x.jpg").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="x.jpg"):
         data.load_image(tmp_path / "x.jpg")
     with pytest.raises(ValueError, match="nothere.png"):
         data.load_image(tmp_path / "nothere.png")
+
+
+LEVELS = (0, 85, 170, 255)
+
+
+@pytest.mark.parametrize("mode, fmt", [("I;16", "PNG"), ("I;16B", "TIFF"), ("I", "TIFF"), ("F", "TIFF")])
+def test_load_image_scales_16_bit_and_float_by_the_mode_range(tmp_path, mode, fmt):
+    top = 1.0 if mode == "F" else 65535
+    values = [level / 255 * top for level in LEVELS]
+    values[1] = 1000 / 65535 * top  # a dark 16-bit value that convert("L") would clip to white
+    square = np.empty((48, 48), np.float64)
+    square[:24, :24], square[:24, 24:], square[24:, :24], square[24:, 24:] = values
+    if mode == "F":
+        im = Image.fromarray(square.astype(np.float32))
+    elif mode == "I":
+        im = Image.fromarray(square.round().astype(np.int32))
+    else:
+        im = Image.frombytes(mode, (48, 48), square.round().astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    path = tmp_path / f"deep.{fmt.lower()}"
+    im.save(path, fmt)
+    with Image.open(path) as check:
+        assert check.mode == mode  # the file really opens in the mode under test
+    expected = (0, round(1000 / 257), 170, 255)
+    img = data.load_image(path)
+    assert_quadrants(img, expected, margin=0)
+
+
+def test_load_image_refuses_values_outside_the_mode_range(tmp_path):
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(ValueError, match=r"i32.tif: I image with values 70000..70000, expected 0..65535"):
+        data.load_image(tmp_path / "i32.tif")
+    Image.fromarray(np.full((8, 8), 200.0, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match=r"f.tif: F image with values 200..200, expected 0..1"):
+        data.load_image(tmp_path / "f.tif")
+
+
+GREY_BACKGROUND = round(255 * data.MEAN)  # 129, transparent parts
+
+
+def test_load_image_lays_transparency_on_mean_grey(tmp_path):
+    rgba = np.zeros((48, 48, 4), np.uint8)
+    rgba[:24, :24] = (255, 0, 0, 255)  # opaque red: 0.299 * 255
+    rgba[:24, 24:] = (0, 0, 0, 0)  # transparent black: the background, not black
+    rgba[24:, :24] = (255, 255, 255, 0)  # transparent white: the background, not white
+    rgba[24:, 24:] = (255, 255, 255, 128)  # half-transparent white
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    half = GREY_BACKGROUND + (255 - GREY_BACKGROUND) * 128 / 255
+    assert_quadrants(data.load_image(tmp_path / "rgba.png"), (76, GREY_BACKGROUND, GREY_BACKGROUND, half), margin=0)
+
+    la = np.zeros((48, 48, 2), np.uint8)
+    la[:, :24], la[:, 24:] = (200, 255), (200, 0)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert_quadrants(data.load_image(tmp_path / "la.png"), (200, GREY_BACKGROUND, 200, GREY_BACKGROUND), margin=0)
+
+    # palette: index 0 red, 1 blue, 2 green but transparent (tRNS)
+    p = Image.fromarray(quadrants(48, (0, 1, 2, 0)), "L").convert("P")
+    p.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0])
+    p.save(tmp_path / "p.png", transparency=2)
+    assert_quadrants(data.load_image(tmp_path / "p.png"), (76, 29, GREY_BACKGROUND, 76), margin=0)
+
+
+def test_load_image_palette_cmyk_and_exif_rotation(tmp_path):
+    p = Image.fromarray(quadrants(48, (0, 1, 2, 3)), "L").convert("P")
+    p.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255])  # red, green, blue, white
+    p.save(tmp_path / "p.gif")
+    assert_quadrants(data.load_image(tmp_path / "p.gif"), (76, 150, 29, 255), margin=0)  # ITU-R 601 luma
+
+    cmyk = np.zeros((48, 48, 4), np.uint8)
+    cmyk[:24, :24], cmyk[:24, 24:], cmyk[24:, :24] = (255, 0, 0, 0), (0, 0, 0, 255), (0, 0, 0, 0)  # cyan, black, white
+    cmyk[24:, 24:] = (0, 0, 0, 128)  # half black
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tif")
+    assert_quadrants(data.load_image(tmp_path / "cmyk.tif"), (179, 0, 255, 127), margin=0)
+
+    # stored sideways with EXIF orientation 6 ("rotate 90 degrees clockwise to show"): the stored left column is
+    # the shown top row; a wide stored picture is a tall shown one, so the crop takes its middle rows
+    stored = np.full((48, 80), 200, np.uint8)
+    stored[:, 16:40] = 30  # shown: rows 16..39 of the 80 dark, i.e. the top half of the centre square
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    img = data.load_image(tmp_path / "sideways.jpg").numpy().astype(int)
+    assert np.abs(img[2:20] - 30).max() <= 6 and np.abs(img[28:46] - 200).max() <= 6
 
 # -----------------------------------------------------------------------------
 # synthetic set and load_dataset
