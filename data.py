@@ -371,17 +371,28 @@ def augment(x, img_size, generator=None, rotate=20.0, scale=(0.8, 1.2), translat
     """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size) through ONE affine warp per sample:
     rotation up to `rotate` degrees, zoom in `scale`, shift up to `translate` of the image, random flips,
     and the resize to img_size, all folded into one matrix for affine_grid + grid_sample."""
-    b = x.shape[0]
-    # random numbers on the CPU generator, so CPU and GPU runs draw the same parameters
+    return warp(x, img_size, **random_pose(x.shape[0], generator, rotate, scale, translate, hflip, vflip))
+
+
+def random_pose(b, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False):
+    """`augment`'s random parameters of b faces, drawn on the CPU generator so that CPU and GPU runs draw the same:
+    angle (radians, counter-clockwise on screen), zoom (> 1 enlarges), shift (b, 2) (x right, y down, as fractions
+    of the side), flip_x and flip_y (-1: mirror)."""
     r = torch.rand(b, 6, generator=generator)
-    angle = (2 * r[:, 0] - 1) * math.radians(rotate)
-    zoom = scale[0] + (scale[1] - scale[0]) * r[:, 1]
-    shift = (2 * r[:, 2:4] - 1) * 2 * translate  # grid coordinates span 2 across the image
-    flip_x = torch.where((r[:, 4] < 0.5) & hflip, -1.0, 1.0)
-    flip_y = torch.where((r[:, 5] < 0.5) & vflip, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # the matrix maps output to input: zoom in = shrink
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1) * flip_x[:, None],
-                         torch.stack([sin, cos, shift[:, 1]], 1) * flip_y[:, None]], 1)
+    return dict(angle=(2 * r[:, 0] - 1) * math.radians(rotate), zoom=scale[0] + (scale[1] - scale[0]) * r[:, 1],
+                shift=(1 - 2 * r[:, 2:4]) * translate, flip_x=torch.where((r[:, 4] < 0.5) & hflip, -1.0, 1.0),
+                flip_y=torch.where((r[:, 5] < 0.5) & vflip, -1.0, 1.0))
+
+
+def warp(x, img_size, angle, zoom, shift, flip_x, flip_y):
+    """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size): each face mirrored by its flips, moved by
+    its shift, then turned by its angle and scaled by its zoom about the centre (parameters as random_pose's)."""
+    b = x.shape[0]
+    # the matrix maps output to input, so every step is inverted: zoom in = shrink, shift = minus the move
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    move = -2 * shift  # grid coordinates span 2 across the image
+    theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1) * flip_x[:, None],
+                         torch.stack([sin, cos, move[:, 1]], 1) * flip_y[:, None]], 1)
     grid = F.affine_grid(theta.to(x.device), (b, 1, img_size, img_size), align_corners=False)
     # reflection padding: no black corners for the model to key on, and an identity warp equals preprocess()
     out = F.grid_sample(x.unsqueeze(1).float() / 255, grid, padding_mode="reflection", align_corners=False)

@@ -1,3 +1,4 @@
+import math
 import os
 import warnings
 
@@ -398,6 +399,95 @@ def test_augment_shape_determinism_and_identity():
     mirrored = torch.tensor([torch.allclose(f, r.flip(-1), atol=1e-5) for f, r in zip(flipped, ref)])
     unchanged = torch.tensor([torch.allclose(f, r, atol=1e-5) for f, r in zip(flipped, ref)])
     assert (mirrored | unchanged).all() and mirrored.any() and unchanged.any()
+
+
+def marker(cx, cy, sigma=1.0):
+    """uint8 (48, 48): black with one bright Gaussian dot centred on pixel (cx, cy) (x right, y down)."""
+    yy, xx = np.mgrid[:48, :48]
+    return torch.from_numpy(np.round(255 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))).astype(np.uint8))
+
+
+def dot_centre(img, near, radius):
+    """Centroid (x, y) of the brightness of a normalised (S, S) image within `radius` of `near`, and its mass."""
+    grey = (img * data.STD + data.MEAN).clamp(min=0).double()
+    yy, xx = torch.meshgrid(torch.arange(grey.shape[0]), torch.arange(grey.shape[1]), indexing="ij")
+    w = grey * ((xx - near[0]) ** 2 + (yy - near[1]) ** 2 <= radius ** 2)
+    return ((w * xx).sum() / w.sum()).item(), ((w * yy).sum() / w.sum()).item(), w.sum().item()
+
+
+def where_the_dot_goes(cx, cy, size, angle=0.0, zoom=1.0, shift=(0.0, 0.0), flip_x=1.0, flip_y=1.0):
+    """The documented pose, by hand: mirror, move by shift * 48 px, turn counter-clockwise on screen by angle and
+    scale by zoom about the centre, then resize 48 -> size."""
+    x, y = flip_x * (cx - 23.5) + shift[0] * 48, flip_y * (cy - 23.5) + shift[1] * 48
+    c, s = math.cos(angle), math.sin(angle)
+    x, y = zoom * (c * x + s * y), zoom * (-s * x + c * y)  # y points down: counter-clockwise on screen
+    k = size / 48
+    return (size - 1) / 2 + k * x, (size - 1) / 2 + k * y
+
+
+def one_pose(**kw):
+    pose = {**dict(angle=0.0, zoom=1.0, shift=(0.0, 0.0), flip_x=1.0, flip_y=1.0), **kw}
+    return {k: torch.tensor([v], dtype=torch.float32) for k, v in pose.items()}  # a batch of one
+
+
+@pytest.mark.parametrize("size", (48, 64))
+@pytest.mark.parametrize("pose, moved_to", [
+    (dict(), (33.0, 18.0)),  # identity
+    (dict(angle=math.radians(90)), (18.0, 14.0)),  # a quarter turn counter-clockwise: right of centre -> above it
+    (dict(angle=math.radians(-30)), None),
+    (dict(zoom=1.5), (37.75, 15.25)),  # 1.5 x farther from the centre
+    (dict(zoom=0.8), (31.1, 19.1)),
+    (dict(shift=(0.1, -0.05)), (37.8, 15.6)),  # 0.1 and 0.05 of the 48 px side
+    (dict(flip_x=-1.0), (14.0, 18.0)),
+    (dict(flip_y=-1.0), (33.0, 29.0)),
+    (dict(angle=math.radians(15), zoom=1.2, shift=(-0.08, 0.06), flip_x=-1.0, flip_y=-1.0), None),
+])
+def test_warp_moves_a_dot_where_its_pose_says(size, pose, moved_to):
+    x = marker(33.0, 18.0)[None]  # 9.5 px right of the centre (23.5), 5.5 px above it
+    expected = where_the_dot_goes(33.0, 18.0, size, **pose)
+    if moved_to is not None and size == 48:
+        assert expected == pytest.approx(moved_to, abs=1e-9)  # the hand formula against hand-worked numbers
+    out = data.warp(x, size, **one_pose(**pose))[0, 0]
+    cx, cy, mass = dot_centre(out, expected, radius=6 * size / 48)
+    assert (cx, cy) == pytest.approx(expected, abs=0.1 * size / 48)
+    ref_mass = dot_centre(data.preprocess(x, size)[0, 0], where_the_dot_goes(33.0, 18.0, size), 6 * size / 48)[2]
+    assert mass == pytest.approx(ref_mass * pose.get("zoom", 1.0) ** 2, rel=0.1)  # the whole dot, its area zoomed
+
+
+def test_random_pose_ranges_and_augment_is_its_warp():
+    b, gen = 4000, torch.Generator().manual_seed(0)
+    pose = data.random_pose(b, gen, rotate=20, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False)
+    assert set(pose) == {"angle", "zoom", "shift", "flip_x", "flip_y"} and pose["shift"].shape == (b, 2)
+    for name, lo, hi in (("angle", -math.radians(20), math.radians(20)), ("zoom", 0.8, 1.2), ("shift", -0.1, 0.1)):
+        v = pose[name]
+        assert lo <= v.min() < lo + 0.01 * (hi - lo) and hi - 0.01 * (hi - lo) < v.max() <= hi, name
+        assert v.mean().item() == pytest.approx((lo + hi) / 2, abs=0.02 * (hi - lo)), name
+    assert (pose["flip_x"] == -1).double().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert (pose["flip_y"] == 1).all()  # vflip off
+    assert set(data.random_pose(64, gen, vflip=True)["flip_y"].tolist()) == {-1.0, 1.0}
+    fixed = data.random_pose(64, gen, rotate=0, scale=(1, 1), translate=0, hflip=False)
+    assert (fixed["angle"] == 0).all() and (fixed["zoom"] == 1).all() and (fixed["shift"] == 0).all()
+    x = torch.from_numpy(faces(5))
+    kw = dict(rotate=7, scale=(0.75, 1.25), translate=0.03, vflip=True)
+    torch.testing.assert_close(data.augment(x, 64, torch.Generator().manual_seed(3), **kw),
+                               data.warp(x, 64, **data.random_pose(5, torch.Generator().manual_seed(3), **kw)),
+                               rtol=0, atol=0)
+
+
+def test_augment_moves_dots_as_its_drawn_poses_say():
+    """augment end to end: dots at known places, the official-size ranges, vertical flips on; each dot ends where
+    the pose drawn from the same seed puts it."""
+    spots = [(33.0, 18.0), (14.0, 30.0), (26.0, 13.0), (20.0, 33.0)] * 4
+    x = torch.stack([marker(cx, cy) for cx, cy in spots])
+    kw = dict(rotate=20, scale=(0.8, 1.2), translate=0.1, vflip=True)
+    out = data.augment(x, 64, torch.Generator().manual_seed(7), **kw)
+    pose = data.random_pose(len(x), torch.Generator().manual_seed(7), **kw)
+    for i, (cx, cy) in enumerate(spots):
+        p = {k: v[i].tolist() for k, v in pose.items()}
+        expected = where_the_dot_goes(cx, cy, 64, **p)
+        got = dot_centre(out[i, 0], expected, radius=8)
+        assert got[:2] == pytest.approx(expected, abs=0.15), (i, p)
+    assert {p for p in pose["flip_y"].tolist()} == {-1.0, 1.0} and {p for p in pose["flip_x"].tolist()} == {-1.0, 1.0}
 
 
 def test_preprocess_normalises():
