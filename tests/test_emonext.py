@@ -171,6 +171,35 @@ def test_stn_warps_when_theta_is_not_identity():
                                rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ("torch", "fused"))
+def test_stn_grid_math_is_fp32_under_autocast(backend):
+    """Under bf16 autocast theta, the grid and the sampling stay fp32: the identity warp stays exact and any warp
+    is the fp32 model's (bf16 grid coordinates sample up to 0.06 px off at 64 even for the identity)."""
+    k = emonext.kernels
+    if backend == "fused":
+        k = _kernels()
+    if k is not None:
+        k.set_backend(backend)
+    try:
+        m = model("atto", 64, in_chans=1).eval()
+        x = torch.randn(3, 1, 64, 64)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            warped, theta = m.stn(x)
+        assert theta.dtype == torch.float32 and warped.dtype == torch.float32
+        assert torch.equal(theta, torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(3, 2, 3))
+        torch.testing.assert_close(warped, x, rtol=0, atol=1e-4)  # as exact as in fp32 (test_identity_stn_at_init)
+        with torch.no_grad():  # a fixed turn, zoom and shift, none of them a bf16 number
+            m.fc_loc[2].bias.copy_(torch.tensor([0.9553, -0.2955, 0.0123, 0.2955, 0.9553, -0.0371]))
+            ref, ref_theta = m.stn(x)
+            with torch.autocast("cpu", torch.bfloat16):
+                warped, theta = m.stn(x)
+        assert torch.equal(theta, ref_theta)
+        torch.testing.assert_close(warped, ref, rtol=0, atol=1e-5)
+    finally:
+        if k is not None:
+            k.set_backend("auto")
+
+
 def loss_by_hand(m, x, y):
     features = m.forward_features(x)
     logits = features @ m.head.weight.T + m.head.bias
