@@ -394,6 +394,87 @@ def test_one_channel_equivalence_through_load_weights():
         torch.testing.assert_close(m3b(grey.repeat(1, 3, 1, 1)), a, rtol=0, atol=1e-5)
 
 
+def official_emonext_tiny_shapes():
+    """Keys and shapes of the official EmoNeXt-T state dict as github.com/yelboudouri/EmoNeXt (models.py) builds it
+    for FER2013 (get_model(7, "tiny"): 224 px, 3 input channels), written out from that code's module structure,
+    independently of emonext.py: localization = Sequential(Conv2d(3, 8, 7), BatchNorm2d(8), MaxPool2d, ReLU,
+    Conv2d(8, 10, 5), BatchNorm2d(10), MaxPool2d, ReLU); fc_loc = Sequential(Linear(10 * 52 * 52, 32), ReLU,
+    Linear(32, 6)); stem = Sequential(Conv2d(3, 96, 4, 4), LayerNorm); downsample i = Sequential(LayerNorm,
+    Conv2d(d, 2d, 2, 2), SELayer(2d) whose fc = Sequential(Linear(2d, 2d // 16, bias=False), ReLU,
+    Linear(2d // 16, 2d, bias=False), Sigmoid)); Block = dwconv, norm, pwconv1, act, pwconv2, gamma,
+    stochastic_depth (no parameters); norm; attention = DotProductSelfAttention (norm, query, key, value); head."""
+    shapes = {"localization.0.weight": (8, 3, 7, 7), "localization.0.bias": (8,),
+              "localization.4.weight": (10, 8, 5, 5), "localization.4.bias": (10,)}
+    for i, c in ((1, 8), (5, 10)):
+        shapes.update({f"localization.{i}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")})
+        shapes[f"localization.{i}.num_batches_tracked"] = ()
+    shapes.update({"fc_loc.0.weight": (32, 27040), "fc_loc.0.bias": (32,), "fc_loc.2.weight": (6, 32),
+                   "fc_loc.2.bias": (6,), "downsample_layers.0.0.weight": (96, 3, 4, 4),
+                   "downsample_layers.0.0.bias": (96,), "downsample_layers.0.1.weight": (96,),
+                   "downsample_layers.0.1.bias": (96,)})
+    for i, (d_in, d_out) in enumerate(((96, 192), (192, 384), (384, 768)), start=1):
+        shapes.update({f"downsample_layers.{i}.0.weight": (d_in,), f"downsample_layers.{i}.0.bias": (d_in,),
+                       f"downsample_layers.{i}.1.weight": (d_out, d_in, 2, 2), f"downsample_layers.{i}.1.bias": (d_out,),
+                       f"downsample_layers.{i}.2.fc.0.weight": (d_out // 16, d_out),
+                       f"downsample_layers.{i}.2.fc.2.weight": (d_out, d_out // 16)})
+    for i, (depth, d) in enumerate(zip((3, 3, 9, 3), (96, 192, 384, 768))):
+        for j in range(depth):
+            b = f"stages.{i}.{j}."
+            shapes.update({b + "dwconv.weight": (d, 1, 7, 7), b + "dwconv.bias": (d,), b + "norm.weight": (d,),
+                           b + "norm.bias": (d,), b + "pwconv1.weight": (4 * d, d), b + "pwconv1.bias": (4 * d,),
+                           b + "pwconv2.weight": (d, 4 * d), b + "pwconv2.bias": (d,), b + "gamma": (d,)})
+    shapes.update({"norm.weight": (768,), "norm.bias": (768,), "attention.norm.weight": (768,),
+                   "attention.norm.bias": (768,), "head.weight": (7, 768), "head.bias": (7,)})
+    for k in ("query", "key", "value"):
+        shapes.update({f"attention.{k}.weight": (768, 768), f"attention.{k}.bias": (768,)})
+    return shapes
+
+
+def meta_state(shapes):
+    return {k: torch.empty(s, device="meta", dtype=torch.long if k.endswith("num_batches_tracked") else None)
+            for k, s in shapes.items()}
+
+
+def test_state_dict_is_the_official_emonext_tiny():
+    official = official_emonext_tiny_shapes()
+    assert len(official) == 14 + 4 + 4 + 3 * 6 + 18 * 9 + 2 + 8 + 2
+    with torch.device("meta"):
+        ours = EmoNeXt.from_size("tiny", img_size=224, in_chans=3).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == official
+
+
+@pytest.mark.parametrize("wrap", ["model", "module.", "_orig_mod."])
+def test_official_tiny_checkpoint_layout_loads_strict(wrap):
+    """A checkpoint in the official layout (the written-out keys, not this model's state dict) loads with nothing
+    missing, unexpected or converted; into a grey model the two input convs are summed over RGB."""
+    sd = meta_state(official_emonext_tiny_shapes())
+    ckpt = {"model": {"model": sd, "epoch": 3}, "module.": {"module." + k: v for k, v in sd.items()},
+            "_orig_mod.": {"ema": {"_orig_mod." + k: v for k, v in sd.items()}}}[wrap]
+    with torch.device("meta"):
+        rgb, grey = EmoNeXt.from_size("tiny", img_size=224, in_chans=3), EmoNeXt.from_size("tiny", img_size=224, in_chans=1)
+    assert load_weights(rgb, ckpt, verbose=False) == {"kind": "emonext", "missing": [], "unexpected": [],
+                                                      "skipped": [], "converted": []}
+    report = load_weights(grey, ckpt, verbose=False)
+    assert sorted(report["converted"]) == ["downsample_layers.0.0.weight: 3 -> 1 input channels",
+                                           "localization.0.weight: 3 -> 1 input channels"]
+    assert not report["missing"] and not report["unexpected"] and not report["skipped"]
+
+
+@pytest.mark.filterwarnings("ignore:for localization.*meta parameter")  # BatchNorm adds its counter to a meta model
+def test_facebookresearch_convnext_tiny_layout_loads():
+    """The ConvNeXt-T ImageNet-1k layout: the official EmoNeXt keys without STN, SE and attention, 1000 classes."""
+    emonext_only = re.compile(r"^(localization|fc_loc|attention)\.|^downsample_layers\.[123]\.2\.")
+    shapes = {k: s for k, s in official_emonext_tiny_shapes().items() if not emonext_only.search(k)}
+    shapes.update({"head.weight": (1000, 768), "head.bias": (1000,)})
+    with torch.device("meta"):
+        m = EmoNeXt.from_size("tiny", img_size=224, in_chans=3)
+    report = load_weights(m, {"model": meta_state(shapes)}, verbose=False)
+    assert report["kind"] == "convnext" and report["unexpected"] == [] and report["converted"] == []
+    assert report["skipped"] == ["head.weight (1000, 768) (model has (7, 768))", "head.bias (1000,) (model has (7,))"]
+    assert sorted(report["missing"]) == sorted([k for k in official_emonext_tiny_shapes() if emonext_only.search(k)]
+                                               + ["head.weight", "head.bias"])
+
+
 def official_state(m):
     return {k: v.clone() for k, v in m.state_dict().items()}
 
