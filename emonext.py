@@ -229,17 +229,24 @@ class EmoNeXt(nn.Module):
         return cls(EmoNeXtConfig(**{"depths": depths, "dims": dims, **overrides}))
 
     @classmethod
-    def from_checkpoint(cls, src, prefer_ema: bool = True) -> "EmoNeXt":
+    def from_checkpoint(cls, src, prefer_ema: bool = True, name: str = None) -> "EmoNeXt":
         """Builds the model a checkpoint of this project (train.py's, with its "config") describes, and loads it.
-        src: a path, an URL or the checkpoint dict."""
+        src: a path, an URL or the checkpoint dict; name: what errors call it (default: the path, or "checkpoint")."""
         ckpt = read_checkpoint(src)
-        path = src if isinstance(src, str) else "checkpoint"
+        path = name or ("checkpoint" if isinstance(src, dict) else str(src))
         if not isinstance(ckpt.get("config"), dict):
             raise ValueError(f"{path}: not an EmoNeXt checkpoint of this project (no 'config' entry); "
                              f"build the model yourself and use load_weights(model, path)")
         config = dict(ckpt["config"])
-        config.update(depths=tuple(config["depths"]), dims=tuple(config["dims"]))
+        expected = [f.name for f in fields(EmoNeXtConfig)]
+        missing, unknown = [k for k in expected if k not in config], [k for k in config if k not in expected]
+        if missing or unknown:
+            raise ValueError(f"{path}: its config does not describe an EmoNeXt: "
+                             + "; ".join(f"{what} {', '.join(map(repr, keys))}" for what, keys in
+                                         (("missing", missing), ("unknown", unknown)) if keys)
+                             + f" (expected exactly {', '.join(expected)})")
         try:
+            config.update(depths=tuple(config["depths"]), dims=tuple(config["dims"]))
             model = cls(EmoNeXtConfig(**config))
         except TypeError as e:
             raise ValueError(f"{path}: its config does not describe an EmoNeXt: {e}") from None

@@ -631,6 +631,27 @@ def test_from_checkpoint_rebuilds_a_project_checkpoint():
         EmoNeXt.from_checkpoint({**ckpt, "config": {**ckpt["config"], "wings": 2}})
 
 
+@pytest.mark.parametrize("drop, add, says", [
+    ("depths", {}, "missing 'depths'"),
+    ("img_size", {}, "missing 'img_size'"),  # would otherwise silently build a 224 px model
+    ("sa_weight", {}, "missing 'sa_weight'"),
+    (None, {"wings": 2}, "unknown 'wings'"),
+    ("dims", {"dim": [40, 80, 160, 320]}, "missing 'dims'; unknown 'dim'"),
+])
+def test_from_checkpoint_names_missing_and_unknown_config_keys(tmp_path, drop, add, says):
+    src = model("atto", 48, in_chans=1)
+    config = {k: v for k, v in emonext.config_dict(src).items() if k != drop}
+    path = tmp_path / "odd.pt"
+    torch.save({"config": {**config, **add}, "model": src.state_dict()}, path)
+    with pytest.raises(ValueError) as e:
+        EmoNeXt.from_checkpoint(str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: its config does not describe an EmoNeXt: {says} (expected exactly depths, dims, ")
+    assert "\n" not in msg
+    with pytest.raises(ValueError, match=rf"^best.pt: .*{says}"):
+        EmoNeXt.from_checkpoint({"config": {**config, **add}, "model": src.state_dict()}, name="best.pt")
+
+
 # -----------------------------------------------------------------------------
 # emonext.py stands alone
 
