@@ -10,9 +10,11 @@ augmentation and normalisation happen later, on whole batches, wherever the mode
 Bad input ends in one ValueError whose message starts with the file (and line or row) it is about.
 """
 
+import contextlib
 import csv
 import math
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -62,6 +64,16 @@ def load_fer2013(path, skip_bad_rows=False):
     return _load_csv(path, skip_bad_rows)
 
 
+@contextlib.contextmanager
+def _unparsed_text_is_an_error():
+    """numpy 1.18 to 2.2 only warn when np.fromstring meets text it cannot parse, and return the numbers before it
+    (a row ending in "255 x" would pass as 2304 pixels): inside this, that warning is raised as an error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "string or file could not be read", DeprecationWarning)
+        yield
+
+
+@_unparsed_text_is_an_error()
 def _load_csv(path, skip_bad_rows):
     """Kaggle fer2013.csv (emotion,pixels,Usage), icml_face_data.csv (same columns, other order, names with
     leading spaces) and the competition's train.csv (no Usage: all rows are train)."""
@@ -101,7 +113,7 @@ def _load_csv(path, skip_bad_rows):
             label, usage = row[i_label].strip(), row[i_usage].strip() if i_usage is not None else "Training"
             try:
                 pixels = np.fromstring(row[i_pixels], dtype=np.int64, sep=" ")
-            except ValueError:
+            except (ValueError, DeprecationWarning):  # numpy >= 2.3 raises; 1.18 to 2.2 warn (an error here)
                 pixels = None
             if label not in ("0", "1", "2", "3", "4", "5", "6"):
                 reason = f"label {label!r} is not an integer in 0..6"
@@ -192,11 +204,31 @@ def _load_npz(path):
     return _splits(**parts)
 
 
+# the top of the range of PIL's 16-bit and float modes (PIL opens 16-bit PNG/TIFF as I;16 or I)
+_MODE_TOP = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def _grey(im, path):
+    """Any PIL image -> mode "L". 16-bit and float images are scaled by their mode's range (convert("L") would
+    clip them: a 16-bit 1000 becomes 255). Transparent parts are laid on FER2013's mean grey, which normalises
+    to about 0: the value the model sees wherever there is no picture (the STN samples 0 outside the frame too), so
+    neither a white nor a black background adds an edge the faces it learnt from never had."""
+    if im.mode in _MODE_TOP:
+        top, a = _MODE_TOP[im.mode], np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > top:
+            raise ValueError(f"{path}: {im.mode} image with values {a.min():g}..{a.max():g}, expected 0..{top:g}")
+        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8))
+    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:  # RGBA, LA, PA, P/RGB with tRNS
+        background = Image.new("RGBA", im.size, (round(255 * MEAN),) * 3 + (255,))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    return im.convert("L")
+
+
 def read_grey(path):
     """Any image file (any size or mode) -> uint8 (H, W) grey array, upright (EXIF orientation applied)."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("L")
+            im = _grey(ImageOps.exif_transpose(im), path)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
@@ -343,17 +375,28 @@ def augment(x, img_size, generator=None, rotate=20.0, scale=(0.8, 1.2), translat
     """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size) through ONE affine warp per sample:
     rotation up to `rotate` degrees, zoom in `scale`, shift up to `translate` of the image, random flips,
     and the resize to img_size, all folded into one matrix for affine_grid + grid_sample."""
-    b = x.shape[0]
-    # random numbers on the CPU generator, so CPU and GPU runs draw the same parameters
+    return warp(x, img_size, **random_pose(x.shape[0], generator, rotate, scale, translate, hflip, vflip))
+
+
+def random_pose(b, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False):
+    """`augment`'s random parameters of b faces, drawn on the CPU generator so that CPU and GPU runs draw the same:
+    angle (radians, counter-clockwise on screen), zoom (> 1 enlarges), shift (b, 2) (x right, y down, as fractions
+    of the side), flip_x and flip_y (-1: mirror)."""
     r = torch.rand(b, 6, generator=generator)
-    angle = (2 * r[:, 0] - 1) * math.radians(rotate)
-    zoom = scale[0] + (scale[1] - scale[0]) * r[:, 1]
-    shift = (2 * r[:, 2:4] - 1) * 2 * translate  # grid coordinates span 2 across the image
-    flip_x = torch.where((r[:, 4] < 0.5) & hflip, -1.0, 1.0)
-    flip_y = torch.where((r[:, 5] < 0.5) & vflip, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # the matrix maps output to input: zoom in = shrink
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1) * flip_x[:, None],
-                         torch.stack([sin, cos, shift[:, 1]], 1) * flip_y[:, None]], 1)
+    return dict(angle=(2 * r[:, 0] - 1) * math.radians(rotate), zoom=scale[0] + (scale[1] - scale[0]) * r[:, 1],
+                shift=(1 - 2 * r[:, 2:4]) * translate, flip_x=torch.where((r[:, 4] < 0.5) & hflip, -1.0, 1.0),
+                flip_y=torch.where((r[:, 5] < 0.5) & vflip, -1.0, 1.0))
+
+
+def warp(x, img_size, angle, zoom, shift, flip_x, flip_y):
+    """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size): each face mirrored by its flips, moved by
+    its shift, then turned by its angle and scaled by its zoom about the centre (parameters as random_pose's)."""
+    b = x.shape[0]
+    # the matrix maps output to input, so every step is inverted: zoom in = shrink, shift = minus the move
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    move = -2 * shift  # grid coordinates span 2 across the image
+    theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1) * flip_x[:, None],
+                         torch.stack([sin, cos, move[:, 1]], 1) * flip_y[:, None]], 1)
     grid = F.affine_grid(theta.to(x.device), (b, 1, img_size, img_size), align_corners=False)
     # reflection padding: no black corners for the model to key on, and an identity warp equals preprocess()
     out = F.grid_sample(x.unsqueeze(1).float() / 255, grid, padding_mode="reflection", align_corners=False)

@@ -112,7 +112,19 @@ def save_stn_picture(model, x, img_size, path):
 def load_model(path, device):
     """(model with the EMA weights when the checkpoint has them, the train.py arguments it was made with)."""
     ckpt = read_checkpoint(path)
-    return EmoNeXt.from_checkpoint(ckpt).to(device).eval(), ckpt.get("args", {})
+    return EmoNeXt.from_checkpoint(ckpt, name=path).to(device).eval(), ckpt.get("args", {})
+
+
+def data_to_score(args, ckpt_args):
+    """(dataset spec, skip_bad_rows): --data as given, else the data the checkpoint was trained on, read the way
+    its run read it (a run trained with --skip-bad-rows skips the same rows here)."""
+    if args.data:
+        return args.data, args.skip_bad_rows
+    spec = ckpt_args.get("data")
+    if spec not in (None, "synthetic") and not os.path.exists(spec):
+        raise ValueError(f"{args.checkpoint} was trained on {spec}, which is not there any more"
+                         f"{'' if os.path.isabs(spec) else f' (from {os.getcwd()})'}; give the data with --data PATH")
+    return spec, args.skip_bad_rows or ckpt_args.get("skip_bad_rows", False)
 
 
 def image_files(paths):
@@ -228,6 +240,8 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--tta", choices=("tencrop", "none"), default="tencrop")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed csv rows (counted) instead of failing; without --data, on when the run was")
     p.add_argument("--images", nargs="+", help="face image files or folders: print each one's emotion probabilities")
     p.add_argument("--detect", choices=("auto", "on", "off"), default="auto",
                    help="with --images, find the faces in photos first (OpenCV's Haar cascade: "
@@ -237,7 +251,8 @@ def main(argv=None):
                         "one face, its centre square)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out-dir", default=None, help="where the confusion matrix PNG goes (default: beside the checkpoint)")
+    p.add_argument("--out-dir", default=None,
+                   help="where the confusion matrix PNG goes, created if need be (default: beside the checkpoint)")
     args = p.parse_args(argv)
 
     try:
@@ -249,8 +264,13 @@ def main(argv=None):
     if args.images:
         return classify_images(model, args, names)
 
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     try:
-        splits, description = data.load_dataset(args.data if args.data else ckpt_args.get("data"))
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"eval.py: --out-dir {out_dir}: cannot create it ({e.strerror})")
+    try:
+        splits, description = data.load_dataset(*data_to_score(args, ckpt_args))
     except ValueError as e:
         sys.exit(f"eval.py: {e}")
     x, y = splits[args.split]
@@ -261,7 +281,6 @@ def main(argv=None):
     acc = (preds == y).double().mean().item()
     print(f"{description}\n{args.split} accuracy ({args.tta}): {100 * acc:.2f}% of {len(y)}\n")
     print(report(cm, names))
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     png = os.path.join(out_dir, f"confusion_{args.split}.png")
     save_confusion_png(cm, names, png)
     print(f"\nconfusion matrix picture: {png}")

@@ -1,4 +1,6 @@
+import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -86,6 +88,7 @@ def test_competition_test_csv_is_refused(tmp_path):
     ("3,{pixels_256},Training", "0..256"),
     ("3,{pixels_neg},Training", "-1.."),
     ("3,{pixels_text},Training", "other text"),
+    ("3,{pixels} x,Training", "other text"),  # 2304 good numbers, then text
     ("3,,Training", "0 values"),
     ("7,{pixels},Training", "label '7'"),
     ("x,{pixels},Training", "label 'x'"),
@@ -129,6 +132,25 @@ def test_skip_bad_rows_counts(tmp_path, capsys):
     assert "skipped 2 bad rows" in capsys.readouterr().out
     all_bad, _, _ = fer_csv(tmp_path, [f"9,{good},Training"])
     assert_error(all_bad, all_bad, skip_bad_rows=True)
+
+
+def test_unparsed_pixel_text_is_an_error_where_numpy_only_warns(tmp_path, monkeypatch):
+    """numpy 1.18 to 2.2 warn on text np.fromstring cannot parse and return the numbers before it; a row whose
+    2304 numbers are followed by text then looks complete. Emulate that numpy: the row must still be refused."""
+    def warn_only_fromstring(text, dtype, sep):
+        numbers = []
+        for token in text.split():
+            if not token.lstrip("-").isdigit():
+                warnings.warn("string or file could not be read to its end due to unmatched data; this will raise a "
+                              "ValueError in the future.", DeprecationWarning, stacklevel=2)
+                break
+            numbers.append(int(token))
+        return np.array(numbers, dtype=dtype)
+    monkeypatch.setattr(np, "fromstring", warn_only_fromstring)
+    good = pixel_string(faces(1)[0])
+    path, _, _ = fer_csv(tmp_path, [f"0,{good},Training", f"1,{good} 7x,Training", f"2,{good},PublicTest"])
+    assert "other text" in assert_error(path, f"{path}, line 3:")
+    check_splits(data.load_fer2013(path, skip_bad_rows=True), (1, 1, 0))  # the good rows still parse
 
 # -----------------------------------------------------------------------------
 # image folders, npz, single images
@@ -206,15 +228,122 @@ def test_bad_npz(tmp_path):
     assert "not a readable .npz" in assert_error(garbage, garbage)
 
 
+def quadrants(side, levels):
+    """A (side, side) uint8 square of four flat quadrants: top left, top right, bottom left, bottom right."""
+    q = np.empty((side, side), np.uint8)
+    h = side // 2
+    q[:h, :h], q[:h, h:], q[h:, :h], q[h:, h:] = levels
+    return q
+
+
+def assert_quadrants(img, levels, margin=3):
+    """A 48x48 face that is four flat quadrants of these grey levels, away from the seams (resampling blurs them)."""
+    a, h = img.numpy().astype(int), 24
+    for (rows, cols), level in zip([(slice(0, h - margin), slice(0, h - margin)), (slice(0, h - margin), slice(h + margin, 48)),
+                                    (slice(h + margin, 48), slice(0, h - margin)), (slice(h + margin, 48), slice(h + margin, 48))],
+                                   levels):
+        assert (np.abs(a[rows, cols] - level) <= 1).all(), (level, a[rows, cols].min(), a[rows, cols].max())
+
+
 def test_load_image_any_mode_and_size(tmp_path):
-    save_image(tmp_path / "wide.png", size=(120, 80), mode="RGB", value=90)
-    img = data.load_image(tmp_path / "wide.png")
-    assert img.shape == (48, 48) and img.dtype == torch.uint8 and (img - 90).abs().max() <= 1
+    # a wide and a tall picture: the centre square (four quadrants) is the face, the white margins are cut off
+    levels = (40, 90, 160, 220)
+    for name, size in (("wide.png", (120, 80)), ("tall.png", (80, 120))):
+        canvas = np.full(size[::-1], 255, np.uint8)
+        top, left = (size[1] - 80) // 2, (size[0] - 80) // 2
+        canvas[top:top + 80, left:left + 80] = quadrants(80, levels)
+        Image.fromarray(canvas).convert("RGB").save(tmp_path / name)
+        img = data.load_image(tmp_path / name)
+        assert img.shape == (48, 48) and img.dtype == torch.uint8
+        assert_quadrants(img, levels)
+        assert img.max() < 230  # no margin left in
     (tmp_path / "x.jpg").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="x.jpg"):
         data.load_image(tmp_path / "x.jpg")
     with pytest.raises(ValueError, match="nothere.png"):
         data.load_image(tmp_path / "nothere.png")
+
+
+LEVELS = (0, 85, 170, 255)
+
+
+@pytest.mark.parametrize("mode, fmt", [("I;16", "PNG"), ("I;16B", "TIFF"), ("I", "TIFF"), ("F", "TIFF")])
+def test_load_image_scales_16_bit_and_float_by_the_mode_range(tmp_path, mode, fmt):
+    top = 1.0 if mode == "F" else 65535
+    values = [level / 255 * top for level in LEVELS]
+    values[1] = 1000 / 65535 * top  # a dark 16-bit value that convert("L") would clip to white
+    square = np.empty((48, 48), np.float64)
+    square[:24, :24], square[:24, 24:], square[24:, :24], square[24:, 24:] = values
+    if mode == "F":
+        im = Image.fromarray(square.astype(np.float32))
+    elif mode == "I":
+        im = Image.fromarray(square.round().astype(np.int32))
+    else:
+        im = Image.frombytes(mode, (48, 48), square.round().astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    path = tmp_path / f"deep.{fmt.lower()}"
+    im.save(path, fmt)
+    with Image.open(path) as check:
+        assert check.mode == mode  # the file really opens in the mode under test
+    expected = (0, round(1000 / 257), 170, 255)
+    img = data.load_image(path)
+    assert_quadrants(img, expected, margin=0)
+
+
+def test_load_image_refuses_values_outside_the_mode_range(tmp_path):
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(ValueError, match=r"i32.tif: I image with values 70000..70000, expected 0..65535"):
+        data.load_image(tmp_path / "i32.tif")
+    Image.fromarray(np.full((8, 8), 200.0, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match=r"f.tif: F image with values 200..200, expected 0..1"):
+        data.load_image(tmp_path / "f.tif")
+
+
+GREY_BACKGROUND = round(255 * data.MEAN)  # 129, transparent parts
+
+
+def test_load_image_lays_transparency_on_mean_grey(tmp_path):
+    rgba = np.zeros((48, 48, 4), np.uint8)
+    rgba[:24, :24] = (255, 0, 0, 255)  # opaque red: 0.299 * 255
+    rgba[:24, 24:] = (0, 0, 0, 0)  # transparent black: the background, not black
+    rgba[24:, :24] = (255, 255, 255, 0)  # transparent white: the background, not white
+    rgba[24:, 24:] = (255, 255, 255, 128)  # half-transparent white
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    half = GREY_BACKGROUND + (255 - GREY_BACKGROUND) * 128 / 255
+    assert_quadrants(data.load_image(tmp_path / "rgba.png"), (76, GREY_BACKGROUND, GREY_BACKGROUND, half), margin=0)
+
+    la = np.zeros((48, 48, 2), np.uint8)
+    la[:, :24], la[:, 24:] = (200, 255), (200, 0)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert_quadrants(data.load_image(tmp_path / "la.png"), (200, GREY_BACKGROUND, 200, GREY_BACKGROUND), margin=0)
+
+    # palette: index 0 red, 1 blue, 2 green but transparent (tRNS)
+    p = Image.fromarray(quadrants(48, (0, 1, 2, 0)), "L").convert("P")
+    p.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0])
+    p.save(tmp_path / "p.png", transparency=2)
+    assert_quadrants(data.load_image(tmp_path / "p.png"), (76, 29, GREY_BACKGROUND, 76), margin=0)
+
+
+def test_load_image_palette_cmyk_and_exif_rotation(tmp_path):
+    p = Image.fromarray(quadrants(48, (0, 1, 2, 3)), "L").convert("P")
+    p.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255])  # red, green, blue, white
+    p.save(tmp_path / "p.gif")
+    assert_quadrants(data.load_image(tmp_path / "p.gif"), (76, 150, 29, 255), margin=0)  # ITU-R 601 luma
+
+    cmyk = np.zeros((48, 48, 4), np.uint8)
+    cmyk[:24, :24], cmyk[:24, 24:], cmyk[24:, :24] = (255, 0, 0, 0), (0, 0, 0, 255), (0, 0, 0, 0)  # cyan, black, white
+    cmyk[24:, 24:] = (0, 0, 0, 128)  # half black
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tif")
+    assert_quadrants(data.load_image(tmp_path / "cmyk.tif"), (179, 0, 255, 127), margin=0)
+
+    # stored sideways with EXIF orientation 6 ("rotate 90 degrees clockwise to show"): the stored left column is
+    # the shown top row; a wide stored picture is a tall shown one, so the crop takes its middle rows
+    stored = np.full((48, 80), 200, np.uint8)
+    stored[:, 16:40] = 30  # shown: rows 16..39 of the 80 dark, i.e. the top half of the centre square
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    img = data.load_image(tmp_path / "sideways.jpg").numpy().astype(int)
+    assert np.abs(img[2:20] - 30).max() <= 6 and np.abs(img[28:46] - 200).max() <= 6
 
 # -----------------------------------------------------------------------------
 # synthetic set and load_dataset
@@ -270,6 +399,95 @@ def test_augment_shape_determinism_and_identity():
     mirrored = torch.tensor([torch.allclose(f, r.flip(-1), atol=1e-5) for f, r in zip(flipped, ref)])
     unchanged = torch.tensor([torch.allclose(f, r, atol=1e-5) for f, r in zip(flipped, ref)])
     assert (mirrored | unchanged).all() and mirrored.any() and unchanged.any()
+
+
+def marker(cx, cy, sigma=1.0):
+    """uint8 (48, 48): black with one bright Gaussian dot centred on pixel (cx, cy) (x right, y down)."""
+    yy, xx = np.mgrid[:48, :48]
+    return torch.from_numpy(np.round(255 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))).astype(np.uint8))
+
+
+def dot_centre(img, near, radius):
+    """Centroid (x, y) of the brightness of a normalised (S, S) image within `radius` of `near`, and its mass."""
+    grey = (img * data.STD + data.MEAN).clamp(min=0).double()
+    yy, xx = torch.meshgrid(torch.arange(grey.shape[0]), torch.arange(grey.shape[1]), indexing="ij")
+    w = grey * ((xx - near[0]) ** 2 + (yy - near[1]) ** 2 <= radius ** 2)
+    return ((w * xx).sum() / w.sum()).item(), ((w * yy).sum() / w.sum()).item(), w.sum().item()
+
+
+def where_the_dot_goes(cx, cy, size, angle=0.0, zoom=1.0, shift=(0.0, 0.0), flip_x=1.0, flip_y=1.0):
+    """The documented pose, by hand: mirror, move by shift * 48 px, turn counter-clockwise on screen by angle and
+    scale by zoom about the centre, then resize 48 -> size."""
+    x, y = flip_x * (cx - 23.5) + shift[0] * 48, flip_y * (cy - 23.5) + shift[1] * 48
+    c, s = math.cos(angle), math.sin(angle)
+    x, y = zoom * (c * x + s * y), zoom * (-s * x + c * y)  # y points down: counter-clockwise on screen
+    k = size / 48
+    return (size - 1) / 2 + k * x, (size - 1) / 2 + k * y
+
+
+def one_pose(**kw):
+    pose = {**dict(angle=0.0, zoom=1.0, shift=(0.0, 0.0), flip_x=1.0, flip_y=1.0), **kw}
+    return {k: torch.tensor([v], dtype=torch.float32) for k, v in pose.items()}  # a batch of one
+
+
+@pytest.mark.parametrize("size", (48, 64))
+@pytest.mark.parametrize("pose, moved_to", [
+    (dict(), (33.0, 18.0)),  # identity
+    (dict(angle=math.radians(90)), (18.0, 14.0)),  # a quarter turn counter-clockwise: right of centre -> above it
+    (dict(angle=math.radians(-30)), None),
+    (dict(zoom=1.5), (37.75, 15.25)),  # 1.5 x farther from the centre
+    (dict(zoom=0.8), (31.1, 19.1)),
+    (dict(shift=(0.1, -0.05)), (37.8, 15.6)),  # 0.1 and 0.05 of the 48 px side
+    (dict(flip_x=-1.0), (14.0, 18.0)),
+    (dict(flip_y=-1.0), (33.0, 29.0)),
+    (dict(angle=math.radians(15), zoom=1.2, shift=(-0.08, 0.06), flip_x=-1.0, flip_y=-1.0), None),
+])
+def test_warp_moves_a_dot_where_its_pose_says(size, pose, moved_to):
+    x = marker(33.0, 18.0)[None]  # 9.5 px right of the centre (23.5), 5.5 px above it
+    expected = where_the_dot_goes(33.0, 18.0, size, **pose)
+    if moved_to is not None and size == 48:
+        assert expected == pytest.approx(moved_to, abs=1e-9)  # the hand formula against hand-worked numbers
+    out = data.warp(x, size, **one_pose(**pose))[0, 0]
+    cx, cy, mass = dot_centre(out, expected, radius=6 * size / 48)
+    assert (cx, cy) == pytest.approx(expected, abs=0.1 * size / 48)
+    ref_mass = dot_centre(data.preprocess(x, size)[0, 0], where_the_dot_goes(33.0, 18.0, size), 6 * size / 48)[2]
+    assert mass == pytest.approx(ref_mass * pose.get("zoom", 1.0) ** 2, rel=0.1)  # the whole dot, its area zoomed
+
+
+def test_random_pose_ranges_and_augment_is_its_warp():
+    b, gen = 4000, torch.Generator().manual_seed(0)
+    pose = data.random_pose(b, gen, rotate=20, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False)
+    assert set(pose) == {"angle", "zoom", "shift", "flip_x", "flip_y"} and pose["shift"].shape == (b, 2)
+    for name, lo, hi in (("angle", -math.radians(20), math.radians(20)), ("zoom", 0.8, 1.2), ("shift", -0.1, 0.1)):
+        v = pose[name]
+        assert lo <= v.min() < lo + 0.01 * (hi - lo) and hi - 0.01 * (hi - lo) < v.max() <= hi, name
+        assert v.mean().item() == pytest.approx((lo + hi) / 2, abs=0.02 * (hi - lo)), name
+    assert (pose["flip_x"] == -1).double().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert (pose["flip_y"] == 1).all()  # vflip off
+    assert set(data.random_pose(64, gen, vflip=True)["flip_y"].tolist()) == {-1.0, 1.0}
+    fixed = data.random_pose(64, gen, rotate=0, scale=(1, 1), translate=0, hflip=False)
+    assert (fixed["angle"] == 0).all() and (fixed["zoom"] == 1).all() and (fixed["shift"] == 0).all()
+    x = torch.from_numpy(faces(5))
+    kw = dict(rotate=7, scale=(0.75, 1.25), translate=0.03, vflip=True)
+    torch.testing.assert_close(data.augment(x, 64, torch.Generator().manual_seed(3), **kw),
+                               data.warp(x, 64, **data.random_pose(5, torch.Generator().manual_seed(3), **kw)),
+                               rtol=0, atol=0)
+
+
+def test_augment_moves_dots_as_its_drawn_poses_say():
+    """augment end to end: dots at known places, the official-size ranges, vertical flips on; each dot ends where
+    the pose drawn from the same seed puts it."""
+    spots = [(33.0, 18.0), (14.0, 30.0), (26.0, 13.0), (20.0, 33.0)] * 4
+    x = torch.stack([marker(cx, cy) for cx, cy in spots])
+    kw = dict(rotate=20, scale=(0.8, 1.2), translate=0.1, vflip=True)
+    out = data.augment(x, 64, torch.Generator().manual_seed(7), **kw)
+    pose = data.random_pose(len(x), torch.Generator().manual_seed(7), **kw)
+    for i, (cx, cy) in enumerate(spots):
+        p = {k: v[i].tolist() for k, v in pose.items()}
+        expected = where_the_dot_goes(cx, cy, 64, **p)
+        got = dot_centre(out[i, 0], expected, radius=8)
+        assert got[:2] == pytest.approx(expected, abs=0.15), (i, p)
+    assert {p for p in pose["flip_y"].tolist()} == {-1.0, 1.0} and {p for p in pose["flip_x"].tolist()} == {-1.0, 1.0}
 
 
 def test_preprocess_normalises():

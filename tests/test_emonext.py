@@ -171,6 +171,35 @@ def test_stn_warps_when_theta_is_not_identity():
                                rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ("torch", "fused"))
+def test_stn_grid_math_is_fp32_under_autocast(backend):
+    """Under bf16 autocast theta, the grid and the sampling stay fp32: the identity warp stays exact and any warp
+    is the fp32 model's (bf16 grid coordinates sample up to 0.06 px off at 64 even for the identity)."""
+    k = emonext.kernels
+    if backend == "fused":
+        k = _kernels()
+    if k is not None:
+        k.set_backend(backend)
+    try:
+        m = model("atto", 64, in_chans=1).eval()
+        x = torch.randn(3, 1, 64, 64)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            warped, theta = m.stn(x)
+        assert theta.dtype == torch.float32 and warped.dtype == torch.float32
+        assert torch.equal(theta, torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(3, 2, 3))
+        torch.testing.assert_close(warped, x, rtol=0, atol=1e-4)  # as exact as in fp32 (test_identity_stn_at_init)
+        with torch.no_grad():  # a fixed turn, zoom and shift, none of them a bf16 number
+            m.fc_loc[2].bias.copy_(torch.tensor([0.9553, -0.2955, 0.0123, 0.2955, 0.9553, -0.0371]))
+            ref, ref_theta = m.stn(x)
+            with torch.autocast("cpu", torch.bfloat16):
+                warped, theta = m.stn(x)
+        assert torch.equal(theta, ref_theta)
+        torch.testing.assert_close(warped, ref, rtol=0, atol=1e-5)
+    finally:
+        if k is not None:
+            k.set_backend("auto")
+
+
 def loss_by_hand(m, x, y):
     features = m.forward_features(x)
     logits = features @ m.head.weight.T + m.head.bias
@@ -365,6 +394,87 @@ def test_one_channel_equivalence_through_load_weights():
         torch.testing.assert_close(m3b(grey.repeat(1, 3, 1, 1)), a, rtol=0, atol=1e-5)
 
 
+def official_emonext_tiny_shapes():
+    """Keys and shapes of the official EmoNeXt-T state dict as github.com/yelboudouri/EmoNeXt (models.py) builds it
+    for FER2013 (get_model(7, "tiny"): 224 px, 3 input channels), written out from that code's module structure,
+    independently of emonext.py: localization = Sequential(Conv2d(3, 8, 7), BatchNorm2d(8), MaxPool2d, ReLU,
+    Conv2d(8, 10, 5), BatchNorm2d(10), MaxPool2d, ReLU); fc_loc = Sequential(Linear(10 * 52 * 52, 32), ReLU,
+    Linear(32, 6)); stem = Sequential(Conv2d(3, 96, 4, 4), LayerNorm); downsample i = Sequential(LayerNorm,
+    Conv2d(d, 2d, 2, 2), SELayer(2d) whose fc = Sequential(Linear(2d, 2d // 16, bias=False), ReLU,
+    Linear(2d // 16, 2d, bias=False), Sigmoid)); Block = dwconv, norm, pwconv1, act, pwconv2, gamma,
+    stochastic_depth (no parameters); norm; attention = DotProductSelfAttention (norm, query, key, value); head."""
+    shapes = {"localization.0.weight": (8, 3, 7, 7), "localization.0.bias": (8,),
+              "localization.4.weight": (10, 8, 5, 5), "localization.4.bias": (10,)}
+    for i, c in ((1, 8), (5, 10)):
+        shapes.update({f"localization.{i}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")})
+        shapes[f"localization.{i}.num_batches_tracked"] = ()
+    shapes.update({"fc_loc.0.weight": (32, 27040), "fc_loc.0.bias": (32,), "fc_loc.2.weight": (6, 32),
+                   "fc_loc.2.bias": (6,), "downsample_layers.0.0.weight": (96, 3, 4, 4),
+                   "downsample_layers.0.0.bias": (96,), "downsample_layers.0.1.weight": (96,),
+                   "downsample_layers.0.1.bias": (96,)})
+    for i, (d_in, d_out) in enumerate(((96, 192), (192, 384), (384, 768)), start=1):
+        shapes.update({f"downsample_layers.{i}.0.weight": (d_in,), f"downsample_layers.{i}.0.bias": (d_in,),
+                       f"downsample_layers.{i}.1.weight": (d_out, d_in, 2, 2), f"downsample_layers.{i}.1.bias": (d_out,),
+                       f"downsample_layers.{i}.2.fc.0.weight": (d_out // 16, d_out),
+                       f"downsample_layers.{i}.2.fc.2.weight": (d_out, d_out // 16)})
+    for i, (depth, d) in enumerate(zip((3, 3, 9, 3), (96, 192, 384, 768))):
+        for j in range(depth):
+            b = f"stages.{i}.{j}."
+            shapes.update({b + "dwconv.weight": (d, 1, 7, 7), b + "dwconv.bias": (d,), b + "norm.weight": (d,),
+                           b + "norm.bias": (d,), b + "pwconv1.weight": (4 * d, d), b + "pwconv1.bias": (4 * d,),
+                           b + "pwconv2.weight": (d, 4 * d), b + "pwconv2.bias": (d,), b + "gamma": (d,)})
+    shapes.update({"norm.weight": (768,), "norm.bias": (768,), "attention.norm.weight": (768,),
+                   "attention.norm.bias": (768,), "head.weight": (7, 768), "head.bias": (7,)})
+    for k in ("query", "key", "value"):
+        shapes.update({f"attention.{k}.weight": (768, 768), f"attention.{k}.bias": (768,)})
+    return shapes
+
+
+def meta_state(shapes):
+    return {k: torch.empty(s, device="meta", dtype=torch.long if k.endswith("num_batches_tracked") else None)
+            for k, s in shapes.items()}
+
+
+def test_state_dict_is_the_official_emonext_tiny():
+    official = official_emonext_tiny_shapes()
+    assert len(official) == 14 + 4 + 4 + 3 * 6 + 18 * 9 + 2 + 8 + 2
+    with torch.device("meta"):
+        ours = EmoNeXt.from_size("tiny", img_size=224, in_chans=3).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == official
+
+
+@pytest.mark.parametrize("wrap", ["model", "module.", "_orig_mod."])
+def test_official_tiny_checkpoint_layout_loads_strict(wrap):
+    """A checkpoint in the official layout (the written-out keys, not this model's state dict) loads with nothing
+    missing, unexpected or converted; into a grey model the two input convs are summed over RGB."""
+    sd = meta_state(official_emonext_tiny_shapes())
+    ckpt = {"model": {"model": sd, "epoch": 3}, "module.": {"module." + k: v for k, v in sd.items()},
+            "_orig_mod.": {"ema": {"_orig_mod." + k: v for k, v in sd.items()}}}[wrap]
+    with torch.device("meta"):
+        rgb, grey = EmoNeXt.from_size("tiny", img_size=224, in_chans=3), EmoNeXt.from_size("tiny", img_size=224, in_chans=1)
+    assert load_weights(rgb, ckpt, verbose=False) == {"kind": "emonext", "missing": [], "unexpected": [],
+                                                      "skipped": [], "converted": []}
+    report = load_weights(grey, ckpt, verbose=False)
+    assert sorted(report["converted"]) == ["downsample_layers.0.0.weight: 3 -> 1 input channels",
+                                           "localization.0.weight: 3 -> 1 input channels"]
+    assert not report["missing"] and not report["unexpected"] and not report["skipped"]
+
+
+@pytest.mark.filterwarnings("ignore:for localization.*meta parameter")  # BatchNorm adds its counter to a meta model
+def test_facebookresearch_convnext_tiny_layout_loads():
+    """The ConvNeXt-T ImageNet-1k layout: the official EmoNeXt keys without STN, SE and attention, 1000 classes."""
+    emonext_only = re.compile(r"^(localization|fc_loc|attention)\.|^downsample_layers\.[123]\.2\.")
+    shapes = {k: s for k, s in official_emonext_tiny_shapes().items() if not emonext_only.search(k)}
+    shapes.update({"head.weight": (1000, 768), "head.bias": (1000,)})
+    with torch.device("meta"):
+        m = EmoNeXt.from_size("tiny", img_size=224, in_chans=3)
+    report = load_weights(m, {"model": meta_state(shapes)}, verbose=False)
+    assert report["kind"] == "convnext" and report["unexpected"] == [] and report["converted"] == []
+    assert report["skipped"] == ["head.weight (1000, 768) (model has (7, 768))", "head.bias (1000,) (model has (7,))"]
+    assert sorted(report["missing"]) == sorted([k for k in official_emonext_tiny_shapes() if emonext_only.search(k)]
+                                               + ["head.weight", "head.bias"])
+
+
 def official_state(m):
     return {k: v.clone() for k, v in m.state_dict().items()}
 
@@ -519,6 +629,27 @@ def test_from_checkpoint_rebuilds_a_project_checkpoint():
         assert torch.equal(EmoNeXt.from_checkpoint(ckpt, prefer_ema=False).eval()(x), src(x))
     with pytest.raises(ValueError, match="config does not describe an EmoNeXt"):
         EmoNeXt.from_checkpoint({**ckpt, "config": {**ckpt["config"], "wings": 2}})
+
+
+@pytest.mark.parametrize("drop, add, says", [
+    ("depths", {}, "missing 'depths'"),
+    ("img_size", {}, "missing 'img_size'"),  # would otherwise silently build a 224 px model
+    ("sa_weight", {}, "missing 'sa_weight'"),
+    (None, {"wings": 2}, "unknown 'wings'"),
+    ("dims", {"dim": [40, 80, 160, 320]}, "missing 'dims'; unknown 'dim'"),
+])
+def test_from_checkpoint_names_missing_and_unknown_config_keys(tmp_path, drop, add, says):
+    src = model("atto", 48, in_chans=1)
+    config = {k: v for k, v in emonext.config_dict(src).items() if k != drop}
+    path = tmp_path / "odd.pt"
+    torch.save({"config": {**config, **add}, "model": src.state_dict()}, path)
+    with pytest.raises(ValueError) as e:
+        EmoNeXt.from_checkpoint(str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: its config does not describe an EmoNeXt: {says} (expected exactly depths, dims, ")
+    assert "\n" not in msg
+    with pytest.raises(ValueError, match=rf"^best.pt: .*{says}"):
+        EmoNeXt.from_checkpoint({"config": {**config, **add}, "model": src.state_dict()}, name="best.pt")
 
 
 # -----------------------------------------------------------------------------

@@ -85,6 +85,77 @@ def test_eval_plain_val_split_matches_best_val_acc(run, capsys):
     assert acc_none == pytest.approx(run["results"]["test_acc_none"], abs=1e-12)
 
 
+def test_eval_creates_the_out_dir(run, capsys, tmp_path):
+    out_dir = tmp_path / "new" / "deeper"
+    acc, out = run_eval([run["ckpt"], "--tta", "none", "--out-dir", str(out_dir)], capsys)
+    assert acc == pytest.approx(run["results"]["test_acc_none"], abs=1e-12)
+    assert (out_dir / "confusion_test.png").is_file() and f"picture: {out_dir / 'confusion_test.png'}" in out
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([run["ckpt"], "--out-dir", str(a_file / "sub")])
+    assert str(e.value.code).startswith(f"eval.py: --out-dir {a_file / 'sub'}: cannot create it")
+
+
+def with_args(run, tmp_path, **changes):
+    """A copy of the run's checkpoint whose stored train.py arguments are changed."""
+    ckpt = torch.load(run["ckpt"], weights_only=True)
+    ckpt["args"] = {**ckpt["args"], **changes}
+    path = tmp_path / "moved.pt"
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def test_eval_finds_the_training_data_by_absolute_or_relative_path(run, capsys, tmp_path, monkeypatch):
+    # the data path as train.py got it, absolute or relative to where eval.py runs: both are read
+    acc, _ = run_eval([with_args(run, tmp_path, data=str(run["root"] / "faces.npz")), "--tta", "none"], capsys)
+    assert acc == pytest.approx(run["results"]["test_acc_none"], abs=1e-12)
+    ckpt = with_args(run, tmp_path, data="faces.npz")
+    monkeypatch.chdir(run["root"])
+    acc, _ = run_eval([ckpt, "--tta", "none"], capsys)
+    assert acc == pytest.approx(run["results"]["test_acc_none"], abs=1e-12)
+
+
+@pytest.mark.parametrize("gone", ["ABS", "elsewhere/faces.npz"])
+def test_eval_says_when_the_training_data_is_gone(run, capsys, tmp_path, gone):
+    gone = str(tmp_path / "gone" / "faces.npz") if gone == "ABS" else gone
+    ckpt = with_args(run, tmp_path, data=gone)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([ckpt])
+    msg = str(e.value.code)
+    assert msg.startswith(f"eval.py: {ckpt} was trained on {gone}, which is not there any more") and "\n" not in msg
+    assert msg.endswith("give the data with --data PATH")
+    assert (f"(from {os.getcwd()})" in msg) == (not os.path.isabs(gone))
+    acc, _ = run_eval([ckpt, "--data", str(run["root"] / "faces.npz"), "--tta", "none"], capsys)  # --data still works
+    assert acc == pytest.approx(run["results"]["test_acc_none"], abs=1e-12)
+
+
+def test_eval_after_training_with_skip_bad_rows(tmp_path, capsys):
+    """train.py --skip-bad-rows on a csv with a bad row, then eval.py on its checkpoint: it re-reads the csv the
+    same way (skipping the row) and its ten-crop test accuracy is train.py's own."""
+    d = data.synthetic_faces(n_train=64, n_val=14, n_test=21, seed=5)
+    rows = [f"{c},{' '.join(map(str, f.flatten().tolist()))},{usage}"
+            for usage, split in (("Training", "train"), ("PublicTest", "val"), ("PrivateTest", "test"))
+            for f, c in zip(d[split][0].numpy(), d[split][1].tolist())]
+    rows.insert(30, "9,1 2 3,Training")  # a bad label and too few pixels: line 32 of the file
+    csv_path = tmp_path / "fer2013.csv"
+    csv_path.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    results = train.main(["--data", str(csv_path), "--skip-bad-rows", "--model", "atto", "--img-size", "32",
+                          "--batch-size", "32", "--max-iters", "2", "--warmup", "1", "--out-dir", str(tmp_path / "out"),
+                          "--threads", "1"])
+    torch.set_num_threads(1)
+    assert "skipped 1 bad rows of 100" in capsys.readouterr().out
+    ckpt = str(tmp_path / "out" / "best.pt")
+    acc, out = run_eval([ckpt], capsys)
+    assert "skipped 1 bad rows of 100" in out and "of 21" in out
+    assert acc == pytest.approx(results["test_acc_tencrop"], abs=1e-12)
+    # with --data the reading is the user's choice: strict unless --skip-bad-rows is given
+    with pytest.raises(SystemExit, match=rf"eval.py: {csv_path}, line 32: label '9'"):
+        evaluate.main([ckpt, "--data", str(csv_path)])
+    acc2, _ = run_eval([ckpt, "--data", str(csv_path), "--skip-bad-rows"], capsys)
+    assert acc2 == acc
+
+
 def test_eval_uses_the_ema_weights(run):
     ckpt = torch.load(run["ckpt"], weights_only=True)
     model, args = evaluate.load_model(run["ckpt"], "cpu")
@@ -168,10 +239,30 @@ def test_foreign_and_damaged_checkpoints_get_clear_errors(run, tmp_path):
     with pytest.raises(SystemExit, match="checkpoint not found: .*nothing.pt"):
         evaluate.main([str(tmp_path / "nothing.pt")])
 
+    ckpt = torch.load(run["ckpt"], weights_only=True)
+    del ckpt["config"]["img_size"]
+    no_size = tmp_path / "no_size.pt"
+    torch.save(ckpt, no_size)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(no_size)])
+    assert str(e.value.code).startswith(f"eval.py: {no_size}: its config does not describe an EmoNeXt: missing "
+                                        "'img_size'")
+
     pickled = tmp_path / "pickled.pt"  # arbitrary objects: refused by weights_only, never unpickled
     torch.save({"config": {"depths": [2, 2, 6, 2]}, "obj": io.StringIO}, pickled)
     with pytest.raises(SystemExit, match="pickled.pt: cannot be read"):
         evaluate.main([str(pickled)])
+
+
+def test_readme_checkpoint_example_runs(run):
+    """The README's lines that load a train.py checkpoint and score faces run as written on a fresh checkpoint."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = readme[readme.index('model = EmoNeXt.from_checkpoint("out/best.pt")'):]
+    code = block[:block.index("```")].replace('"out/best.pt"', repr(run["ckpt"]))
+    scope = {"torch": torch, "EmoNeXt": EmoNeXt, "x": torch.randn(8, 1, 224, 224)}  # x as the lines above leave it
+    with torch.no_grad():
+        exec(code, scope)
+    assert scope["probs"].shape == (8, K) and scope["model"].config.img_size == 32
 
 
 def test_confusion_matrix_and_report_by_hand():
