@@ -1,6 +1,6 @@
 """
 Evaluates an EmoNeXt checkpoint: accuracy, per-class precision/recall/F1 and the confusion matrix (text + PNG),
-or the 7 emotion probabilities of face image files.
+or the emotion probabilities of face image files; the classes are the checkpoint's (FER2013's 7 or FER+'s 8).
 
     python eval.py out/best.pt                          # the test split of the data it was trained on, ten-crop
     python eval.py out/best.pt --data ../shared/data/fer2013.npz --split val --tta none
@@ -110,6 +110,14 @@ def load_model(path, device):
     return EmoNeXt.from_checkpoint(ckpt).to(device).eval(), ckpt.get("args", {})
 
 
+def checkpoint_class_names(ckpt, num_classes, path="checkpoint"):
+    """The class names a train.py checkpoint stores; FER2013's 7 for checkpoints from before they were stored."""
+    names = tuple(ckpt.get("class_names") or data.CLASS_NAMES)
+    if len(names) != num_classes:
+        raise ValueError(f"{path}: {len(names)} class names ({', '.join(names)}) for a model of {num_classes} classes")
+    return names
+
+
 def image_files(paths):
     for p in paths:
         if os.path.isdir(p):
@@ -133,10 +141,12 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     try:
-        model, ckpt_args = load_model(args.checkpoint, args.device)
+        ckpt = read_checkpoint(args.checkpoint)
+        model, ckpt_args = load_model(ckpt, args.device)
+        names = checkpoint_class_names(ckpt, model.config.num_classes, args.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"eval.py: {e}")
-    img_size, names = model.config.img_size, data.CLASS_NAMES
+    img_size = model.config.img_size
 
     if args.images:
         files = list(image_files(args.images))
@@ -153,7 +163,10 @@ def main(argv=None):
         return probs
 
     try:
-        splits, description = data.load_dataset(args.data if args.data else ckpt_args.get("data"))
+        # a FER+ model is scored on FER+'s majority labels, from the vote file it was trained with unless --data
+        splits, description = data.load_dataset(args.data or ckpt_args.get("data"),
+                                                 labels=ckpt_args.get("labels", "fer2013"),
+                                                 ferplus=None if args.data else ckpt_args.get("ferplus"))
     except ValueError as e:
         sys.exit(f"eval.py: {e}")
     x, y = splits[args.split]

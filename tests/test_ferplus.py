@@ -1,13 +1,20 @@
-"""FER+ (issue 10): the vote loaders and their joins, the label modes, training and evaluation with 8 classes."""
+"""FER+ (issue 10): the vote loaders and their joins, the label modes, training and evaluation with 8 classes.
+Training runs atto at 32 px on one CPU thread, on synthetic faces with synthetic votes."""
+import io
 import os
+from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
+import eval as evaluate
+import train
 from conftest import FER2013_NPZ
+from emonext import EmoNeXt, config_dict
 
 FERPLUS_CSV = os.path.join(os.path.dirname(FER2013_NPZ), "fer2013new.csv")
 HEADER = "Usage,Image name," + ",".join(data.FERPLUS_COLUMNS)
@@ -215,6 +222,133 @@ def test_draw_labels_follow_the_distribution():
     share = (drawn[0::2] == 1).double().mean().item()
     assert set(drawn[0::2].tolist()) == {1, 2} and 0.72 < share < 0.78, share
     assert torch.equal(drawn, data.draw_labels(dist, torch.Generator().manual_seed(0)))  # seeded: reproducible
+
+# -----------------------------------------------------------------------------
+# training and evaluation with FER+ labels
+
+FER2013_TO_FERPLUS = np.array([4, 5, 6, 1, 3, 2, 0])  # angry, disgust, fear, happy, sad, surprise, neutral
+
+
+@pytest.fixture(scope="module")
+def faces_with_votes(tmp_path_factory):
+    """Synthetic faces in the fer2013.npz layout (csv_index included) and a fer2013new.csv of synthetic votes:
+    7 for the face's expression and 3 spread at random, so some faces have soft targets and no majority."""
+    root = tmp_path_factory.mktemp("ferplus")
+    d = data.synthetic_faces(n_train=256, n_val=48, n_test=48, seed=3)
+    y = torch.cat([d[name][1] for name in ("train", "val", "test")]).numpy()
+    rng = np.random.default_rng(0)
+    votes = rng.multinomial(3, np.full(10, 0.1), len(y))
+    votes[np.arange(len(y)), FER2013_TO_FERPLUS[y]] += 7
+    usage = ["Training"] * 256 + ["PublicTest"] * 48 + ["PrivateTest"] * 48
+    (root / "fer2013new.csv").write_text("\n".join([HEADER] + [f"{u},fer{i:07d}.png,{','.join(map(str, v))}"
+                                                               for i, (u, v) in enumerate(zip(usage, votes))]))
+    arrays, start = {}, 0
+    for name, prefix in (("train", "train"), ("val", "public_test"), ("test", "private_test")):
+        x, yy = d[name]
+        arrays.update({f"{prefix}_x": x.numpy(), f"{prefix}_y": yy.numpy(),
+                       f"{prefix}_csv_index": np.arange(start, start + len(yy))})
+        start += len(yy)
+    np.savez(root / "faces.npz", **arrays)
+    return root
+
+
+def tiny_args(root, labels, max_iters=8, *extra):
+    return ["--data", str(root / "faces.npz"), "--labels", labels, "--model", "atto", "--img-size", "32",
+            "--batch-size", "32", "--max-iters", str(max_iters), "--eval-interval", str(max_iters), "--warmup", "2",
+            "--log-interval", "4", "--out-dir", str(root / f"out-{labels}"), "--threads", "1", *extra]
+
+
+def smoothed_cross_entropy(logits, target, smoothing):
+    """Cross-entropy against a distribution, label smoothing mixed in, written out by hand."""
+    target = (1 - smoothing) * target + smoothing / target.shape[1]
+    return -(target * F.log_softmax(logits.double(), -1)).sum(1).mean()
+
+
+def test_soft_targets_train_with_cross_entropy_against_the_distribution(faces_with_votes):
+    args = train.parse_args(tiny_args(faces_with_votes, "ferplus-soft", 8, "--label-smoothing", "0.1"))
+    with redirect_stdout(io.StringIO()):
+        run = train.setup(args, None)
+    torch.set_num_threads(1)
+    assert run.model.config.num_classes == 8 and run.train_y.dtype == torch.float32
+    run.model.train()
+    losses = []
+    for idx in list(train.epoch_batches(run))[:3]:
+        logits, yb, loss, ce, sa, _ = train.train_step(run, idx)
+        assert torch.equal(yb, run.train_y[idx]) and yb.shape == (32, 8)
+        torch.testing.assert_close(ce.double(), smoothed_cross_entropy(logits.detach(), yb, 0.1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(loss, ce + sa)  # --sa-weight 1
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    # the self-attention term sees the features only: the same with hard and with soft targets
+    run.model.eval()
+    x = data.preprocess(run.train_x[:8], 32)
+    _, _, (_, sa_soft) = run.model(x, run.train_y[:8], loss_parts=True)
+    _, _, (_, sa_hard) = run.model(x, run.train_y[:8].argmax(1), loss_parts=True)
+    assert torch.equal(sa_soft, sa_hard)
+
+
+def test_draw_mode_trains_on_labels_drawn_from_the_votes(faces_with_votes):
+    args = train.parse_args(tiny_args(faces_with_votes, "ferplus-draw"))
+    with redirect_stdout(io.StringIO()):
+        run = train.setup(args, None)
+    torch.set_num_threads(1)
+    idx = next(train.epoch_batches(run))
+    logits, yb, loss, ce, _, _ = train.train_step(run, idx)
+    assert yb.dtype == torch.int64 and yb.shape == (32,)
+    assert (run.train_y[idx].gather(1, yb[:, None]) > 0).all()  # each drawn class has votes
+    torch.testing.assert_close(ce.double(), smoothed_cross_entropy(logits.detach(), F.one_hot(yb, 8).double(), 0.2))
+    run.it = 0  # the same iteration draws the same labels (resume sees the same batches)
+    assert torch.equal(train.train_step(run, idx)[1], yb)
+
+
+def test_accuracy_of_soft_targets_is_against_their_most_voted_class():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    assert train.accuracy(logits, torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.6, 0.3]])) == 0.5
+    assert train.accuracy(logits, torch.tensor([1, 0])) == 1.0
+
+
+def test_ferplus_run_end_to_end_and_eval_shows_8_classes(faces_with_votes, capsys, tmp_path):
+    out = faces_with_votes / "out-ferplus-soft"
+    results = train.main(tiny_args(faces_with_votes, "ferplus-soft", 16))
+    torch.set_num_threads(1)
+    log = capsys.readouterr().out
+    assert "with FER+ labels (ferplus-soft)" in log
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["class_names"] == list(data.FERPLUS_CLASS_NAMES) and ckpt["config"]["num_classes"] == 8
+    assert ckpt["args"]["labels"] == "ferplus-soft"
+
+    # eval.py: the test split with the checkpoint's data, labels and vote file, no flag; majority labels
+    acc = evaluate.main([str(out / "best.pt"), "--tta", "none"])
+    report = capsys.readouterr().out
+    assert acc == pytest.approx(results["test_acc_none"], abs=1e-12)
+    _, test_majority = data.ferplus_targets(data.load_fer2013(faces_with_votes / "faces.npz",
+                                                              ferplus=faces_with_votes / "fer2013new.csv")["test"][1],
+                                            "majority")
+    assert f"of {len(test_majority)}" in report
+    for name in data.FERPLUS_CLASS_NAMES:
+        assert any(line.split()[:1] == [name] for line in report.split("confusion matrix")[0].splitlines())
+    assert report.split("confusion matrix")[1].splitlines()[1].split() == [n[:5] for n in data.FERPLUS_CLASS_NAMES]
+    assert os.path.exists(out / "confusion_test.png")
+
+    face = tmp_path / "face.png"
+    Image.fromarray(data.load_fer2013(faces_with_votes / "faces.npz")["test"][0][0].numpy()).save(face)
+    probs = evaluate.main([str(out / "best.pt"), "--images", str(face)])
+    lines = capsys.readouterr().out.splitlines()
+    assert probs.shape == (1, 8) and lines[0].split() == ["file", "top", *data.FERPLUS_CLASS_NAMES]
+
+
+def test_eval_class_names_of_old_and_bad_checkpoints(tmp_path, capsys):
+    model = EmoNeXt.from_size("atto", img_size=32, in_chans=1)
+    state = {"config": config_dict(model), "ema": model.state_dict(), "args": {"model": "atto"}}
+    face = tmp_path / "face.png"
+    Image.fromarray(faces(1)[0]).save(face)
+    torch.save(state, tmp_path / "old.pt")  # from before checkpoints stored class names: FER2013's 7
+    probs = evaluate.main([str(tmp_path / "old.pt"), "--images", str(face)])
+    assert probs.shape == (1, 7) and capsys.readouterr().out.split()[2:9] == list(data.CLASS_NAMES)
+    torch.save({**state, "class_names": list(data.FERPLUS_CLASS_NAMES)}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(tmp_path / "bad.pt"), "--images", str(face)])
+    assert str(e.value.code).startswith(f"eval.py: {tmp_path / 'bad.pt'}: 8 class names")
 
 # -----------------------------------------------------------------------------
 # the real FER+ file
