@@ -499,6 +499,8 @@ def load_dataset(spec=None, skip_bad_rows=False, labels="fer2013", ferplus=None)
     spec = find_default_data() if spec is None else spec
     if labels not in LABELS:
         raise ValueError(f"labels {labels!r}: expected one of {', '.join(LABELS)}")
+    if labels == "fer2013" and ferplus is not None:
+        raise ValueError(f"{ferplus}: FER+ votes are read only for FER+ labels ({', '.join(LABELS[1:])})")
     if spec == "synthetic":
         if labels != "fer2013":
             raise ValueError(f"synthetic faces have FER2013's 7 classes and no FER+ votes; labels {labels} "

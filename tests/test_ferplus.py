@@ -155,6 +155,7 @@ def test_mismatched_files_are_clear_errors(tmp_path):
     assert_error(data.load_fer2013, tmp_path / "nothing.csv", fer, ferplus=tmp_path / "nothing.csv")
     assert_error(data.load_dataset, "synthetic", "synthetic", labels="ferplus-majority")
     assert_error(data.load_dataset, "labels 'ferplus'", str(fer), labels="ferplus")
+    assert_error(data.load_dataset, ferplus, str(fer), ferplus=str(ferplus))  # votes given without FER+ labels
 
 
 def test_npz_without_or_with_bad_csv_index(tmp_path):
