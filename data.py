@@ -25,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
-CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-# mean and std of the grey levels (scaled to 0..1) over the 28,709 faces of FER2013's Training split
-MEAN, STD = 0.5077, 0.2551
+import emonext
 
-IMG = 48  # FER2013 faces are 48x48 grey
+CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+# mean and std of the grey levels (scaled to 0..1) over FER2013's Training split; emonext.py holds them because
+# the model's config records them (EmoNeXt.predict normalises with them)
+MEAN, STD = emonext.FER2013_MEAN, emonext.FER2013_STD
+
+IMG = emonext.FACE_SIDE  # FER2013 faces are 48x48 grey
 USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -238,8 +241,8 @@ def _load_npz(path):
     return _splits(**parts), csv_rows, None
 
 
-def load_image(path):
-    """Any image file (any size or mode) -> uint8 (48, 48) grey face, prepared like FER2013's crops."""
+def read_grey(path):
+    """Any image file (any size or mode) -> uint8 (H, W) grey array, upright (EXIF orientation applied)."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("L")
@@ -247,11 +250,13 @@ def load_image(path):
         raise ValueError(f"{path}: no such file") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
-    if im.size != (IMG, IMG):
-        side = min(im.size)  # centre square, so faces keep their proportions
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.resize((IMG, IMG), Image.BILINEAR, box=(left, top, left + side, top + side))
-    return torch.from_numpy(np.array(im, dtype=np.uint8))
+    return np.array(im, dtype=np.uint8)
+
+
+def load_image(path):
+    """Any image file (any size or mode) -> uint8 (48, 48) grey face, prepared like FER2013's crops: its centre
+    square resized to 48 (emonext.grey_faces, the transform EmoNeXt.predict applies to arrays)."""
+    return emonext.grey_faces(read_grey(path))[0]
 
 # -----------------------------------------------------------------------------
 # FER+: 10 crowd votes per face over 8 emotions + unknown + not-a-face (NF)
@@ -563,11 +568,9 @@ def augment(x, img_size, generator=None, rotate=20.0, scale=(0.8, 1.2), translat
 
 
 def preprocess(x, img_size):
-    """Eval path: uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size), bilinear resize."""
-    x = x.unsqueeze(1).float() / 255
-    if x.shape[-2:] != (img_size, img_size):
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    return _normalise(x)
+    """Eval path: uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size), bilinear resize (the one
+    definition is emonext.preprocess, which EmoNeXt.predict uses too)."""
+    return emonext.preprocess(x, img_size, MEAN, STD)
 
 
 def ten_crop(x, img_size):

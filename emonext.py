@@ -13,6 +13,7 @@ Usage:
     model = EmoNeXt.from_size("tiny", in_chans=1, img_size=48)
     logits = model(x)                  # x: (N, 1, 48, 48) normalised grey faces
     logits, loss = model(x, targets)   # loss = cross-entropy(label_smoothing) + sa_weight * SA
+    probs = model.predict(faces)       # faces: uint8 grey or RGB images of any size -> (N, num_classes)
 """
 from dataclasses import asdict, dataclass
 
@@ -127,6 +128,10 @@ class BatchSelfAttention(nn.Module):
         return scores.softmax(dim=-1)
 
 
+FACE_SIDE = 48  # FER2013's faces are 48x48 grey: predict() brings faces of other sizes to it first, as eval.py does
+FER2013_MEAN, FER2013_STD = 0.5077, 0.2551  # grey levels (0..1) over the 28,709 faces of FER2013's Training split
+
+
 @dataclass
 class EmoNeXtConfig:
     depths: tuple = (3, 3, 9, 3)
@@ -138,6 +143,8 @@ class EmoNeXtConfig:
     layer_scale_init: float = 1e-6
     label_smoothing: float = 0.2
     sa_weight: float = 1.0        # weight of the self-attention regulariser in the loss
+    pixel_mean: float = FER2013_MEAN  # input normalisation: (grey / 255 - pixel_mean) / pixel_std
+    pixel_std: float = FER2013_STD
 
 
 SIZES = {
@@ -275,6 +282,27 @@ class EmoNeXt(nn.Module):
         loss = ce + self.config.sa_weight * sa
         return (logits, loss, (ce, sa)) if loss_parts else (logits, loss)
 
+    @torch.inference_mode()
+    def predict(self, faces, batch_size: int = 256) -> torch.Tensor:
+        """Emotion probabilities (N, num_classes), on the CPU, of uint8 faces of any size: (H, W) or (N, H, W) grey,
+        (H, W, 3) or (N, H, W, 3) RGB, tensors or numpy arrays, or a list of single faces of different sizes.
+
+        Evaluation's transform, nothing else to set up: `grey_faces` (as eval.py reads image files), then
+        `preprocess` with the config's pixel_mean / pixel_std; eval mode, batch_size faces at a time.
+        """
+        faces = faces if isinstance(faces, (list, tuple)) else _batch_of_faces(faces)
+        was_training, device = self.training, next(self.parameters()).device
+        self.eval()
+        probs = [torch.zeros(0, self.config.num_classes)]
+        try:
+            for start in range(0, len(faces), batch_size):
+                x = grey_faces(faces[start:start + batch_size]).to(device)
+                x = preprocess(x, self.config.img_size, self.config.pixel_mean, self.config.pixel_std)
+                probs.append(self(x).float().softmax(-1).cpu())
+        finally:  # a bad face in a list raises here: the caller's train/eval mode comes back either way
+            self.train(was_training)
+        return torch.cat(probs)
+
 
 # -----------------------------------------------------------------------------
 # loading weights: official EmoNeXt, this project's checkpoints, facebookresearch ConvNeXt ImageNet
@@ -389,3 +417,52 @@ def load_weights(model: EmoNeXt, src, prefer_ema: bool = True, verbose: bool = T
 def config_dict(model: EmoNeXt) -> dict:
     """The model's config as plain numbers and lists, for checkpoints that torch.load(weights_only=True) reads."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
+
+
+# -----------------------------------------------------------------------------
+# faces in: the one definition of evaluation's input transform (data.py, eval.py and EmoNeXt.predict use it)
+
+def _batch_of_faces(faces) -> torch.Tensor:
+    """uint8 (H, W), (N, H, W), (H, W, 3) or (N, H, W, 3) -> a tensor with the batch dimension, (N, H, W[, 3])."""
+    x = faces if isinstance(faces, torch.Tensor) else torch.tensor(faces)  # a copy: arrays may be read-only
+    if x.dtype != torch.uint8:
+        raise ValueError(f"faces must be uint8 grey levels 0..255, got {x.dtype}")
+    if x.ndim in (3, 4) and x.shape[-1] == 4:  # else (H, W, 4) would read as H faces 4 pixels wide
+        raise ValueError(f"faces of shape {tuple(x.shape)} look RGBA: pass faces[..., :3]")
+    rgb = x.ndim in (3, 4) and x.shape[-1] == 3
+    if x.ndim - rgb not in (2, 3) or min(x.shape[x.ndim - rgb - 2:x.ndim - rgb]) == 0:
+        raise ValueError(f"faces must be (H, W) or (N, H, W) grey or (H, W, 3) or (N, H, W, 3) RGB, "
+                         f"got shape {tuple(x.shape)}")
+    return x if x.ndim - rgb == 3 else x[None]
+
+
+def grey_faces(faces) -> torch.Tensor:
+    """uint8 faces of any size (as EmoNeXt.predict takes them) -> uint8 (N, 48, 48) grey faces like FER2013's.
+
+    RGB becomes grey with ITU-R 601-2 weights in PIL's fixed point, so equal to PIL's convert("L"); a non-square
+    face gives its centre square; other sides are resized to 48 (bilinear, antialiased) and rounded to levels.
+    """
+    if isinstance(faces, (list, tuple)):  # faces of different sizes, one at a time
+        return torch.cat([grey_faces(f) for f in faces] or [torch.zeros(0, FACE_SIDE, FACE_SIDE, dtype=torch.uint8)])
+    x = _batch_of_faces(faces)
+    if x.ndim == 4:
+        r, g, b = x.int().unbind(-1)
+        x = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)
+    h, w = x.shape[1:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = x[:, top:top + side, left:left + side]
+    if side == FACE_SIDE:
+        return x
+    x = F.interpolate(x[:, None].float(), size=(FACE_SIDE, FACE_SIDE), mode="bilinear", align_corners=False,
+                      antialias=True)
+    return x[:, 0].round().clamp(0, 255).to(torch.uint8)
+
+
+def preprocess(x, img_size: int, mean: float = FER2013_MEAN, std: float = FER2013_STD) -> torch.Tensor:
+    """uint8 grey faces (B, H, W) -> the model's input (B, 1, img_size, img_size): bilinear resize, then
+    (x / 255 - mean) / std."""
+    x = x.unsqueeze(1).float() / 255
+    if x.shape[-2:] != (img_size, img_size):
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return (x - mean) / std
