@@ -7,6 +7,10 @@ and y an int64 tensor (N,). FER2013's splits map as Training -> train, PublicTes
 PrivateTest -> test (the split papers report). The whole dataset stays in memory as uint8 (83 MB);
 augmentation and normalisation happen later, on whole batches, wherever the model runs.
 
+FER+ (Microsoft's 10-annotator relabelling of the same faces) comes as vote counts, y int64 (N, 10), either joined
+to FER2013 by fer2013.csv row (`ferplus=".../fer2013new.csv"`) or read from Microsoft's FER+ folder tree;
+`ferplus_targets` turns votes into the 8-class majority labels or vote distributions of Barsoum et al. 2016.
+
 Bad input ends in one ValueError whose message starts with the file (and line or row) it is about.
 """
 
@@ -16,6 +20,7 @@ import math
 import os
 import warnings
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,14 +39,23 @@ USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# FER+: the vote columns of fer2013new.csv and label.csv; the first 8 are its classes
+FERPLUS_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt",
+                   "unknown", "NF")
+FERPLUS_CLASS_NAMES = FERPLUS_COLUMNS[:8]
+FERPLUS_FOLDERS = {"FER2013Train": "train", "FER2013Valid": "val", "FER2013Test": "test"}
+# training labels: FER2013's own, or FER+ as majority labels, vote distributions, or a label drawn from the
+# distribution each time a face is seen ("probabilistic label drawing"); val and test are FER+ majority labels
+LABELS = ("fer2013", "ferplus-majority", "ferplus-soft", "ferplus-draw")
 
-def _empty_split():
-    return torch.zeros(0, IMG, IMG, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+
+def _empty_split(label_shape=()):
+    return torch.zeros(0, IMG, IMG, dtype=torch.uint8), torch.zeros(0, *label_shape, dtype=torch.int64)
 
 
-def _splits(**parts):
+def _splits(label_shape=(), **parts):
     """Fill in the splits a source lacks with empty tensors of the right shape and dtype."""
-    return {name: parts.get(name) or _empty_split() for name in ("train", "val", "test")}
+    return {name: parts.get(name) or _empty_split(label_shape) for name in ("train", "val", "test")}
 
 
 def _as_tensors(x, y):
@@ -50,18 +64,36 @@ def _as_tensors(x, y):
 # -----------------------------------------------------------------------------
 # loaders
 
-def load_fer2013(path, skip_bad_rows=False):
-    """Read FER2013 from a csv file, an image-folder tree or an .npz (format chosen from the path)."""
+def load_fer2013(path, skip_bad_rows=False, ferplus=None):
+    """Read FER2013 from a csv file, an image-folder tree or an .npz (format chosen from the path).
+
+    With ferplus (the path of FER+'s fer2013new.csv) each split's y is instead the FER+ vote counts, int64
+    (N, 10) in FERPLUS_COLUMNS order, joined by fer2013.csv row (a csv: its row order; an .npz: its
+    <split>_csv_index arrays); faces FER+ dropped or that cannot be joined are left out, the pixels stay
+    FER2013's. Microsoft's FER+ folder tree (FER2013Train/ ...) always gives vote counts."""
+    return _load_fer2013(path, skip_bad_rows, ferplus)[0]
+
+
+def _load_fer2013(path, skip_bad_rows, ferplus):
+    """(splits, note), the note saying what a FER+ join left out ("" without one)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file or directory")
     if os.path.isdir(path):
-        return _load_folders(path)
+        if is_ferplus_tree(path):
+            if ferplus is not None:
+                raise ValueError(f"{path}: a FER+ folder tree holds its own votes; do not also give {ferplus}")
+            return _load_ferplus_folders(path), ""
+        if ferplus is not None:
+            raise ValueError(f"{path}: image folders do not say which fer2013.csv row each face is, so they cannot "
+                             "be joined with FER+ votes; use fer2013.csv, fer2013.npz or Microsoft's FER+ folders")
+        return _load_folders(path), ""
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty file")
-    if path.lower().endswith(".npz"):
-        return _load_npz(path)
-    return _load_csv(path, skip_bad_rows)
+    splits, csv_rows, n_rows = _load_npz(path) if path.lower().endswith(".npz") else _load_csv(path, skip_bad_rows)
+    if ferplus is None:
+        return splits, ""
+    return _join_ferplus(splits, csv_rows, n_rows, path, os.fspath(ferplus))
 
 
 @contextlib.contextmanager
@@ -73,39 +105,50 @@ def _unparsed_text_is_an_error():
         yield
 
 
-@_unparsed_text_is_an_error()
-def _load_csv(path, skip_bad_rows):
-    """Kaggle fer2013.csv (emotion,pixels,Usage), icml_face_data.csv (same columns, other order, names with
-    leading spaces) and the competition's train.csv (no Usage: all rows are train)."""
+def _read_csv(path):
+    """[(line, fields)] of a csv file's non-empty rows; line is the row's last physical line."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
-            header = [name.strip().lower() for name in next(reader, [])]
-            if not header:
-                raise ValueError(f"{path}: empty file")
-            if "pixels" not in header:
-                raise ValueError(f"{path}, line 1: missing column 'pixels' (header is {','.join(header)!r}; "
-                                 "expected a header like emotion,pixels,Usage)")
-            if "emotion" not in header:
-                raise ValueError(f"{path}: no 'emotion' column, so these faces are unlabelled (like the competition's "
-                                 "test.csv) and cannot be used for training or evaluation; use fer2013.csv, "
-                                 "icml_face_data.csv or train.csv")
-            i_label, i_pixels = header.index("emotion"), header.index("pixels")
-            i_usage = header.index("usage") if "usage" in header else None
-            rows = [(reader.line_num, row) for row in reader if row]  # line_num: the row's last physical line
+            return [(reader.line_num, row) for row in reader if row]
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, expected a csv file") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a text csv file (it does not decode as UTF-8)") from None
     except csv.Error as e:
         raise ValueError(f"{path}, line {reader.line_num}: unreadable csv ({e})") from None
+
+
+@_unparsed_text_is_an_error()
+def _load_csv(path, skip_bad_rows):
+    """Kaggle fer2013.csv (emotion,pixels,Usage), icml_face_data.csv (same columns, other order, names with
+    leading spaces) and the competition's train.csv (no Usage: all rows are train).
+    Returns (splits, the fer2013.csv row of each face per split, the number of data rows)."""
+    rows = _read_csv(path)
+    header_line, header = rows.pop(0) if rows else (1, [])
+    header = [name.strip().lower() for name in header]
+    if not header:
+        raise ValueError(f"{path}: empty file")
+    if "pixels" not in header:
+        raise ValueError(f"{path}, line {header_line}: missing column 'pixels' (header is {','.join(header)!r}; "
+                         "expected a header like emotion,pixels,Usage)")
+    if "emotion" not in header:
+        raise ValueError(f"{path}: no 'emotion' column, so these faces are unlabelled (like the competition's "
+                         "test.csv) and cannot be used for training or evaluation; use fer2013.csv, "
+                         "icml_face_data.csv or train.csv")
+    i_label, i_pixels = header.index("emotion"), header.index("pixels")
+    i_usage = header.index("usage") if "usage" in header else None
     if not rows:
         raise ValueError(f"{path}: no data rows after the header")
 
     # pixels go straight into one uint8 array; np.fromstring parses each 2304-int row in C
     x = np.empty((len(rows), IMG * IMG), dtype=np.uint8)
     y = np.empty(len(rows), dtype=np.int64)
-    split = []  # split name of each kept row
+    split, kept = [], []  # split name and data-row number of each kept row
     bad = []  # (line, reason) of each rejected row
-    for line, row in rows:
+    for i, (line, row) in enumerate(rows):
         reason = None
         if len(row) != len(header):
             reason = f"expected {len(header)} fields, got {len(row)}"
@@ -130,6 +173,7 @@ def _load_csv(path, skip_bad_rows):
             continue
         x[len(split)], y[len(split)] = pixels, int(label)
         split.append(USAGE_TO_SPLIT[usage])
+        kept.append(i)
 
     if bad:
         first_line, first_reason = bad[0]
@@ -139,8 +183,9 @@ def _load_csv(path, skip_bad_rows):
         print(f"{path}: skipped {len(bad)} bad rows of {len(rows)} (first: line {first_line}: {first_reason})")
         if not split:
             raise ValueError(f"{path}: every row is bad, nothing left to load")
-    x, y, split = x[:len(split)].reshape(-1, IMG, IMG), y[:len(split)], np.array(split)
-    return _splits(**{name: _as_tensors(x[split == name], y[split == name]) for name in set(split)})
+    x, y, split, kept = x[:len(split)].reshape(-1, IMG, IMG), y[:len(split)], np.array(split), np.array(kept)
+    splits = _splits(**{name: _as_tensors(x[split == name], y[split == name]) for name in set(split)})
+    return splits, {name: kept[split == name] for name in splits}, len(rows)
 
 
 def _load_folders(path):
@@ -175,16 +220,17 @@ def _load_folders(path):
 
 def _load_npz(path):
     """The arrays of ../shared/data/fer2013.npz: train_*, public_test_* (val), private_test_* (test);
-    test_* (public + private together) stands in for test when the private split is absent."""
+    test_* (public + private together) stands in for test when the private split is absent.
+    Returns (splits, each split's <prefix>_csv_index (None where absent), None: the fer2013.csv size is unknown)."""
     try:
         with np.load(path, allow_pickle=False) as d:
             arrays = {k: d[k] for k in d.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz file ({e})") from None
     prefixes = {"train": "train", "val": "public_test", "test": "private_test" if "private_test_x" in arrays else "test"}
-    parts = {}
+    parts, csv_rows = {}, {}
     for split, prefix in prefixes.items():
-        kx, ky = f"{prefix}_x", f"{prefix}_y"
+        kx, ky, ki = f"{prefix}_x", f"{prefix}_y", f"{prefix}_csv_index"
         if kx not in arrays and ky not in arrays:
             continue
         if kx not in arrays or ky not in arrays:
@@ -197,11 +243,14 @@ def _load_npz(path):
         bad = np.flatnonzero((y < 0) | (y > 6)) if np.issubdtype(y.dtype, np.integer) else np.arange(len(y))
         if len(bad):
             raise ValueError(f"{path}: {ky} row {bad[0]}: label {y[bad[0]]} is not an integer in 0..6")
+        if ki in arrays and (arrays[ki].shape != (len(x),) or not np.issubdtype(arrays[ki].dtype, np.integer)):
+            raise ValueError(f"{path}: {ki} is {arrays[ki].dtype} {arrays[ki].shape}, expected integers ({len(x)},)")
         parts[split] = _as_tensors(x, y)
+        csv_rows[split] = arrays[ki].astype(np.int64) if ki in arrays else None
     if not parts:
         raise ValueError(f"{path}: none of the arrays train_x/y, public_test_x/y, private_test_x/y "
                          f"(found {', '.join(arrays) or 'no arrays'})")
-    return _splits(**parts)
+    return _splits(**parts), csv_rows, None
 
 
 # the top of the range of PIL's 16-bit and float modes (PIL opens 16-bit PNG/TIFF as I;16 or I)
@@ -240,6 +289,146 @@ def load_image(path):
     """Any image file (any size or mode) -> uint8 (48, 48) grey face, prepared like FER2013's crops: its centre
     square resized to 48 (emonext.grey_faces, the transform EmoNeXt.predict applies to arrays)."""
     return emonext.grey_faces(read_grey(path))[0]
+
+# -----------------------------------------------------------------------------
+# FER+: 10 crowd votes per face over 8 emotions + unknown + not-a-face (NF)
+
+class FerPlusVotes(NamedTuple):
+    """fer2013new.csv, one entry per data row (= per fer2013.csv row)."""
+    votes: np.ndarray  # int64 (R, 10), FERPLUS_COLUMNS order
+    split: np.ndarray  # str (R,): train / val / test, from the Usage column
+    dropped: np.ndarray  # bool (R,): FER+ names no image, it dropped the face
+    line: np.ndarray  # int64 (R,): the row's line in the file, for messages
+
+
+def _parse_votes(fields, where):
+    """10 vote fields -> list of ints; anything but a non-negative integer is an error naming `where`."""
+    for name, v in zip(FERPLUS_COLUMNS, fields):
+        if not (v.strip().isascii() and v.strip().isdigit()):
+            raise ValueError(f"{where}: {name} vote {v!r} is not a non-negative integer")
+    return [int(v) for v in fields]
+
+
+def load_ferplus_votes(path):
+    """Microsoft's fer2013new.csv (header Usage,Image name,<FERPLUS_COLUMNS>) -> FerPlusVotes."""
+    path = os.fspath(path)
+    rows = _read_csv(path)
+    expected = ["usage", "image name"] + [c.lower() for c in FERPLUS_COLUMNS]
+    if not rows or [h.strip().lower() for h in rows[0][1]] != expected:
+        got = ",".join(rows[0][1]) if rows else "an empty file"
+        raise ValueError(f"{path}, line 1: not FER+'s header (expected Usage,Image name,{','.join(FERPLUS_COLUMNS)}; "
+                         f"got {got!r})")
+    votes, split, dropped, lines = [], [], [], []
+    for line, row in rows[1:]:
+        if len(row) != 2 + len(FERPLUS_COLUMNS):
+            raise ValueError(f"{path}, line {line}: expected {2 + len(FERPLUS_COLUMNS)} fields, got {len(row)}")
+        if row[0].strip() not in USAGE_TO_SPLIT:
+            raise ValueError(f"{path}, line {line}: Usage {row[0]!r} is not one of Training, PublicTest, PrivateTest")
+        votes.append(_parse_votes(row[2:], f"{path}, line {line}"))
+        split.append(USAGE_TO_SPLIT[row[0].strip()])
+        dropped.append(not row[1].strip())
+        lines.append(line)
+    if not votes:
+        raise ValueError(f"{path}: no data rows after the header")
+    return FerPlusVotes(np.array(votes, dtype=np.int64), np.array(split), np.array(dropped), np.array(lines))
+
+
+def _join_ferplus(splits, csv_rows, n_rows, path, ferplus):
+    """FER2013 splits + the fer2013.csv row of each face -> (vote splits, note on what was left out)."""
+    fp = load_ferplus_votes(ferplus)
+    if n_rows is not None and n_rows != len(fp.votes):
+        raise ValueError(f"{ferplus}: {len(fp.votes)} data rows, but {path} has {n_rows}; FER+ votes join "
+                         "fer2013.csv row by row, so the two files must have the same rows")
+    parts, notes = {}, []
+    for name, (x, _) in splits.items():
+        rows = csv_rows.get(name, np.zeros(0, np.int64))
+        if rows is None:
+            raise ValueError(f"{path}: no csv_index array for its {name} split, so its faces cannot be joined "
+                             "with FER+ votes")
+        if len(rows) and rows.max() >= len(fp.votes):
+            raise ValueError(f"{path}: {name} face {rows.argmax()} is fer2013.csv row {rows.max()}, beyond the "
+                             f"{len(fp.votes)} rows of {ferplus}")
+        joined, r = rows >= 0, rows.clip(min=0)
+        wrong = np.flatnonzero(joined & (fp.split[r] != name))
+        if len(wrong):
+            i = wrong[0]
+            raise ValueError(f"{ferplus}, line {fp.line[r[i]]}: a {fp.split[r[i]]} row, but it is the row of {name} "
+                             f"face {i} of {path}; the two files do not match row for row")
+        keep = joined & ~fp.dropped[r]
+        parts[name] = (x[torch.from_numpy(keep)], torch.from_numpy(fp.votes[r[keep]]))
+        notes.append(f"{name} {int((joined & fp.dropped[r]).sum())} + {int((~joined).sum())}")
+    return parts, (f"FER+ votes from {ferplus}; left out (dropped by FER+ + of unknown fer2013.csv row): "
+                   + ", ".join(notes))
+
+
+def is_ferplus_tree(path):
+    return any(os.path.isdir(os.path.join(path, folder)) for folder in FERPLUS_FOLDERS)
+
+
+def _load_ferplus_folders(path):
+    """Microsoft's FER+ layout: FER2013Train/, FER2013Valid/, FER2013Test/, each with a label.csv of rows
+    `ferXXXXXXX.png,"(x, y, w, h)",<10 votes>` (no header) and those PNGs beside it. The box is not used:
+    the PNGs are FER2013's 48x48 crops (Microsoft's training code uses the whole image too)."""
+    parts = {}
+    for folder, split in FERPLUS_FOLDERS.items():
+        label_csv = os.path.join(path, folder, "label.csv")
+        if not os.path.isdir(os.path.dirname(label_csv)):
+            continue
+        faces, votes = [], []
+        for line, row in _read_csv(label_csv):
+            if len(row) != 2 + len(FERPLUS_COLUMNS):
+                raise ValueError(f"{label_csv}, line {line}: expected {2 + len(FERPLUS_COLUMNS)} fields "
+                                 f"(file name, face box, {len(FERPLUS_COLUMNS)} votes), got {len(row)}")
+            votes.append(_parse_votes(row[2:], f"{label_csv}, line {line}"))
+            faces.append(load_image(os.path.join(path, folder, row[0].strip())))
+        if not faces:
+            raise ValueError(f"{label_csv}: no rows")
+        parts[split] = torch.stack(faces), torch.tensor(votes, dtype=torch.int64)
+    return _splits(label_shape=(len(FERPLUS_COLUMNS),), **parts)
+
+
+def ferplus_targets(votes, mode):
+    """Barsoum et al. 2016's targets from vote counts (N, 10) -> (keep bool (N,), targets of the kept faces).
+
+    Votes of 1 are dropped as outliers first. "majority": int64 (K,) class of the emotion with more than half
+    of the remaining votes; a face without one, or whose majority is unknown / not-a-face, is dropped.
+    "soft": float32 (K, 8) the remaining votes over the 8 emotions, normalised; a face is dropped when no
+    emotion has more votes than unknown and than not-a-face (a tie with either drops it too)."""
+    v = torch.where(votes > 1, votes, 0)
+    if mode == "majority":
+        top, winner = v.max(1)
+        keep = (2 * top > v.sum(1)) & (winner < len(FERPLUS_CLASS_NAMES))
+        return keep, winner[keep]
+    if mode == "soft":
+        emotions = v[:, :len(FERPLUS_CLASS_NAMES)]
+        keep = emotions.max(1).values > v[:, len(FERPLUS_CLASS_NAMES):].max(1).values
+        kept = emotions[keep].float()
+        return keep, kept / kept.sum(1, keepdim=True)
+    raise ValueError(f"unknown FER+ label mode {mode!r}: expected majority or soft")
+
+
+def ferplus_labels(splits, labels):
+    """Vote splits -> (splits with the targets `labels` asks for, note on the faces left out). The train split
+    gets majority labels (ferplus-majority) or vote distributions (ferplus-soft, ferplus-draw); val and test
+    always get majority labels, the protocol FER+ results are reported with."""
+    parts, notes = {}, []
+    for name, (x, votes) in splits.items():
+        mode = "soft" if name == "train" and labels in ("ferplus-soft", "ferplus-draw") else "majority"
+        keep, y = ferplus_targets(votes, mode)
+        parts[name] = x[keep], y
+        notes.append(f"{name} {int((~keep).sum())} ({mode})")
+    return parts, "left out by the label rule: " + ", ".join(notes)
+
+
+def draw_labels(dist, generator=None):
+    """One class per face drawn from its distribution (B, C) -> int64 (B,), on the CPU generator's stream."""
+    return torch.multinomial(dist.cpu(), 1, generator=generator).squeeze(1).to(dist.device)
+
+
+def class_names(labels):
+    """The class names of a LABELS choice: FER2013's 7 or FER+'s 8."""
+    return CLASS_NAMES if labels == "fer2013" else FERPLUS_CLASS_NAMES
+
 
 # -----------------------------------------------------------------------------
 # synthetic faces: the default dataset when FER2013 is not around
@@ -340,13 +529,31 @@ def find_default_data():
     return "synthetic"
 
 
-def load_dataset(spec=None, skip_bad_rows=False):
-    """spec: None (the default data), "synthetic", or a path for load_fer2013. Returns (splits, description)."""
+def load_dataset(spec=None, skip_bad_rows=False, labels="fer2013", ferplus=None):
+    """spec: None (the default data), "synthetic", or a path for load_fer2013; labels: one of LABELS; ferplus:
+    FER+'s fer2013new.csv for the FER+ labels (default: beside spec; not used with FER+'s own folder tree).
+    Returns (splits, description)."""
     spec = find_default_data() if spec is None else spec
+    if labels not in LABELS:
+        raise ValueError(f"labels {labels!r}: expected one of {', '.join(LABELS)}")
+    if labels == "fer2013" and ferplus is not None:
+        raise ValueError(f"{ferplus}: FER+ votes are read only for FER+ labels ({', '.join(LABELS[1:])})")
     if spec == "synthetic":
+        if labels != "fer2013":
+            raise ValueError(f"synthetic faces have FER2013's 7 classes and no FER+ votes; labels {labels} "
+                             "needs FER2013 faces with FER+ votes")
         splits, what = synthetic_faces(), "synthetic faces (built in; put FER2013 at data/fer2013.csv or .npz to use it)"
-    else:
+    elif labels == "fer2013":
         splits, what = load_fer2013(spec, skip_bad_rows), f"FER2013 from {spec}"
+        if splits["train"][1].ndim != 1:
+            raise ValueError(f"{spec}: holds FER+ votes, not FER2013 labels; choose FER+ labels "
+                             f"({', '.join(LABELS[1:])})")
+    else:
+        if ferplus is None and not (os.path.isdir(spec) and is_ferplus_tree(spec)):
+            ferplus = os.path.join(os.path.dirname(os.path.abspath(spec)), "fer2013new.csv")
+        splits, join_note = _load_fer2013(spec, skip_bad_rows, ferplus)
+        splits, label_note = ferplus_labels(splits, labels)
+        what = "; ".join(filter(None, [f"faces from {spec} with FER+ labels ({labels})", join_note, label_note]))
     sizes = " / ".join(f"{name} {len(splits[name][1])}" for name in ("train", "val", "test"))
     return splits, f"{what}: {sizes}"
 

@@ -1,6 +1,6 @@
 """
 Evaluates an EmoNeXt checkpoint: accuracy, per-class precision/recall/F1 and the confusion matrix (text + PNG),
-or the 7 emotion probabilities of face image files.
+or the emotion probabilities of face image files; the classes are the checkpoint's (FER2013's 7 or FER+'s 8).
 
     python eval.py out/best.pt                          # the test split of the data it was trained on, ten-crop
     python eval.py out/best.pt --data ../shared/data/fer2013.npz --split val --tta none
@@ -109,10 +109,12 @@ def save_stn_picture(model, x, img_size, path):
     _save_png(img, path)
 
 
-def load_model(path, device):
-    """(model with the EMA weights when the checkpoint has them, the train.py arguments it was made with)."""
-    ckpt = read_checkpoint(path)
-    return EmoNeXt.from_checkpoint(ckpt, name=path).to(device).eval(), ckpt.get("args", {})
+def load_model(src, device, name=None):
+    """(model with the EMA weights when the checkpoint has them, the train.py arguments it was made with).
+    src: a path or a checkpoint dict; name: what errors call it (default: the path)."""
+    ckpt = read_checkpoint(src)
+    name = name or (src if isinstance(src, str) else None)
+    return EmoNeXt.from_checkpoint(ckpt, name=name).to(device).eval(), ckpt.get("args", {})
 
 
 def data_to_score(args, ckpt_args):
@@ -125,6 +127,14 @@ def data_to_score(args, ckpt_args):
         raise ValueError(f"{args.checkpoint} was trained on {spec}, which is not there any more"
                          f"{'' if os.path.isabs(spec) else f' (from {os.getcwd()})'}; give the data with --data PATH")
     return spec, args.skip_bad_rows or ckpt_args.get("skip_bad_rows", False)
+
+
+def checkpoint_class_names(ckpt, num_classes, path="checkpoint"):
+    """The class names a train.py checkpoint stores; FER2013's 7 for checkpoints from before they were stored."""
+    names = tuple(ckpt.get("class_names") or data.CLASS_NAMES)
+    if len(names) != num_classes:
+        raise ValueError(f"{path}: {len(names)} class names ({', '.join(names)}) for a model of {num_classes} classes")
+    return names
 
 
 def image_files(paths):
@@ -256,10 +266,12 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     try:
-        model, ckpt_args = load_model(args.checkpoint, args.device)
+        ckpt = read_checkpoint(args.checkpoint)
+        model, ckpt_args = load_model(ckpt, args.device, name=args.checkpoint)
+        names = checkpoint_class_names(ckpt, model.config.num_classes, args.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"eval.py: {e}")
-    img_size, names = model.config.img_size, data.CLASS_NAMES
+    img_size = model.config.img_size
 
     if args.images:
         return classify_images(model, args, names)
@@ -270,7 +282,10 @@ def main(argv=None):
     except OSError as e:
         sys.exit(f"eval.py: --out-dir {out_dir}: cannot create it ({e.strerror})")
     try:
-        splits, description = data.load_dataset(*data_to_score(args, ckpt_args))
+        spec, skip_bad_rows = data_to_score(args, ckpt_args)
+        # a FER+ model is scored on FER+'s majority labels, from the vote file it was trained with unless --data
+        splits, description = data.load_dataset(spec, skip_bad_rows, labels=ckpt_args.get("labels", "fer2013"),
+                                                 ferplus=None if args.data else ckpt_args.get("ferplus"))
     except ValueError as e:
         sys.exit(f"eval.py: {e}")
     x, y = splits[args.split]

@@ -6,12 +6,18 @@ Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device. Re
         --layer-scale-init 1 --drop-path 0 --rotate 10 --zoom 0.1 --shift 0.05   # from scratch on a CPU
     python train.py --data data/fer2013.csv --model tiny --img-size 224 --in-chans 3 --amp --compile \\
         --pretrained https://dl.fbaipublicfiles.com/convnext/convnext_tiny_22k_224.pth --lr 1e-4
+    python train.py --data ../shared/data/fer2013.npz --labels ferplus-soft   # FER+ votes (fer2013new.csv beside)
     python train.py --resume --out-dir out               # continue the run saved in out/ckpt.pt
 
 Recipe (the official one where it is sound): AdamW, linear warmup then cosine decay from --lr to --min-lr,
 label smoothing 0.2, drop path 0.1, EMA of the weights, gradient clipping at 1.0, bf16 autocast with --amp.
 Each epoch the EMA weights are scored on the validation split (PublicTest) and the best is kept; at the end the
 best is tested on the test split (PrivateTest) with ten-crop and plain inputs.
+
+FER+ labels (--labels ferplus-*, 8 classes): the train split gets majority labels, the vote distribution as a
+soft target (cross-entropy against it, with --label-smoothing mixed in on top as for hard labels), or a label
+drawn from the distribution each time a face is seen; validation, model selection and the test always use the
+majority labels, the protocol FER+ papers report.
 """
 import argparse
 import copy
@@ -35,6 +41,10 @@ def build_parser():
     p.add_argument("--data", default=None,
                    help="FER2013 csv / npz / image folder, or 'synthetic' (default: data/fer2013.csv or .npz "
                         "under the repo if present, else the synthetic faces)")
+    p.add_argument("--labels", default="fer2013", choices=data.LABELS,
+                   help="FER2013's 7 classes, or FER+'s 8 as majority labels, vote distributions (soft) or labels "
+                        "drawn from them (draw); val and test always use FER+'s majority labels")
+    p.add_argument("--ferplus", default=None, help="FER+'s fer2013new.csv (default: beside --data)")
     p.add_argument("--model", default="atto", choices=list(SIZES))
     p.add_argument("--img-size", type=int, default=64, help="faces are resized from 48 to this side")
     p.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="3 to use RGB ImageNet weights as they are")
@@ -116,7 +126,8 @@ def save_checkpoint(state, path):
 
 
 def accuracy(logits, y):
-    return (logits.argmax(-1) == y).double().mean().item()
+    """Share of argmax predictions equal to y: classes (N,), or the most likely class of distributions (N, C)."""
+    return (logits.argmax(-1) == (y.argmax(-1) if y.ndim == 2 else y)).double().mean().item()
 
 
 def fmt_time(seconds):
@@ -151,7 +162,7 @@ def setup(args, resume):
 
     # data: uint8 faces, kept whole on the device; augmentation happens there, batch by batch
     try:
-        splits, description = data.load_dataset(args.data, args.skip_bad_rows)
+        splits, description = data.load_dataset(args.data, args.skip_bad_rows, args.labels, args.ferplus)
     except ValueError as e:
         sys.exit(f"train.py: {e}")
     print(description)
@@ -165,7 +176,8 @@ def setup(args, resume):
     if args.warmup is None:
         args.warmup = min(iters_per_epoch, max_iters)
 
-    model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans,
+    class_names = data.class_names(args.labels)
+    model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans, num_classes=len(class_names),
                               drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
                               label_smoothing=args.label_smoothing, sa_weight=args.sa_weight)
     if args.pretrained and resume is None:
@@ -177,7 +189,7 @@ def setup(args, resume):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
     run = SimpleNamespace(
-        args=args, device=device, train_x=train_x, train_y=train_y,
+        args=args, device=device, train_x=train_x, train_y=train_y, class_names=class_names,
         val=splits["val"] if len(splits["val"][1]) else splits["test"], test=splits["test"],
         iters_per_epoch=iters_per_epoch, max_iters=max_iters, eval_interval=args.eval_interval or iters_per_epoch,
         model=model, ema_model=ema_model, optimizer=optimizer, it=0, best_acc=-1.0, nonfinite_total=0,
@@ -226,7 +238,9 @@ def train_step(run, idx):
                       scale=(1 - args.zoom, 1 + args.zoom), translate=args.shift, vflip=args.vflip)
     if run.device.type == "cuda":
         xb = xb.contiguous(memory_format=torch.channels_last)
-    yb = run.train_y[idx]
+    yb = run.train_y[idx]  # (B,) classes, or (B, C) distributions for ferplus-soft / ferplus-draw
+    if args.labels == "ferplus-draw":
+        yb = data.draw_labels(yb, gen)
     lr = lr_at(run.it, args, run.max_iters)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -257,7 +271,7 @@ def train_step(run, idx):
 def checkpoint_state(run):
     state = {"config": config_dict(run.model), "model": run.model.state_dict(), "ema": run.ema_model.state_dict(),
              "optimizer": run.optimizer.state_dict(), "iter": run.it, "best_val_acc": run.best_acc,
-             "nonfinite_steps": run.nonfinite_total, "args": vars(run.args), "class_names": list(data.CLASS_NAMES),
+             "nonfinite_steps": run.nonfinite_total, "args": vars(run.args), "class_names": list(run.class_names),
              "rng_cpu": torch.get_rng_state()}
     if run.device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state()
