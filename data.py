@@ -204,6 +204,24 @@ def load_image(path):
         im = im.resize((IMG, IMG), Image.BILINEAR, box=(left, top, left + side, top + side))
     return torch.from_numpy(np.array(im, dtype=np.uint8))
 
+
+def hold_out(splits, fraction, seed):
+    """The splits with a seeded `fraction` of train moved to val, class by class (each class gives
+    round(fraction * its count) faces, so val keeps train's class balance); test is untouched. For sources
+    without a val split (the competition's train.csv, a train-only .npz or folder tree): models are then
+    selected on faces of their own, never on the test split."""
+    x, y = splits["train"]
+    generator = torch.Generator().manual_seed(seed)
+    is_val = torch.zeros(len(y), dtype=torch.bool)
+    for c in y.unique().tolist():
+        faces = torch.nonzero(y == c).flatten()
+        faces = faces[torch.randperm(len(faces), generator=generator)]
+        is_val[faces[:round(fraction * len(faces))]] = True
+    if not is_val.any() or is_val.all():
+        raise ValueError(f"holding out {fraction:g} of {len(y)} training faces, class by class, leaves "
+                         f"{'no val' if not is_val.any() else 'no train'} faces")
+    return {**splits, "train": (x[~is_val], y[~is_val]), "val": (x[is_val], y[is_val])}
+
 # -----------------------------------------------------------------------------
 # synthetic faces: the default dataset when FER2013 is not around
 

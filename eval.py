@@ -154,6 +154,8 @@ def main(argv=None):
 
     try:
         splits, description = data.load_dataset(args.data if args.data else ckpt_args.get("data"))
+        if len(splits["val"][1]) == 0 and "val_fraction" in ckpt_args:  # the val split train.py held out of train
+            splits = data.hold_out(splits, ckpt_args["val_fraction"], ckpt_args["seed"])
     except ValueError as e:
         sys.exit(f"eval.py: {e}")
     x, y = splits[args.split]
