@@ -430,6 +430,25 @@ def class_names(labels):
     return CLASS_NAMES if labels == "fer2013" else FERPLUS_CLASS_NAMES
 
 
+
+def hold_out(splits, fraction, seed):
+    """The splits with a seeded `fraction` of train moved to val, class by class (each class gives
+    round(fraction * its count) faces, so val keeps train's class balance); test is untouched. For sources
+    without a val split (the competition's train.csv, a train-only .npz or folder tree): models are then
+    selected on faces of their own, never on the test split."""
+    x, y = splits["train"]
+    generator = torch.Generator().manual_seed(seed)
+    is_val = torch.zeros(len(y), dtype=torch.bool)
+    classes = y.argmax(-1) if y.ndim == 2 else y  # FER+ soft targets: stratified by their most-voted emotion
+    for c in classes.unique().tolist():
+        faces = torch.nonzero(classes == c).flatten()
+        faces = faces[torch.randperm(len(faces), generator=generator)]
+        is_val[faces[:round(fraction * len(faces))]] = True
+    if not is_val.any() or is_val.all():
+        raise ValueError(f"holding out {fraction:g} of {len(y)} training faces, class by class, leaves "
+                         f"{'no val' if not is_val.any() else 'no train'} faces")
+    return {**splits, "train": (x[~is_val], y[~is_val]), "val": (x[is_val], y[is_val])}
+
 # -----------------------------------------------------------------------------
 # synthetic faces: the default dataset when FER2013 is not around
 

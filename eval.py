@@ -286,6 +286,8 @@ def main(argv=None):
         # a FER+ model is scored on FER+'s majority labels, from the vote file it was trained with unless --data
         splits, description = data.load_dataset(spec, skip_bad_rows, labels=ckpt_args.get("labels", "fer2013"),
                                                  ferplus=None if args.data else ckpt_args.get("ferplus"))
+        if len(splits["val"][1]) == 0 and "val_fraction" in ckpt_args:  # the val split train.py held out of train
+            splits = data.hold_out(splits, ckpt_args["val_fraction"], ckpt_args["seed"])
     except ValueError as e:
         sys.exit(f"eval.py: {e}")
     x, y = splits[args.split]

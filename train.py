@@ -8,11 +8,34 @@ Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device. Re
         --pretrained https://dl.fbaipublicfiles.com/convnext/convnext_tiny_22k_224.pth --lr 1e-4
     python train.py --data ../shared/data/fer2013.npz --labels ferplus-soft   # FER+ votes (fer2013new.csv beside)
     python train.py --resume --out-dir out               # continue the run saved in out/ckpt.pt
+    python train.py --resume --out-dir out --epochs 60   # ... and make it longer (see --epochs)
 
-Recipe (the official one where it is sound): AdamW, linear warmup then cosine decay from --lr to --min-lr,
-label smoothing 0.2, drop path 0.1, EMA of the weights, gradient clipping at 1.0, bf16 autocast with --amp.
-Each epoch the EMA weights are scored on the validation split (PublicTest) and the best is kept; at the end the
-best is tested on the test split (PrivateTest) with ten-crop and plain inputs.
+Each evaluation scores the EMA weights on the validation split (PublicTest; when the data has none, a stratified
+--val-fraction of train held out with --seed) and keeps the best; at the end the best is tested on the test split
+(PrivateTest) with ten-crop and plain inputs.
+
+Defaults, for training from scratch at 64 px: batch 128; AdamW with weight decay 0.05 (none on biases, norms and
+layer scales); lr 2e-3 after one epoch of linear warmup, then one cosine decay to 1e-5 at the last iteration;
+gradient clipping at 1.0; label smoothing 0.2; self-attention weight 1; drop path 0.1; layer scale 1e-6; an EMA
+of the weights with decay 0.999 per step (less over the first steps); augmentation in one affine warp: rotation
+up to 20 degrees, zoom in [0.8, 1.2], shift up to 10% of the side, horizontal flips; bf16 autocast with --amp.
+
+The official code (yelboudouri/EmoNeXt train.py) fine-tunes ImageNet ConvNeXt weights on 224 px RGB copies of
+the faces. It shares label smoothing 0.2, self-attention weight 1, drop path 0.1, layer scale 1e-6, clipping at
+1.0 and ten-crop testing; it differs in
+  - optimisation: batch 32; AdamW with torch's default weight decay 0.01 on every parameter; its scheduler
+    overrides the lr 1e-4 given to AdamW with a cosine with warm restarts (128 steps of warmup to 1e-3, down to
+    0, again every 1024 steps) and training stops after 12 epochs without a better val accuracy; fp16 autocast.
+    Here lr 2e-3 because the weights start from scratch (the README's pilots: 1e-3 and 2e-3 learn, 4e-3 does
+    not; fine-tune with about 1e-4), one decay because the length of a run is set in advance, and ConvNeXt's
+    own weight decay recipe.
+  - EMA: ema_pytorch with decay 0.99 every 16 steps (about 0.9994 per step, a horizon close to 0.999 every
+    step, which is simpler); it saves the best checkpoint by the live weights' val accuracy but tests the EMA
+    as it is when training stops, while here the EMA is what is validated, kept as best and tested.
+  - augmentation: Resize 236, RandomRotation 20, RandomCrop 224 (a shift of at most 6/236, about 2.5%, and no
+    zoom), horizontal and vertical flips. Zoom 0.2 and shift 0.1 here are heavier: a choice of this project,
+    not the official one (in the README's FER2013 pilots from scratch, --rotate 10 --zoom 0.1 --shift 0.05
+    did better). Vertical flips are off (--vflip): FER2013 has no upside-down faces.
 
 FER+ labels (--labels ferplus-*, 8 classes): the train split gets majority labels, the vote distribution as a
 soft target (cross-entropy against it, with --label-smoothing mixed in on top as for hard labels), or a label
@@ -24,6 +47,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from types import SimpleNamespace
@@ -32,12 +56,16 @@ import torch
 
 import data
 import emonext
-from emonext import SIZES, EmoNeXt, config_dict, load_weights
+from emonext import SIZES, EmoNeXt, config_dict, load_weights, read_checkpoint
 from eval import predict, save_stn_picture
 
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows this file's docstring as it is written, then each flag with its default."""
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Train EmoNeXt on FER2013 (or synthetic faces).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=None,
                    help="FER2013 csv / npz / image folder, or 'synthetic' (default: data/fer2013.csv or .npz "
                         "under the repo if present, else the synthetic faces)")
@@ -45,38 +73,50 @@ def build_parser():
                    help="FER2013's 7 classes, or FER+'s 8 as majority labels, vote distributions (soft) or labels "
                         "drawn from them (draw); val and test always use FER+'s majority labels")
     p.add_argument("--ferplus", default=None, help="FER+'s fer2013new.csv (default: beside --data)")
-    p.add_argument("--model", default="atto", choices=list(SIZES))
+    p.add_argument("--model", default="atto", choices=list(SIZES), help="ConvNeXt size")
     p.add_argument("--img-size", type=int, default=64, help="faces are resized from 48 to this side")
     p.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="3 to use RGB ImageNet weights as they are")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=None, help="default: 30 on FER2013, 8 on synthetic faces")
-    p.add_argument("--max-iters", type=int, default=0, help="if > 0, train this many iterations instead of --epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="faces per step")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default: 30 on FER2013, 8 on synthetic faces. With --resume it may change (as may --max-iters "
+                        "and --eval-interval; no other run flag): the cosine decay is then recomputed for the new "
+                        "length, as if the run had started with it, so at the resumed iteration the lr moves from "
+                        "the old curve to the new one (up for a longer run), and the log says by how much")
+    p.add_argument("--max-iters", type=int, default=0,
+                   help="if > 0, train this many iterations instead of --epochs (see --epochs for --resume)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, used exactly as given")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup iterations (default: one epoch)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--label-smoothing", type=float, default=0.2)
+    p.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW's, on weights only (not biases, norms, layer scales)")
+    p.add_argument("--label-smoothing", type=float, default=0.2, help="of the cross-entropy")
     p.add_argument("--sa-weight", type=float, default=1.0, help="weight of the self-attention regulariser")
-    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block")
     p.add_argument("--layer-scale-init", type=float, default=1e-6, help="initial ConvNeXt layer scale (<= 0: none)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="per-iteration decay of the weight EMA")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA; CPUs with AVX512-BF16/AMX)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--kernels", default="auto", help="fused kernels: auto (on CUDA when available), torch, fused")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "fused"),
+                   help="fused kernels: auto (on CUDA when available), torch, fused")
     p.add_argument("--pretrained", default=None, help="ConvNeXt ImageNet or EmoNeXt weights: path or URL")
     p.add_argument("--rotate", type=float, default=20.0, help="augmentation: rotation up to this many degrees")
     p.add_argument("--zoom", type=float, default=0.2, help="augmentation: zoom by a factor in [1 - zoom, 1 + zoom]")
     p.add_argument("--shift", type=float, default=0.1, help="augmentation: shift up to this fraction of the side")
     p.add_argument("--vflip", action="store_true", help="also flip faces vertically in augmentation")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed csv rows (counted) instead of failing")
-    p.add_argument("--out-dir", default="out")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT_DIR/ckpt.pt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="when the data has no val split: this fraction of each class of train is held out as val "
+                        "(drawn with --seed), so the best checkpoint is never chosen on the test split")
+    p.add_argument("--out-dir", default="out", help="ckpt.pt, best.pt, stn.png, results.json")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in OUT_DIR/ckpt.pt, with its run flags (see --epochs)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="of the initial weights, the batches, the augmentation and a held-out val split")
     p.add_argument("--eval-interval", type=int, default=0, help="iterations between evaluations (0: each epoch)")
-    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--log-interval", type=int, default=50, help="iterations between log lines")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     return p
 
 
@@ -86,8 +126,74 @@ RUNTIME_FLAGS = ("compile", "kernels", "out_dir", "resume", "log_interval", "thr
 RUN_ARGS = tuple(a.dest for a in build_parser()._actions if a.dest not in RUNTIME_FLAGS + ("help",))
 
 
+# the run flags a resumed run may change: how long it trains and how often it is evaluated (see --epochs)
+RESUME_MAY_CHANGE = ("epochs", "max_iters", "eval_interval")
+
+# what each numeric flag accepts: (test, what to tell the user); None (a default to be worked out) always passes
+LIMITS = {
+    "img_size": (lambda v: v >= 32, "at least 32 (the model downsamples by 32)"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "max_iters": (lambda v: v >= 0, "0 (train --epochs) or more"),
+    "lr": (lambda v: v > 0, "more than 0"),
+    "min_lr": (lambda v: v >= 0, "0 or more"),
+    "warmup": (lambda v: v >= 0, "0 or more iterations"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "rotate": (lambda v: v >= 0, "0 or more degrees"),
+    "zoom": (lambda v: 0 <= v < 1, "in [0, 1) (faces are scaled by a factor in [1 - zoom, 1 + zoom])"),
+    "shift": (lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the side)"),
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "eval_interval": (lambda v: v >= 0, "0 (each epoch) or more iterations"),
+    "log_interval": (lambda v: v >= 1, "at least 1 iteration"),
+    "max_bad_steps": (lambda v: v >= 1, "at least 1"),
+    "threads": (lambda v: v >= 0, "0 (torch's default) or more"),
+}
+
+
+def flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def check_args(args):
+    """Ends the run with one line naming the flag and what it expects, for a value that cannot work."""
+    for dest, (ok, expected) in LIMITS.items():
+        value = getattr(args, dest)
+        if value is not None and not ok(value):
+            sys.exit(f"train.py: {flag(dest)}: expected {expected}, got {value}")
+    if args.pretrained and not args.pretrained.startswith(("http://", "https://")) \
+            and not os.path.isfile(args.pretrained):
+        sys.exit(f"train.py: --pretrained: no such file {args.pretrained} (expected a checkpoint file or an "
+                 "http(s):// URL)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        sys.exit(f"train.py: --device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"train.py: --device {args.device}: no CUDA GPU is usable here (torch.cuda.is_available() is "
+                 "False); use --device cpu")
+
+
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    if args.data is None:
+        args.data = data.find_default_data()
+    if args.data != "synthetic":
+        args.data = os.path.abspath(args.data)  # the checkpoint then names data that eval.py finds from anywhere
+    if args.ferplus is not None:
+        args.ferplus = os.path.abspath(args.ferplus)
+    return args
+
+
+def given_flags(argv=None):
+    """The dests of the flags written on the command line (argv; None: sys.argv), leaving out the defaults."""
+    p = build_parser()
+    for a in p._actions:
+        a.default = argparse.SUPPRESS  # a flag left out is then left out of the namespace
+    return set(vars(p.parse_args(argv)))
 
 
 def lr_at(it, args, max_iters):
@@ -135,21 +241,71 @@ def fmt_time(seconds):
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
-
 # -----------------------------------------------------------------------------
 # a run: set up, train step by step, evaluate and save, test
 
-def read_resume(args):
-    """The checkpoint to continue from (None for a new run); its run flags replace the command line's."""
+def read_resume(args, argv=None):
+    """The checkpoint to continue from (None for a new run). Its run flags replace the defaults; a run flag given
+    on the command line (argv) must equal the checkpoint's, except the RESUME_MAY_CHANGE ones."""
     if not args.resume:
         return None
     path = os.path.join(args.out_dir, "ckpt.pt")
     if not os.path.exists(path):
         sys.exit(f"train.py: --resume: no checkpoint at {path}")
-    resume = torch.load(path, map_location="cpu", weights_only=True)
-    for k in RUN_ARGS:
-        setattr(args, k, resume["args"][k])
+    try:
+        resume = read_checkpoint(path)
+    except ValueError as e:
+        sys.exit(f"train.py: --resume: {e}")
+    saved = resume.get("args", {})
+    missing = [flag(k) for k in RUN_ARGS if k not in saved]
+    if missing:
+        sys.exit(f"train.py: --resume: {path} lacks the run flags {' '.join(missing)} (written by another version of "
+                 f"train.py?), so its run cannot be continued; start a new run in another --out-dir (--pretrained "
+                 f"{path} starts it from these weights)")
+    given = given_flags(argv) & set(RUN_ARGS)
+    changed = [f"{flag(k)} {getattr(args, k)} (the run has {saved[k]})" for k in sorted(given)
+               if k not in RESUME_MAY_CHANGE and getattr(args, k) != saved[k]]
+    if changed:
+        sys.exit(f"train.py: --resume: {', '.join(changed)}: a resumed run keeps the flags of {path}; only "
+                 f"{', '.join(map(flag, RESUME_MAY_CHANGE))} may change (start a new --out-dir to change others)")
+    if "epochs" in given and "max_iters" not in given and saved["max_iters"] and args.epochs != saved["epochs"]:
+        sys.exit(f"train.py: --resume: --epochs: the length of this run is --max-iters {saved['max_iters']}, which "
+                 "overrides --epochs; change --max-iters, or add --max-iters 0 to count in epochs")
+    for k in set(RUN_ARGS) - (given & set(RESUME_MAY_CHANGE)):
+        setattr(args, k, saved[k])
     return resume
+
+
+def load_data(args):
+    """(splits, description) of --data; when it has no val split, --val-fraction of train is held out as val."""
+    try:
+        splits, description = data.load_dataset(args.data, args.skip_bad_rows, args.labels, args.ferplus)
+    except ValueError as e:
+        sys.exit(f"train.py: {e}")
+    print(description)
+    if len(splits["val"][1]) == 0:
+        try:
+            splits = data.hold_out(splits, args.val_fraction, args.seed)
+        except ValueError as e:
+            sys.exit(f"train.py: --val-fraction: {e}")
+        print(f"no val split: {len(splits['val'][1])} faces ({args.val_fraction:g} of each class of train, drawn with "
+              f"seed {args.seed}) held out of train as val, {len(splits['train'][1])} left to train on; "
+              + ("the test split is kept for the final test" if len(splits["test"][1]) else "there is no test split"))
+    return splits, description
+
+
+def check_resume_length(args, resume, iters_per_epoch, max_iters):
+    """Ends a resume of a finished run with a message; says how a changed length moves the lr schedule."""
+    it, saved = resume["iter"], SimpleNamespace(**resume["args"])
+    if it >= max_iters:
+        sys.exit(f"train.py: --resume: the run in {args.out_dir} is finished ({it} of {max_iters} iterations), nothing "
+                 f"to train; give a larger --epochs or --max-iters to train it longer, or test it with "
+                 f"python eval.py {os.path.join(args.out_dir, 'best.pt')}")
+    saved_max = saved.max_iters or saved.epochs * iters_per_epoch
+    if max_iters != saved_max:
+        print(f"--resume: {saved_max} -> {max_iters} iterations; the cosine decay is recomputed to end at iteration "
+              f"{max_iters}, so the lr at iteration {it} goes from {lr_at(it, saved, saved_max):.3e} to "
+              f"{lr_at(it, args, max_iters):.3e}")
 
 
 def setup(args, resume):
@@ -161,11 +317,7 @@ def setup(args, resume):
     torch.manual_seed(args.seed)
 
     # data: uint8 faces, kept whole on the device; augmentation happens there, batch by batch
-    try:
-        splits, description = data.load_dataset(args.data, args.skip_bad_rows, args.labels, args.ferplus)
-    except ValueError as e:
-        sys.exit(f"train.py: {e}")
-    print(description)
+    splits, description = load_data(args)
     train_x, train_y = (t.to(device) for t in splits["train"])
     if args.epochs is None:
         args.epochs = 8 if args.data == "synthetic" or description.startswith("synthetic") else 30
@@ -175,13 +327,19 @@ def setup(args, resume):
     max_iters = args.max_iters or args.epochs * iters_per_epoch
     if args.warmup is None:
         args.warmup = min(iters_per_epoch, max_iters)
+    if resume is not None:
+        check_resume_length(args, resume, iters_per_epoch, max_iters)
 
     class_names = data.class_names(args.labels)
     model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans, num_classes=len(class_names),
                               drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
                               label_smoothing=args.label_smoothing, sa_weight=args.sa_weight)
     if args.pretrained and resume is None:
-        load_weights(model, args.pretrained)
+        try:
+            load_weights(model, args.pretrained)
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # unreachable, unreadable, foreign
+            where = "" if args.pretrained in str(e) else f"{args.pretrained}: "
+            sys.exit(f"train.py: --pretrained: {where}{e}")
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -190,7 +348,7 @@ def setup(args, resume):
                                   fused=device.type == "cuda")
     run = SimpleNamespace(
         args=args, device=device, train_x=train_x, train_y=train_y, class_names=class_names,
-        val=splits["val"] if len(splits["val"][1]) else splits["test"], test=splits["test"],
+        val=splits["val"], test=splits["test"],
         iters_per_epoch=iters_per_epoch, max_iters=max_iters, eval_interval=args.eval_interval or iters_per_epoch,
         model=model, ema_model=ema_model, optimizer=optimizer, it=0, best_acc=-1.0, nonfinite_total=0,
         bad_in_a_row=0, ckpt_path=os.path.join(args.out_dir, "ckpt.pt"),
@@ -320,7 +478,7 @@ def final_test(run):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = setup(args, read_resume(args))
+    run = setup(args, read_resume(args, argv))
     run.model.train()
     t_log, it_log = time.time(), run.it
     while run.it < run.max_iters:
