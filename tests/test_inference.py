@@ -260,8 +260,10 @@ def test_eval_predict_runs_the_fast_path_and_folds_nothing_in_place(faces, tta):
 
 
 @pytest.mark.parametrize("flags,kwargs", [([], {"channels_last": False, "compile": False}),
-                                          (["--channels-last"], {"channels_last": True, "compile": False})])
+                                          (["--channels-last"], {"channels_last": True, "compile": False}),
+                                          (["--compile"], {"channels_last": False, "compile": True})])
 def test_eval_main_scores_a_for_inference_copy(tmp_path, monkeypatch, capsys, flags, kwargs):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # inductor takes minutes: the flag's wiring only
     m = trained_looking("atto", 32)
     d = data.synthetic_faces(n_train=8, n_val=4, n_test=10, seed=5)
     npz = tmp_path / "faces.npz"
