@@ -14,8 +14,10 @@ Usage:
     logits = model(x)                  # x: (N, 1, 48, 48) normalised grey faces
     logits, loss = model(x, targets)   # loss = cross-entropy(label_smoothing) + sa_weight * SA
     probs = model.predict(faces)       # faces: uint8 grey or RGB images of any size -> (N, num_classes)
+    fast = model.for_inference()       # an eval copy for serving: options channels_last=, compile=
 """
 import contextlib
+import copy
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -28,6 +30,41 @@ try:  # optional fused ops; absent when this file is copied alone
         kernels = None
 except ImportError:
     kernels = None
+
+
+class InputConv2d(nn.Conv2d):
+    """The convs that see the model's input (the stem's, the localization net's first). They also take grey (N, 1, H, W)
+    input to an RGB model: the weights summed over the channels give what that image repeated over the channels
+    gives, at 1/in_channels of the work. The model's reference path (training, gradients) repeats the image."""
+
+    def weight_for(self, x):
+        return self.weight.sum(1, keepdim=True) if x.shape[1] == 1 < self.in_channels else self.weight
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight_for(x), self.bias)
+
+
+def max_pool2_relu(x):
+    """relu(max_pool2d(x, 2, stride=2)) as the maximum of the four strided views: the same numbers (NaN included),
+    and on CPU far cheaper than max_pool2d, which computes argmax indices and is slow for these small channel counts."""
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor mode: an odd last row/column is left out
+    y = torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2])
+    torch.maximum(y, x[..., 1:h:2, 0:w:2], out=y)
+    torch.maximum(y, x[..., 1:h:2, 1:w:2], out=y)
+    return y.clamp_min_(0)
+
+
+def localization_folded(localization, x):
+    """The STN's localization net (conv, BatchNorm, max pool, ReLU, twice) as eval mode computes it, with less work:
+    eval-mode BatchNorm is a per-channel affine map y = (z - mean) * s + beta, s = gamma / sqrt(var + eps), so it
+    folds into the conv before it: weight * s, (bias - mean) * s + beta (the same numbers up to float rounding)."""
+    conv0, bn0, _, _, conv1, bn1, _, _ = localization
+    for conv, bn in ((conv0, bn0), (conv1, bn1)):
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = conv.weight_for(x) if isinstance(conv, InputConv2d) else conv.weight
+        x = max_pool2_relu(conv._conv_forward(x, weight * scale[:, None, None, None],
+                                              (conv.bias - bn.running_mean) * scale + bn.bias))
+    return x
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -199,14 +236,14 @@ class EmoNeXt(nn.Module):
 
         # Spatial transformer: a small CNN regresses a 2x3 affine matrix that warps the input
         self.localization = nn.Sequential(
-            nn.Conv2d(c, 8, kernel_size=7), nn.BatchNorm2d(8), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
+            InputConv2d(c, 8, kernel_size=7), nn.BatchNorm2d(8), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
             nn.Conv2d(8, 10, kernel_size=5), nn.BatchNorm2d(10), nn.MaxPool2d(2, stride=2), nn.ReLU(True))
         s = _stn_feature_side(config.img_size)
         self.fc_loc = nn.Sequential(nn.Linear(10 * s * s, 32), nn.ReLU(True), nn.Linear(32, 6))
 
         # ConvNeXt: stem (conv 4x4/4 + LN), then 3 x (LN + conv 2x2/2 + SE) between the 4 stages
-        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(c, dims[0], kernel_size=4, stride=4),
-                                                              LayerNorm2d(dims[0], eps=1e-6))])
+        stem = nn.Sequential(InputConv2d(c, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
+        self.downsample_layers = nn.ModuleList([stem])
         for i in range(3):
             self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6),
                                                         nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2),
@@ -271,11 +308,17 @@ class EmoNeXt(nn.Module):
             raise ValueError(f"EmoNeXt expects input of shape (N, {c}, {s}, {s})"
                              f"{' or (N, 1, %d, %d)' % (s, s) if c != 1 else ''}, got {tuple(x.shape)}")
 
+    def _fast_eval(self) -> bool:
+        """Eval mode without autograd (predict, eval.py, torch.inference_mode): the STN's BatchNorms are folded into
+        its convs and grey input to an RGB model stays one channel, the same logits up to float rounding for less
+        work. Training and anything taking gradients run the reference layers, exactly as trained."""
+        return not (self.training or torch.is_grad_enabled())
+
     def stn(self, x):
         """Warps x by the affine matrix the localization net regresses from it. Returns (warped x, theta (N,2,3)).
         theta and the sampling run in the weights' precision (fp32) even under autocast: with bf16 grid coordinates
         even the identity warp samples off the pixels (by up to 0.06 px at 64, 0.2 px at 224)."""
-        xs = self.localization(x).flatten(1)
+        xs = (localization_folded(self.localization, x) if self._fast_eval() else self.localization(x)).flatten(1)
         with _autocast_off(x.device):
             theta = self.fc_loc(xs.to(self.fc_loc[0].weight.dtype)).view(-1, 2, 3)
             xt = x.to(theta.dtype)
@@ -289,7 +332,8 @@ class EmoNeXt(nn.Module):
     def forward_features(self, x):
         """(N, C, H, W) input -> (N, dims[-1]) pooled, normalised features."""
         self._check_input(x)
-        x = x.expand(-1, self.config.in_chans, -1, -1)  # grey input to an RGB model: a view, no copy
+        if not self._fast_eval():  # else grey input to an RGB model stays one channel: see InputConv2d
+            x = x.expand(-1, self.config.in_chans, -1, -1)  # grey input to an RGB model: a view, no copy
         x, _ = self.stn(x)
         for downsample, stage in zip(self.downsample_layers, self.stages):
             x = stage(downsample(x))
@@ -307,13 +351,37 @@ class EmoNeXt(nn.Module):
         loss = ce + self.config.sa_weight * sa
         return (logits, loss, (ce, sa)) if loss_parts else (logits, loss)
 
+    def for_inference(self, channels_last: bool = False, compile: bool = False) -> "EmoNeXt":
+        """A copy of this model ready for fast inference: eval mode, no gradients. This model is left as it is.
+
+        The fast path itself is eval mode under torch.inference_mode() or torch.no_grad() (see `_fast_eval`), which
+        `model.eval()` alone also gets: it folds in each forward and changes no weight, so the copy's state dict is
+        this model's (same keys, same values) and saving it saves this model, never folded weights.
+
+        Args:
+            channels_last (bool): conv weights in channels-last memory format (the ConvNeXt stages already run
+                channels-last after the stem's LayerNorm2d; this changes the STN's and the stem's convs: measure).
+            compile (bool): compile the copy (torch.compile, inductor, weight freezing): its weights become
+                constants of the compiled code, so changes to them after the first call are not seen. Compiling
+                takes minutes on a small CPU, and may happen again for each new batch size.
+        """
+        model = copy.deepcopy(self).eval().requires_grad_(False)
+        model.zero_grad()  # the copy keeps no gradients
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if compile:
+            model.compile(options={"freezing": True})
+        return model
+
     @torch.inference_mode()
     def predict(self, faces, batch_size: int = 256) -> torch.Tensor:
         """Emotion probabilities (N, num_classes), on the CPU, of uint8 faces of any size: (H, W) or (N, H, W) grey,
         (H, W, 3) or (N, H, W, 3) RGB, tensors or numpy arrays, or a list of single faces of different sizes.
 
         Evaluation's transform, nothing else to set up: `grey_faces` (as eval.py reads image files), then
-        `preprocess` with the config's pixel_mean / pixel_std; eval mode, batch_size faces at a time.
+        `preprocess` with the config's pixel_mean / pixel_std; eval mode, batch_size faces at a time. Eval mode
+        under inference mode is the fast path (see `_fast_eval`); call it on `for_inference(compile=True)` to serve
+        many calls from compiled code.
         """
         faces = faces if isinstance(faces, (list, tuple)) else _batch_of_faces(faces)
         was_training, device = self.training, next(self.parameters()).device

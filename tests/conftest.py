@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -21,3 +23,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def run_emonext_alone(tmp_path):
+    """run(script) runs a Python script in tmp_path beside a copy of emonext.py and nothing else of the repo (no
+    PYTHONPATH; the folder is its sys.argv[1]) and returns its stdout; a failing script fails the test with its stderr."""
+    shutil.copy(os.path.join(ROOT, "emonext.py"), tmp_path / "emonext.py")
+
+    def run(script):
+        (tmp_path / "run.py").write_text(script)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([sys.executable, "run.py", str(tmp_path)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+    return run
+
+
+def one_graph_code(fn, *args):
+    """The code of the one graph torch.compile would make of fn(*args), asserting that it traces without graph
+    breaks (dynamo only: no inductor, seconds)."""
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(fn)(*args)
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    return "\n".join(g.code for g in explanation.graphs)

@@ -7,8 +7,6 @@ The big sizes (tiny ... xlarge) are built and run on the meta device: shapes and
 import ast
 import os
 import re
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import emonext
+from conftest import one_graph_code
 from emonext import SIZES, EmoNeXt, load_weights
 
 SMALL = ("atto", "femto", "pico", "nano")
@@ -706,18 +705,12 @@ print("ok")
 """
 
 
-def test_works_when_copied_alone(tmp_path):
+def test_works_when_copied_alone(tmp_path, run_emonext_alone):
     src = scramble(model("atto", 48, in_chans=1)).eval()
     x, y = torch.randn(3, 1, 48, 48), torch.tensor([0, 2, 6])
     torch.save({"config": emonext.config_dict(src), "model": src.state_dict(), "x": x, "y": y},
                tmp_path / "ckpt.pt")
-    shutil.copy(os.path.join(REPO, "emonext.py"), tmp_path / "emonext.py")
-    (tmp_path / "run.py").write_text(COPY_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "run.py", str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "ok"
+    assert run_emonext_alone(COPY_SCRIPT).strip() == "ok"
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     with torch.no_grad():
         logits, loss = src(x, y)
@@ -773,13 +766,5 @@ def test_compile_with_fused_ops_has_no_graph_breaks(kernels_backend):
     k = kernels_backend
     k.set_backend("fused")
     m = model("atto", 32, in_chans=1).eval()
-    x = torch.randn(2, 1, 32, 32)
-    torch._dynamo.reset()
-    try:
-        explanation = torch._dynamo.explain(m)(x)
-    finally:
-        torch._dynamo.reset()
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
-    code = "\n".join(g.code for g in explanation.graphs)
+    code = one_graph_code(m, torch.randn(2, 1, 32, 32))
     assert "emonext.dwconv_layernorm" in code and "emonext.affine_sample" in code
