@@ -128,7 +128,10 @@ def ceilings(args) -> dict:
 
 
 def fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    """Floats to 3 significant digits, but whole thousands (2950 GB/s, not 2.95e+03)."""
+    if isinstance(v, float):
+        return f"{v:.0f}" if 1e3 <= abs(v) < 1e6 else f"{v:.3g}"
+    return str(v)
 
 
 def markdown(rows) -> str:

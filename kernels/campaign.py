@@ -3,6 +3,7 @@
     python -m kernels.campaign fer2013 --out OUT --seconds 240     # stage e: FER2013 from scratch, then PrivateTest
     python -m kernels.campaign fer2013 --out OUT --seconds 60 --dry-run   # the same on tiny synthetic faces
     python -m kernels.campaign summary OUT                          # the final table; exit 1 if a stage failed
+    python -m kernels.campaign tables OUT                           # every stage's rows, for BENCHMARKS.md
 
 Stage e trains README's CPU recipe (EmoNeXt-atto, 64 px, fp32, eager) unchanged but for the epoch count, so its
 accuracy reads against the CPU run's (67.79% ten-crop after 42 epochs). Its time budget is kept from outside
@@ -11,6 +12,7 @@ the real run is proven on this machine first) measures the step, the evaluation 
 run gets the most epochs (at most the recipe's 42) that fit the stage's seconds with a 10% margin.
 """
 import argparse
+import glob
 import json
 import lzma
 import math
@@ -200,6 +202,16 @@ def summary(out: str) -> int:
     return int(failed > 0)
 
 
+def tables(out: str) -> None:
+    """Every stage's rows as markdown tables, one per section, for BENCHMARKS.md."""
+    from kernels.bench import markdown
+    for path in sorted(glob.glob(os.path.join(out, "[a-e]_*.jsonl"))):
+        rows = read_rows(path)
+        for section in dict.fromkeys(r["section"] for r in rows):
+            picked = [{k: v for k, v in r.items() if k != "section"} for r in rows if r["section"] == section]
+            print(f"### {os.path.basename(path)}: {section}\n\n{markdown(picked)}\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -207,11 +219,13 @@ def main(argv=None):
     e.add_argument("--out", required=True)
     e.add_argument("--seconds", type=float, required=True, help="the stage's time limit")
     e.add_argument("--dry-run", action="store_true")
-    s = sub.add_parser("summary", help="the final table")
-    s.add_argument("out")
+    for name, what in (("summary", "the final table"), ("tables", "every stage's rows as markdown tables")):
+        sub.add_parser(name, help=what).add_argument("out")
     opts = p.parse_args(argv)
     if opts.command == "fer2013":
         fer2013(opts)
+    elif opts.command == "tables":
+        tables(opts.out)
     else:
         sys.exit(summary(opts.out))
 

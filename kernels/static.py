@@ -135,9 +135,10 @@ def sampler_rows(table) -> bool:
         subprocess.run(["nvcc", *sampler.NVCC_FLAGS, "-arch=sm_90", "-c", os.path.join(CSRC, "affine_sampler.cu"),
                         "-o", obj], capture_output=True, text=True, check=True)
         usage = cuobjdump(obj)
-    for name, use in sorted(usage.items(), key=lambda item: _KERNEL.search(item[0]).groups()):
-        kernel, dtype = _KERNEL.search(name).groups()
-        table.add({"kernel": kernel, "dtype": _TYPES[dtype], **usage_row(use, 0, threads)})
+    found = {(kernel, _TYPES[code]): use for kernel, code, use in
+             ((*_KERNEL.search(name).groups(), use) for name, use in usage.items())}
+    for (kernel, dtype), use in sorted(found.items(), key=lambda item: item[0]):
+        table.add({"kernel": kernel, "dtype": dtype, **usage_row(use, 0, threads)})
     return True
 
 

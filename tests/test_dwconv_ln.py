@@ -71,7 +71,7 @@ def test_triton_matches_reference(N, C, H, W, dtype, layout):
 
 
 @pytest.fixture
-def cuda_tiles(monkeypatch):
+def gpu_tiles(monkeypatch):
     """CUDA's tile policy (2-D tiles, not the interpreter's whole rows) with a tile budget of 512 values, so that
     tiny shapes get the tile grids, weight-gradient bands and channel blocks the ConvNeXt shapes get on a GPU."""
     monkeypatch.setattr(dwconv_ln, "_FULL_ROW_TILES", False)
@@ -86,7 +86,7 @@ def cuda_tiles(monkeypatch):
     (136, 3, 5, torch.bfloat16, [(1, 4), (1, 4), (2, 8)]),  # 3 x 2 tiles; dx: 2 channel blocks (the second
     #                                                          masked), dw: 2 bands, 5 channel blocks
 ])
-def test_triton_with_cuda_tiles_matches_reference(cuda_tiles, C, H, W, dtype, tiles):
+def test_triton_with_gpu_tiles_matches_reference(gpu_tiles, C, H, W, dtype, tiles):
     block_c = dwconv_ln.triton.next_power_of_2(C)
     assert [dwconv_ln._tile(H, W, bc)[:2] for bc in (block_c, min(block_c, 128), 32)] == tiles
     x, params, dy = make_inputs(1, C, H, W, dtype, "channels_last", device=DEV)

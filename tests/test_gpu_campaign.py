@@ -160,6 +160,16 @@ def test_summary_fails_a_stage_that_did_not_deliver(tmp_path, capsys, rc, rows, 
     assert f"| c kernels | {verdict} |" in capsys.readouterr().out
 
 
+def test_tables_print_each_sections_rows(tmp_path, capsys):
+    write_stage(tmp_path, "a", "env", 0, [ENV])
+    write_stage(tmp_path, "d", "train", 0, TRAIN)
+    campaign.tables(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "### a_env.jsonl: env\n\n| device | copy GB/s | matmul TFLOP/s |\n|---|---|---|\n" \
+           "| NVIDIA H100 80GB HBM3 | 2950 | 701 |" in out
+    assert "| tiny@224 | 128 | eager | 1100 |" in out
+
+
 def test_summary_without_any_stage(tmp_path, capsys):
     assert campaign.summary(str(tmp_path)) == 1
     assert "no stage ran" in capsys.readouterr().out
