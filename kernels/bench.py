@@ -1,27 +1,60 @@
-"""The hand-written kernels against eager PyTorch and torch.compile of the same PyTorch reference.
+"""Benchmarks of the hand-written kernels and of whole training and inference steps, read against a performance model.
 
-    python -m kernels.bench                 # every section, full shapes
+    python -m kernels.bench                                  # the kernel sections (CUDA; on a CPU: eager vs compile)
     python -m kernels.bench --only dwconv --quick
+    python -m kernels.bench --only train --only infer --sizes atto,tiny --img-sizes 64,224 --threads 1,2 --batch 64
+    python -m kernels.bench --floors                         # the performance model's table; times nothing
 
-Each section is a function `bench_<name>(args) -> rows` (one dict per case); `main` prints one markdown table
-per section. Times are medians of triton.testing.do_bench (CUDA) or of a wall-clock loop (CPU). GB/s counts
-the minimum bytes an op must move (stated per section) over the measured time; % is of the device's peak
-memory bandwidth (--peak-gbs, by default the datasheet value for known GPUs, else a measured device copy).
-Without a GPU it says so and times what the CPU can: eager against torch.compile at a small batch.
+Sections (--only, in the order given):
+    env          device, versions and two measured ceilings: a 1 GiB device copy (GB/s, bytes read + written) and
+                 an 8192^3 bf16 matmul (TFLOP/s)
+    dwconv       fused depthwise 7x7 conv + LayerNorm vs eager and torch.compile of its reference, fwd and fwd+bwd,
+                 the ConvNeXt-T stage shapes (dwconv_fp32: the same in float32)
+    sampler      the fused STN sampler vs eager and torch.compile of affine_grid + grid_sample
+    train/infer  a training step / an inference batch of whole models: the official code's layout (OfficialEmoNeXt,
+                 below) and this project's EmoNeXt eager, with the fused kernels, compiled, compiled with them
+Kernel rows carry the performance model's floor: the minimum bytes at the copy bandwidth or the FMAs at the fp32
+FMA rate, whichever takes longer, and the fused time as % of it (100% = at the floor). The rates are the device's
+measured copy and its FMA rate (SMs x fp32 lanes x max clock) on CUDA, the H100 figures below for --floors. Times
+are medians of triton.testing.do_bench (CUDA) or of a wall-clock loop (CPU). Rows print as markdown lines as they
+finish, so a killed run keeps what it measured; --jsonl also appends each row to a file.
 """
 import argparse
+import copy
+import json
 import os
+import subprocess
 import sys
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 if __package__ in (None, ""):  # `python kernels/bench.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import kernels  # noqa: E402
+from emonext import SIZES, EmoNeXt, _stn_feature_side, load_weights  # noqa: E402
 from kernels import dwconv_ln, sampler  # noqa: E402
 
-DATASHEET_GBS = {"H100": 3350, "H200": 4800, "A100": 2039}  # SXM parts; a PCIe H100 is ~2000: pass --peak-gbs
+# The performance model's rates for an H100 SXM5, used by --floors (a CUDA run uses its own device's):
+H100_BYTES_PER_S = 3.0e12  # 3.35 TB/s HBM3 on the datasheet, of which a device-to-device copy reaches about 90%
+H100_FMA_PER_S = 132 * 128 * 1.98e9  # fp32 FMAs/s on the CUDA cores: 132 SMs x 128 fp32 lanes x 1.98 GHz boost
+#                                      = 33.5e12, the datasheet's 67 TFLOP/s fp32 (tensor cores do not run a dwconv)
+
+
+def stage_shapes(size: str, img_size: int) -> list[tuple[int, int]]:
+    """(C, H = W) of the four ConvNeXt stages of EmoNeXt-`size` at img_size (stem /4, each downsampling /2)."""
+    side, shapes = img_size // 4, []
+    for C in SIZES[size][1]:
+        shapes.append((C, side))
+        side //= 2
+    return shapes
+
+
+# --- timing, ceilings, tables ---
 
 
 def bench_ms(fn, quick: bool) -> float:
@@ -39,19 +72,6 @@ def bench_ms(fn, quick: bool) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def peak_gbs(args) -> float:
-    """The device's memory bandwidth in GB/s: --peak-gbs, the datasheet value, or a measured 1 GiB copy."""
-    if args.peak_gbs:
-        return args.peak_gbs
-    name = torch.cuda.get_device_name()
-    for key, gbs in DATASHEET_GBS.items():
-        if key in name:
-            return gbs
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / bench_ms(lambda: dst.copy_(src), args.quick) / 1e6
-
-
 def peak_mb(fn) -> float:
     """Peak CUDA memory fn() allocates beyond what was allocated before it, in MB."""
     torch.cuda.synchronize()
@@ -62,36 +82,160 @@ def peak_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 1e6
 
 
-def time_impls(impls, args_list, dy, leaves, row, quick):
-    """Adds "fwd NAME ms", "f+b NAME ms" (and on CUDA "f+b peak MB NAME") to row for each implementation."""
+def nvidia_smi(*fields) -> list[str] | None:
+    """nvidia-smi's values of GPU 0 for the query fields, or None where it is not installed."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [v.strip() for v in out.splitlines()[0].split(",")]
+
+
+def fma_per_s() -> float:
+    """fp32 FMAs/s of CUDA device 0: SMs x fp32 lanes per SM x max SM clock (the H100 figure without nvidia-smi)."""
+    props = torch.cuda.get_device_properties(0)
+    clock = nvidia_smi("clocks.max.sm")
+    if clock is None:
+        return H100_FMA_PER_S
+    lanes = 128 if (props.major, props.minor) >= (8, 6) else 64  # V100, A100: 64 per SM; sm_86 on: 128
+    return props.multi_processor_count * lanes * float(clock[0]) * 1e6
+
+
+def measure_ceilings(args) -> dict:
+    """The two measured ceilings and the FMA rate; on a CPU the copy and a float32 1024^3 matmul (FMA rate: half
+    its FLOP/s). A dry run measures tiny sizes: it only proves the code runs."""
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    src = torch.empty(1 << (30 if cuda and not args.dry_run else 24), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() / bench_ms(lambda: dst.copy_(src), args.quick) / 1e6
+    m = 256 if args.dry_run else 8192 if cuda else 1024
+    a, b = (torch.randn(m, m, device=device, dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(2))
+    tflops = 2 * m ** 3 / bench_ms(lambda: a @ b, args.quick) / 1e9
+    return {"copy GB/s": copy_gbs, "matmul TFLOP/s": tflops, "FMA/s": fma_per_s() if cuda else tflops * 1e12 / 2}
+
+
+def ceilings(args) -> dict:
+    """The env section's row from --ceilings (a --jsonl file of an earlier run), else measured now (once)."""
+    if getattr(args, "_ceilings", None) is None:
+        rows = []
+        if args.ceilings and os.path.exists(args.ceilings):
+            with open(args.ceilings) as f:
+                rows = [r for r in map(json.loads, f) if r.get("section") == "env"]
+        args._ceilings = rows[-1] if rows else measure_ceilings(args)
+    return args._ceilings
+
+
+def fmt(v) -> str:
+    """Floats to 3 significant digits, but whole thousands (2950 GB/s, not 2.95e+03)."""
+    if isinstance(v, float):
+        return f"{v:.0f}" if 1e3 <= abs(v) < 1e6 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown(rows) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows])
+
+
+class Table:
+    """Prints a section's rows as markdown lines as they come (the header before the first) and appends them to
+    the --jsonl file, so a run killed mid-section keeps every finished row."""
+
+    def __init__(self, section: str, jsonl: str | None):
+        self.section, self.jsonl, self.rows = section, jsonl, []
+
+    def add(self, row: dict):
+        lines = markdown([row]).split("\n")
+        print("\n".join(lines if not self.rows else lines[2:]), flush=True)
+        self.rows.append(row)
+        if self.jsonl:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"section": self.section, **row}) + "\n")
+
+
+# --- performance model: what any implementation must move and compute ---
+
+
+def dwconv_cost(N, C, H, W, itemsize) -> dict:
+    """{"fwd" | "f+b": (bytes, FMAs)} of dwconv+LayerNorm on an (N, C, H, W) input.
+
+    Bytes: forward reads x and writes y; forward+backward also reads x and dy and writes dx (5 activation-sized
+    tensors; parameters and per-pixel statistics not counted). FMAs per element: 49 conv taps + ~4 LayerNorm
+    forward; backward 49 for dx, 49 for the weight gradient, ~6 LayerNorm. (The fused kernels also recompute the
+    conv in the backward, 49 more, instead of writing and reading it.)
+    """
+    e = N * C * H * W
+    return {"fwd": (2 * e * itemsize, 53 * e), "f+b": (5 * e * itemsize, (53 + 104) * e)}
+
+
+def sampler_cost(N, C, H, W, itemsize) -> dict:
+    """{"fwd" | "f+b": (bytes, FMAs)} of the STN warp with x not requiring grad (EmoNeXt warps its input).
+
+    Bytes: forward reads x and writes y; forward+backward also reads x and dy (the grid the reference writes and
+    reads, and theta, not counted). FMAs: ~10 per pixel (source position, tap weights) + 4 per value forward;
+    backward ~16 per pixel (position again, theta gradient) + 6 per value.
+    """
+    e, p = N * C * H * W, N * H * W
+    return {"fwd": (2 * e * itemsize, 10 * p + 4 * e), "f+b": (4 * e * itemsize, 26 * p + 10 * e)}
+
+
+def floor_ms(nbytes, fmas, rates) -> float:
+    return 1e3 * max(nbytes / (rates["copy GB/s"] * 1e9), fmas / rates["FMA/s"])
+
+
+def floors_table(batch: int) -> list[dict]:
+    """The model at H100 rates: ConvNeXt-T and atto (64 px) stage shapes, the sampler at 224 and 64 px."""
+    rates = {"copy GB/s": H100_BYTES_PER_S / 1e9, "FMA/s": H100_FMA_PER_S}
+    cases = [("dwconv", "tiny@224", (C, HW, HW), dtype, dwconv_cost) for dtype in (torch.bfloat16, torch.float32)
+             for C, HW in stage_shapes("tiny", 224)]
+    cases += [("dwconv", "atto@64", (C, HW, HW), torch.float32, dwconv_cost) for C, HW in stage_shapes("atto", 64)]
+    cases += [("sampler", f"C={C}", (C, S, S), torch.float32, sampler_cost) for C, S in SAMPLER_CASES]
+    rows = []
+    for kernel, where, shape, dtype, cost in cases:
+        for mode, (nbytes, fmas) in cost(batch, *shape, dtype.itemsize).items():
+            mem_us, fma_us = 1e6 * nbytes / H100_BYTES_PER_S, 1e6 * fmas / H100_FMA_PER_S
+            rows.append({"kernel": kernel, "model": where, "shape": "x".join(map(str, (batch, *shape))),
+                         "dtype": str(dtype)[6:], "pass": mode, "MB moved": nbytes / 1e6, "GFMA": fmas / 1e9,
+                         "memory us": mem_us, "FMA us": fma_us, "floor us": floor_ms(nbytes, fmas, rates) * 1e3,
+                         "bound": "memory" if mem_us >= fma_us else "FMA"})
+    return rows
+
+
+# --- kernel sections ---
+
+
+def time_impls(impls, inputs, dy, leaves, quick) -> dict:
+    """{name: {"fwd": ms, "f+b": ms, "peak": f+b peak MB (CUDA) or None}} of each implementation fn(*inputs)."""
+    out = {}
     for name, fn in impls.items():
-        fwd = lambda: fn(*args_list)  # noqa: E731 (inputs require grad: the forward that training runs)
-        step = lambda: fn(*args_list).backward(dy)  # noqa: E731
+        fwd = lambda: fn(*inputs)  # noqa: E731 (inputs require grad: the forward that training runs)
+        step = lambda: fn(*inputs).backward(dy)  # noqa: E731
         step()  # compiles, builds extensions, warms up allocations
-        row[f"fwd {name} ms"] = bench_ms(fwd, quick)
-        row[f"f+b {name} ms"] = bench_ms(step, quick)
-        if torch.cuda.is_available():
-            row[f"f+b peak MB {name}"] = peak_mb(step)
+        out[name] = {"fwd": bench_ms(fwd, quick), "f+b": bench_ms(step, quick),
+                     "peak": peak_mb(step) if torch.cuda.is_available() else None}
         for t in leaves:
             t.grad = None
+    return out
 
 
-def add_ratios(row, best, bases, nbytes, bw):
-    """Speed-ups of `best` over each base, and on CUDA its GB/s and % of bandwidth bw; nbytes: {mode: bytes}."""
-    for mode in ("fwd", "f+b"):
-        for base in bases:
-            row[f"{mode} {best}/{base}"] = row[f"{mode} {base} ms"] / row[f"{mode} {best} ms"]
-        if bw is not None:
-            gbs = nbytes[mode] / row[f"{mode} {best} ms"] / 1e6
-            row[f"{mode} {best} GB/s"] = gbs
-            row[f"{mode} % of {bw:.0f} GB/s"] = 100 * gbs / bw
-
-
-# --- dwconv+layernorm ---
-# ConvNeXt-T stages at 224x224: (C, H = W). Bytes counted: forward reads x and writes y; forward+backward
-# also reads x and dy and writes dx in the backward (5 activation-sized tensors); parameters are negligible.
-
-DWCONV_STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
+def kernel_rows(shape: str, dtype, times: dict, cost: dict, rates: dict) -> list[dict]:
+    """One row per pass: every implementation's time, the fused op's speed-ups, GB/s, and time as % of the floor."""
+    rows = []
+    for mode, (nbytes, fmas) in cost.items():
+        t = {name: r[mode] for name, r in times.items()}
+        peaks = [r["peak"] for r in times.values()]
+        row = {"shape": shape, "dtype": str(dtype)[6:], "pass": mode, "floor ms": floor_ms(nbytes, fmas, rates)}
+        row.update({f"{name} ms": ms for name, ms in t.items()})
+        row.update({"fused vs eager": t["eager"] / t["fused"], "fused vs compile": t["compile"] / t["fused"],
+                    "fused GB/s": nbytes / t["fused"] / 1e6,
+                    "% of copy": 100 * nbytes / t["fused"] / 1e6 / rates["copy GB/s"],
+                    "fused % of floor": 100 * t["fused"] / row["floor ms"],
+                    "f+b peak MB e/c/f": "/".join(f"{p:.0f}" for p in peaks) if mode == "f+b" and peaks[0] else "-"})
+        rows.append(row)
+    return rows
 
 
 def dwconv_case(N, C, HW, dtype, device):
@@ -103,96 +247,325 @@ def dwconv_case(N, C, HW, dtype, device):
     return leaves, torch.randn(N, HW, HW, C, device=device, dtype=dtype)
 
 
-def bench_dwconv(args):
-    """Eager reference, torch.compile(reference) and the fused op (Triton on CUDA): forward, forward+backward."""
+def bench_dwconv(args, table, dtype=None):
+    """Eager reference, torch.compile(reference) and the op (Triton on CUDA, the reference through the op elsewhere)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    ref = dwconv_ln.dwconv_layernorm_reference
+    impls = {"eager": ref, "compile": torch.compile(ref, dynamic=False, backend=args.compile_backend),
+             "fused": dwconv_ln.dwconv_layernorm}
+    shapes = stage_shapes("atto", 32)[:1] if args.dry_run else stage_shapes("tiny", 224)
+    for C, HW in shapes[:1] if args.quick and device == "cpu" else shapes:
+        leaves, dy = dwconv_case(args.batch, C, HW, dtype, device)
+        times = time_impls(impls, leaves, dy, leaves, args.quick)
+        for row in kernel_rows(f"{args.batch}x{C}x{HW}x{HW}", dtype, times,
+                               dwconv_cost(args.batch, C, HW, HW, dtype.itemsize), ceilings(args)):
+            table.add(row)
+
+
+SAMPLER_CASES = [(1, 224), (3, 224), (1, 64)]  # (C, side): grey and RGB input at 224, grey at the CPU recipe's 64
+
+
+def bench_sampler(args, table):
+    """Eager and torch.compile of affine_grid + grid_sample, and the op (CUDA kernels; on a CPU the C++ loop).
+    float32, EmoNeXt's input dtype (autocast runs grid_sample in float32 too); theta alone requires grad."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = sampler.affine_sample_reference
+    impls = {"eager": ref, "compile": torch.compile(ref, dynamic=False, backend=args.compile_backend),
+             "fused": sampler.affine_sample}
+    N, gen = args.batch, torch.Generator().manual_seed(0)
+    for C, side in [(3, 16)] if args.dry_run else SAMPLER_CASES:
+        x, dy = (torch.randn(N, C, side, side, generator=gen).to(device) for _ in range(2))
+        theta = (torch.eye(2, 3) + 0.1 * torch.randn(N, 2, 3, generator=gen)).to(device).requires_grad_()
+        times = time_impls(impls, (x, theta), dy, (theta,), args.quick)
+        for row in kernel_rows(f"{N}x{C}x{side}x{side}", torch.float32, times,
+                               sampler_cost(N, C, side, side, 4), ceilings(args)):
+            table.add(row)
+
+
+def bench_env(args, table):
     cuda = torch.cuda.is_available()
-    impls = {"eager": dwconv_ln.dwconv_layernorm_reference,
-             "compile": torch.compile(dwconv_ln.dwconv_layernorm_reference, dynamic=False)}
-    if cuda:
-        impls["kernel"] = dwconv_ln.dwconv_layernorm
-    N = args.batch if cuda else 2
-    dtypes = [torch.float32] if not cuda else [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
-    stages = DWCONV_STAGES[:1] if not cuda and args.quick else DWCONV_STAGES
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(stages) * len(dtypes))
-    bw = peak_gbs(args) if cuda else None
-    rows = []
-    for dtype in dtypes:
-        for C, HW in stages:
-            leaves, dy = dwconv_case(N, C, HW, dtype, "cuda" if cuda else "cpu")
-            row = {"shape": f"{N}x{C}x{HW}x{HW}", "dtype": str(dtype).replace("torch.", "")}
-            time_impls(impls, leaves, dy, leaves, row, args.quick)
-            size = dy.numel() * dy.element_size()
-            add_ratios(row, "kernel" if cuda else "compile", ("eager", "compile") if cuda else ("eager",),
-                       {"fwd": 2 * size, "f+b": 5 * size}, bw)
-            rows.append(row)
-            print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    return rows
+    import triton
+    smi = nvidia_smi("driver_version", "memory.total", "clocks.max.sm") if cuda else None
+    table.add({"device": torch.cuda.get_device_name() if cuda else "cpu", "driver": smi[0] if smi else "-",
+               "memory MiB": smi[1] if smi else "-", "max SM MHz": smi[2] if smi else "-",
+               "SMs": torch.cuda.get_device_properties(0).multi_processor_count if cuda else os.cpu_count(),
+               "torch": torch.__version__, "cuda": torch.version.cuda or "-", "triton": triton.__version__,
+               **ceilings(args)})
 
 
-# --- sampler ---
-# The STN warp at 224x224, x not requiring grad (EmoNeXt warps the input image): backward is d/d theta only.
-# Bytes counted: forward reads x and writes y; forward+backward also reads x and dy in the backward (4 image-sized
-# tensors); theta is negligible. The reference also writes and reads an (N, H, W, 2) grid, which is not counted.
+# --- whole models: the official code's layout (github.com/yelboudouri/EmoNeXt, models.py), written out here ---
+# Parameter names are the official ones, which are this project's, so both models load the same weights.
 
 
-def bench_sampler(args):
-    """Eager and torch.compile of affine_grid + grid_sample, and the fused op: forward, forward+backward."""
+class OfficialLayerNorm(nn.Module):
+    """The official LayerNorm: F.layer_norm on (N, H, W, C), or written out over the channels of (N, C, H, W)."""
+
+    def __init__(self, dim, channels_first=False):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.channels_first = channels_first
+
+    def forward(self, x):
+        if not self.channels_first:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-6)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        return self.weight[:, None, None] * ((x - u) / torch.sqrt(s + 1e-6)) + self.bias[:, None, None]
+
+
+class OfficialBlock(nn.Module):
+    def __init__(self, dim, drop_path):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = OfficialLayerNorm(dim)
+        self.pwconv1, self.act, self.pwconv2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(1e-6 * torch.ones(dim))
+        self.drop_path = drop_path
+
+    def forward(self, x):  # NCHW dwconv -> permute -> LayerNorm, MLP -> permute back
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = (self.gamma * self.pwconv2(self.act(self.pwconv1(y)))).permute(0, 3, 1, 2)
+        if self.training and self.drop_path > 0:  # torchvision's StochasticDepth(p, "row")
+            y = y * y.new_empty(y.shape[0], 1, 1, 1).bernoulli_(1 - self.drop_path).div_(1 - self.drop_path)
+        return x + y
+
+
+class OfficialSE(nn.Module):
+    def __init__(self, dim, reduction=16):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(inplace=True),
+                                nn.Linear(dim // reduction, dim, bias=False), nn.Sigmoid())
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        return x * self.fc(self.avg_pool(x).view(b, c)).view(b, c, 1, 1).expand_as(x)
+
+
+class OfficialAttention(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):  # the official code also computes the attended values, which nothing uses
+        x = self.norm(x)
+        weights = torch.softmax(self.query(x) @ self.key(x).T / x.shape[-1] ** 0.25, dim=-1)
+        return weights @ self.value(x) + x, weights
+
+
+class OfficialEmoNeXt(nn.Module):
+    """EmoNeXt in the official layout: 3-channel NCHW input, STN by affine_grid + grid_sample, NCHW ConvNeXt blocks.
+    Differs from the official file only where it must to run at other sizes: fc_loc's input side follows img_size
+    (52 at 224, as there), the forward returns (logits, loss) without the argmax, and the weights keep PyTorch's
+    default initialisation (model_pair gives both models the same ones)."""
+
+    def __init__(self, depths, dims, img_size=224, num_classes=7, drop_path_rate=0.1):
+        super().__init__()
+        self.localization = nn.Sequential(
+            nn.Conv2d(3, 8, kernel_size=7), nn.BatchNorm2d(8), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
+            nn.Conv2d(8, 10, kernel_size=5), nn.BatchNorm2d(10), nn.MaxPool2d(2, stride=2), nn.ReLU(True))
+        self.side = _stn_feature_side(img_size)
+        self.fc_loc = nn.Sequential(nn.Linear(10 * self.side ** 2, 32), nn.ReLU(True), nn.Linear(32, 6))
+        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], kernel_size=4, stride=4),
+                                                              OfficialLayerNorm(dims[0], channels_first=True))])
+        self.downsample_layers.extend(nn.Sequential(OfficialLayerNorm(dims[i], channels_first=True),
+                                                    nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2),
+                                                    OfficialSE(dims[i + 1])) for i in range(3))
+        rates = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())
+        self.stages = nn.ModuleList(nn.Sequential(*[OfficialBlock(dim, next(rates)) for _ in range(depth)])
+                                    for depth, dim in zip(depths, dims))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.attention = OfficialAttention(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x, labels=None):
+        theta = self.fc_loc(self.localization(x).view(-1, 10 * self.side ** 2)).view(-1, 2, 3)
+        x = F.grid_sample(x, F.affine_grid(theta, x.size(), align_corners=True), align_corners=True)
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        x = self.norm(x.mean([-2, -1]))
+        _, weights = self.attention(x)
+        logits = self.head(x)
+        if labels is None:
+            return logits
+        sa = torch.mean((weights - torch.mean(weights)) ** 2)
+        return logits, F.cross_entropy(logits, labels, label_smoothing=0.2) + sa
+
+
+def model_pair(size: str, img_size: int, drop_path_rate: float = 0.1):
+    """The official-layout model and this project's grey-input one (train.py's default) with the same weights: the
+    project's input convs sum the official RGB ones, so a grey face gives both the same logits."""
+    depths, dims = SIZES[size]
+    official = OfficialEmoNeXt(depths, dims, img_size, drop_path_rate=drop_path_rate)
+    project = EmoNeXt.from_size(size, img_size=img_size, in_chans=1, drop_path_rate=drop_path_rate)
+    load_weights(project, official.state_dict(), verbose=False)
+    return official, project
+
+
+def forward_flops(model, x) -> float:
+    """Matmul and conv FLOPs of one forward per image, counted by torch on a meta-device copy (no compute)."""
+    kernels.set_backend("torch")
+    with FlopCounterMode(display=False) as counter:
+        copy.deepcopy(model).to("meta")(x.to("meta"))
+    return counter.get_total_flops() / x.shape[0]
+
+
+VARIANTS = {  # name: (this project's model, kernels backend, torch.compile)
+    "official": (False, "torch", False),
+    "eager": (True, "torch", False),
+    "eager+fused": (True, "fused", False),
+    "compile": (True, "torch", True),
+    "compile+fused": (True, "fused", True),
+}
+
+
+def step_function(model, x, y, train: bool, args, project: bool, compiled: bool):
+    """One training step (bf16 autocast on CUDA, forward with loss, backward, clip, AdamW; no EMA or data work,
+    the same for every variant) or one inference batch."""
+    cuda = x.is_cuda
+    fn = torch.compile(model, backend=args.compile_backend) if compiled else model
+    autocast = torch.autocast(x.device.type, torch.bfloat16, enabled=cuda or args.amp)
+    if not train:
+        model.eval()
+
+        def infer():
+            with torch.inference_mode(), autocast:
+                fn(x)
+        return infer
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda and project)  # official: foreach
+
+    def step():
+        with autocast:
+            _, loss = fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def time_variant(step, steps: int, cuda: bool) -> dict:
+    """First-call seconds (compiles), steady-state ms per call, and the call's CUDA peak memory."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - t0
+    step()
+    peak = peak_mb(step) if cuda else None
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return {"first s": first, "ms": 1e3 * (time.perf_counter() - t0) / steps, "peak": peak}
+
+
+def bench_models(args, table, train: bool):
     cuda = torch.cuda.is_available()
-    impls = {"eager": sampler.affine_sample_reference,
-             "compile": torch.compile(sampler.affine_sample_reference, dynamic=False)}
-    if sampler.cuda_available() if cuda else sampler.load_extension():
-        impls["kernel"] = sampler.affine_sample  # on the CPU: the extension's C++ loop
-    device = "cuda" if cuda else "cpu"
-    N = args.batch if cuda else 2
-    dtypes = [torch.float32] if args.quick or not cuda else [torch.float32, torch.bfloat16]  # fp32: EmoNeXt's input
-    channels = [1] if args.quick and not cuda else [1, 3]
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(channels) * len(dtypes))
-    bw = peak_gbs(args) if cuda else None
-    gen = torch.Generator().manual_seed(0)
-    theta = torch.eye(2, 3) + 0.1 * torch.randn(N, 2, 3, generator=gen)
-    rows = []
-    for dtype in dtypes:
-        for C in channels:
-            x = torch.randn(N, C, 224, 224, generator=gen).to(device, dtype)
-            dy = torch.randn(N, C, 224, 224, generator=gen).to(device, dtype)
-            th = theta.to(device, dtype).requires_grad_()  # x's dtype: grid_sample takes one dtype
-            row = {"shape": f"{N}x{C}x224x224", "dtype": str(dtype).replace("torch.", "")}
-            time_impls(impls, (x, th), dy, (th,), row, args.quick)
-            if "kernel" in impls:
-                size = x.numel() * x.element_size()
-                add_ratios(row, "kernel", ("eager", "compile"), {"fwd": 2 * size, "f+b": 4 * size}, bw)
-            rows.append(row)
-    return rows
+    device = torch.device("cuda" if cuda else "cpu")
+    for size in args.sizes:
+        for img in args.img_sizes:
+            for threads in args.threads or [None]:
+                if threads:
+                    torch.set_num_threads(threads)
+                bench_model_case(args, table, train, size, img, threads, device)
+    kernels.set_backend("auto")
+
+
+def bench_model_case(args, table, train, size, img, threads, device):
+    """Every variant of one (size, img size, threads): a row each, with img/s relative to the official model's."""
+    cuda, B = device.type == "cuda", args.batch
+    official, project = model_pair(size, img)
+    grey = torch.randn(B, 1, img, img)
+    y = torch.randint(0, 7, (B,), device=device)
+    inputs = {False: grey.repeat(1, 3, 1, 1).to(device),  # the official input: grey repeated to 3 channels, NCHW
+              True: grey.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)}
+    flops = {False: forward_flops(official, inputs[False]), True: forward_flops(project, inputs[True])}
+    official.to(device)
+    project.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    base = None
+    for name in args.variants:
+        is_project, backend, compiled = VARIANTS[name]
+        kernels.set_backend(backend)
+        torch._dynamo.reset()
+        step = step_function(project if is_project else official, inputs[is_project], y, train, args,
+                             is_project, compiled)
+        r = time_variant(step, args.steps, cuda)
+        img_s = 1e3 * B / r["ms"]
+        base = img_s if name == "official" else base
+        tflops = (3 if train else 1) * flops[is_project] * B / r["ms"] / 1e9
+        table.add({"model": f"{size}@{img}", "batch": B, "threads": threads or torch.get_num_threads(),
+                   "variant": name, "first call s": r["first s"], "ms": r["ms"], "img/s": img_s,
+                   "vs official": img_s / base if base else "-", "peak MB": r["peak"] if cuda else "-",
+                   "TFLOP/s": tflops, "% of matmul": 100 * tflops / ceilings(args)["matmul TFLOP/s"]})
 
 
 # --- main ---
 
-SECTIONS = {"dwconv": bench_dwconv, "sampler": bench_sampler}
+SECTIONS = {"env": bench_env, "dwconv": bench_dwconv, "sampler": bench_sampler,
+            "dwconv_fp32": lambda args, table: bench_dwconv(args, table, torch.float32),
+            "train": lambda args, table: bench_models(args, table, train=True),
+            "infer": lambda args, table: bench_models(args, table, train=False)}
 
 
-def markdown(rows) -> str:
-    cols = list(rows[0])
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=list(SECTIONS), action="append", help="sections to run (default dwconv, sampler)")
+    p.add_argument("--quick", action="store_true", help="shorter timing (CPU: one dwconv shape)")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 steps, aot_eager: proves every path runs")
+    p.add_argument("--batch", type=int, default=None, help="default 128 on CUDA and for --floors, 2 on a CPU "
+                   "(model sections: 16)")
+    p.add_argument("--ceilings", default=None, help="a --jsonl file holding an env row: its rates, not measured anew")
+    p.add_argument("--jsonl", default=None, help="append every row to this file, as JSON lines")
+    p.add_argument("--seconds", type=float, default=0, help="start no section after this many seconds (0: no limit)")
+    p.add_argument("--floors", action="store_true", help="print the performance model's floors at H100 rates, exit")
+    p.add_argument("--compile-backend", default="inductor")
+    m = p.add_argument_group("train / infer")
+    m.add_argument("--sizes", default="tiny", help="EmoNeXt sizes, comma-separated")
+    m.add_argument("--img-sizes", default="224", help="input sides, comma-separated")
+    m.add_argument("--threads", default="", help="CPU thread counts, comma-separated (default: torch's)")
+    m.add_argument("--variants", default=None, help=f"of {','.join(VARIANTS)} (default: all on CUDA, "
+                   "official,eager on a CPU)")
+    m.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    m.add_argument("--amp", action="store_true", help="bf16 autocast on a CPU too (always on CUDA)")
+    args = p.parse_args(argv)
+    models = bool(set(args.only or ()) & {"train", "infer"})
+    args.batch = args.batch or (2 if args.dry_run else 128 if cuda or args.floors else 16 if models else 2)
+    if args.dry_run:
+        args.quick, args.steps, args.compile_backend = True, 2, "aot_eager"
+        args.sizes, args.img_sizes = "atto", "32"
+    args.sizes, args.img_sizes = args.sizes.split(","), [int(s) for s in args.img_sizes.split(",")]
+    args.threads = [int(t) for t in args.threads.split(",") if t]
+    args.variants = (args.variants or (",".join(VARIANTS) if cuda or args.dry_run else "official,eager")).split(",")
+    bad = [v for v in args.variants if v not in VARIANTS] + [s for s in args.sizes if s not in SIZES]
+    if bad:
+        p.error(f"unknown variant or size: {', '.join(bad)}")
+    return args
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=list(SECTIONS), action="append", help="run only these sections")
-    parser.add_argument("--quick", action="store_true", help="bf16 only, shorter timing (CPU: one small shape)")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--peak-gbs", type=float, default=None, help="device memory bandwidth, GB/s")
-    args = parser.parse_args(argv)
-    if torch.cuda.is_available():
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, peak {peak_gbs(args):.0f} GB/s")
-    else:
-        print(f"no CUDA device: timing eager against torch.compile on the CPU only (torch {torch.__version__})")
-    for name in args.only or SECTIONS:
-        t0 = time.perf_counter()
-        rows = SECTIONS[name](args)
-        print(f"\n## {name} ({time.perf_counter() - t0:.0f} s)\n\n{markdown(rows)}", flush=True)
+    args = parse_args(argv)
+    if args.floors:
+        print(f"Performance model at H100 rates: {H100_BYTES_PER_S / 1e12:.1f} TB/s, "
+              f"{H100_FMA_PER_S / 1e12:.1f}e12 fp32 FMA/s; batch {args.batch}\n\n{markdown(floors_table(args.batch))}")
+        return
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device: CPU"
+    print(f"{device}, torch {torch.__version__}", flush=True)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    t0 = time.perf_counter()
+    for name in args.only or ["dwconv", "sampler"]:
+        if args.seconds and time.perf_counter() - t0 > args.seconds:
+            print(f"\n## {name}: not started, the {args.seconds:.0f} s budget is spent", flush=True)
+            continue
+        print(f"\n## {name}\n", flush=True)
+        t = time.perf_counter()
+        SECTIONS[name](args, Table(name, args.jsonl))
+        print(f"\n({time.perf_counter() - t:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

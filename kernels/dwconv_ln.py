@@ -213,16 +213,27 @@ def _dw_kernel(X, DCONV, PARTW, H: tl.constexpr, W: tl.constexpr, C: tl.constexp
 # launchers
 
 
-def _tile(H: int, W: int, block_c: int, elems: int):
-    """(BLOCK_H, BLOCK_W, num_warps) for a tile of about `elems` fp32 values with `block_c` channels per pixel.
+# Tile policy, read at every launch. Under the interpreter, where a program instance and a loop step cost the same
+# however big, a tile spans whole rows; the interpreter tests of CUDA's 2-D tiles switch _FULL_ROW_TILES off.
+_FULL_ROW_TILES = _INTERPRET
+_TILE_ELEMS = 4096  # (pixels x channels) values per tile, each held in fp32
 
-    BLOCK_W is the width of 16, 8 or 4 that pads W the least (then the widest). Under the interpreter, where a
-    program instance and a loop step cost the same however big, a tile spans whole rows (CUDA tests cover the rest).
+
+def _tile(H: int, W: int, block_c: int):
+    """(BLOCK_H, BLOCK_W, num_warps) for a tile of about _TILE_ELEMS values with `block_c` channels per pixel.
+
+    BLOCK_W: of the widths 16, 8 and 4 that keep the tile within _TILE_ELEMS (4 if none does), the one that pads W
+    the least, then the widest; BLOCK_H fills the tile. Warps: 8 values per thread and tensor. With 16, ptxas for
+    sm_90 spilled 8-32 bytes per thread in 10 of the 32 float32 launches at the ConvNeXt-T and atto (64 px) stage
+    shapes; with 8 no launch spills (`python -m kernels.static`, BENCHMARKS.md).
     """
-    block_w = triton.next_power_of_2(W) if _INTERPRET else min((16, 8, 4), key=lambda b: triton.cdiv(W, b) * b)
-    block_h = max(1, min(triton.next_power_of_2(H), elems // (block_c * block_w)))
-    # ~16 fp32 values per thread and tensor: about 100 registers on sm_90, no spills, several blocks per SM
-    return block_h, block_w, max(4, min(16, block_h * block_w * block_c // 512))
+    if _FULL_ROW_TILES:
+        block_w = triton.next_power_of_2(W)
+    else:
+        fitting = [b for b in (16, 8, 4) if b * block_c <= _TILE_ELEMS] or [4]
+        block_w = min(fitting, key=lambda b: triton.cdiv(W, b) * b)
+    block_h = max(1, min(triton.next_power_of_2(H), _TILE_ELEMS // (block_c * block_w)))
+    return block_h, block_w, max(4, min(16, block_h * block_w * block_c // 256))
 
 
 def _n_tiles(H, W, block_h, block_w):
@@ -246,7 +257,7 @@ def _forward(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
     mean = torch.empty(N * H * W, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_c = triton.next_power_of_2(C)
-    bh, bw, warps = _tile(H, W, block_c, 4096)
+    bh, bw, warps = _tile(H, W, block_c)
     _fwd_kernel[(_n_tiles(H, W, bh, bw), N)](
         xc, _flat_weight(conv_weight), conv_bias, ln_weight, ln_bias, y, mean, rstd, eps, H=H, W=W, C=C,
         BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=block_c, K=K, num_warps=warps)
@@ -265,7 +276,7 @@ def _backward(dy, x, conv_weight, conv_bias, ln_weight, mean, rstd):
     dconv = torch.empty_like(xc)  # x's dtype, as eager's conv-output gradient
 
     block_c = triton.next_power_of_2(C)
-    bh, bw, warps = _tile(H, W, block_c, 4096)
+    bh, bw, warps = _tile(H, W, block_c)
     tiles = _n_tiles(H, W, bh, bw)
     part = torch.empty(N * tiles, 3, C, device=x.device, dtype=torch.float32)
     _bwd_ln_kernel[(tiles, N)](xc, _flat_weight(conv_weight), conv_bias, ln_weight, dy, mean, rstd, dconv, part,
@@ -273,13 +284,13 @@ def _backward(dy, x, conv_weight, conv_bias, ln_weight, mean, rstd):
 
     dx = torch.empty_like(xc)  # dx and dw only need a channel block: more programs for the small stages
     block_c = min(block_c, 128)
-    bh, bw, warps = _tile(H, W, block_c, 4096)
+    bh, bw, warps = _tile(H, W, block_c)
     _dx_kernel[(_n_tiles(H, W, bh, bw), N, triton.cdiv(C, block_c))](
         dconv, _flat_weight(conv_weight.flip((2, 3))), dx, H=H, W=W, C=C,
         BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=block_c, K=K, num_warps=warps)
 
     block_c = min(block_c, 32)
-    bh, bw, warps = _tile(H, W, block_c, 4096)
+    bh, bw, warps = _tile(H, W, block_c)
     bands = triton.cdiv(H, bh)
     partw = torch.empty(N, bands, K * K, C, device=x.device, dtype=torch.float32)
     _dw_kernel[(bands, N, triton.cdiv(C, block_c))](xc, dconv, partw, H=H, W=W, C=C,

@@ -20,6 +20,9 @@ from torch.utils import cpp_extension
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
+# nvcc's flags for the .cu in torch's extension build (its common flags, C++20, -O3): the static checks reuse them
+NVCC_FLAGS = [*cpp_extension.COMMON_NVCC_FLAGS, "-std=c++20", "-O3"]
+
 _loaded = None  # None: not tried yet; then whether torch.ops.emonext_sampler is usable
 _with_cuda = False  # whether the loaded build contains the CUDA kernels
 _cuda_ok = None  # cuda_available()'s cached answer

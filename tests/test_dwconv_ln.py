@@ -70,6 +70,38 @@ def test_triton_matches_reference(N, C, H, W, dtype, layout):
                               tol=1e-4 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """CUDA's tile policy (2-D tiles, not the interpreter's whole rows) with a tile budget of 512 values, so that
+    tiny shapes get the tile grids, weight-gradient bands and channel blocks the ConvNeXt shapes get on a GPU."""
+    monkeypatch.setattr(dwconv_ln, "_FULL_ROW_TILES", False)
+    monkeypatch.setattr(dwconv_ln, "_TILE_ELEMS", 512)
+
+
+@pytest.mark.parametrize("C,H,W,dtype,tiles", [
+    # (BLOCK_H, BLOCK_W) of the forward and LayerNorm-backward kernels (all channels), dx (128 channels at most)
+    # and the weight gradient (32 channels)
+    (40, 5, 9, torch.float32, [(2, 4), (2, 4), (4, 4)]),  # 3 x 3 tiles, partial at the right and bottom edges;
+    #                                                       dw: 2 bands of 3 tiles each, 2 channel blocks
+    (136, 3, 5, torch.bfloat16, [(1, 4), (1, 4), (2, 8)]),  # 3 x 2 tiles; dx: 2 channel blocks (the second
+    #                                                          masked), dw: 2 bands, 5 channel blocks
+])
+def test_triton_with_gpu_tiles_matches_reference(gpu_tiles, C, H, W, dtype, tiles):
+    block_c = dwconv_ln.triton.next_power_of_2(C)
+    assert [dwconv_ln._tile(H, W, bc)[:2] for bc in (block_c, min(block_c, 128), 32)] == tiles
+    x, params, dy = make_inputs(1, C, H, W, dtype, "channels_last", device=DEV)
+    assert_close_to_reference(dwconv_ln.dwconv_layernorm_triton, x, params, dy,
+                              tol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def test_tile_policy_keeps_registers_per_thread_and_the_tile_budget(monkeypatch):
+    monkeypatch.setattr(dwconv_ln, "_FULL_ROW_TILES", False)  # CUDA's policy, with its budget of 4096 values
+    # 8 values per thread (with 16, ptxas spilled: kernels.static); a tile of a wide stage (768 channels at 7 x 7)
+    # narrows to 4 pixels rather than exceed the budget
+    assert dwconv_ln._tile(56, 56, 128) == (4, 8, 16) and dwconv_ln._tile(7, 7, 1024) == (1, 4, 16)
+    assert dwconv_ln._tile(3, 3, 64) == (4, 4, 4)  # small images: small tiles, at least 4 warps
+
+
 def test_triton_saves_no_conv_output():
     x, params, _ = make_inputs(1, 40, 5, 6, torch.float32, device=DEV)
     leaves = [t.requires_grad_() for t in (x, *params)]

@@ -242,7 +242,7 @@ def test_cuda_build_compiles_for_sm80_and_sm90_and_links(tmp_path):
     # The .cu with the flags torch's extension build gives nvcc (they switch off the half types' implicit
     # conversions), so a CUDA error fails here rather than on the GPU machine.
     kernels_o, binding_o = str(tmp_path / "affine_sampler_cu.o"), str(tmp_path / "affine_sampler.o")
-    nvcc(*cpp_extension.COMMON_NVCC_FLAGS, "-std=c++20", "-O3", "-Werror", "all-warnings",
+    nvcc(*sampler.NVCC_FLAGS, "-Werror", "all-warnings",
          "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90", "-c", CU, "-o", kernels_o)
     # The .cpp's CUDA branch. A CPU-only torch ships the c10/cuda headers but not their generated build-config
     # header, which a one-line stand-in provides.
