@@ -425,6 +425,8 @@ def step_function(model, x, y, train: bool, args, project: bool, compiled: bool)
     """One training step (bf16 autocast on CUDA, forward with loss, backward, clip, AdamW; no EMA or data work,
     the same for every variant) or one inference batch."""
     cuda = x.is_cuda
+    if project and not train:  # the project's documented inference path: an eval copy, STN BatchNorm folded
+        model = model.for_inference(channels_last=args.channels_last)
     fn = torch.compile(model, backend=args.compile_backend) if compiled else model
     autocast = torch.autocast(x.device.type, torch.bfloat16, enabled=cuda or args.amp)
     if not train:
@@ -533,6 +535,8 @@ def parse_args(argv=None):
                    "official,eager on a CPU)")
     m.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     m.add_argument("--amp", action="store_true", help="bf16 autocast on a CPU too (always on CUDA)")
+    m.add_argument("--channels-last", action="store_true", help="infer: the project's model via "
+                   "for_inference(channels_last=True)")
     args = p.parse_args(argv)
     models = bool(set(args.only or ()) & {"train", "infer"})
     args.batch = args.batch or (2 if args.dry_run else 128 if cuda or args.floors else 16 if models else 2)
