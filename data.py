@@ -334,13 +334,17 @@ def _normalise(x):
     return (x - MEAN) / STD
 
 
-def augment(x, img_size, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False):
+def augment(x, img_size, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False,
+            rows=None):
     """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size) through ONE affine warp per sample:
     rotation up to `rotate` degrees, zoom in `scale`, shift up to `translate` of the image, random flips,
-    and the resize to img_size, all folded into one matrix for affine_grid + grid_sample."""
+    and the resize to img_size, all folded into one matrix for affine_grid + grid_sample.
+    rows=(start, total): x is rows start..start+B of a batch of `total` faces (one process's share of a global
+    batch); the parameters of all `total` are drawn and x takes its rows', so any split augments each face alike."""
     b = x.shape[0]
+    start, total = rows or (0, b)
     # random numbers on the CPU generator, so CPU and GPU runs draw the same parameters
-    r = torch.rand(b, 6, generator=generator)
+    r = torch.rand(total, 6, generator=generator)[start:start + b]
     angle = (2 * r[:, 0] - 1) * math.radians(rotate)
     zoom = scale[0] + (scale[1] - scale[0]) * r[:, 1]
     shift = (2 * r[:, 2:4] - 1) * 2 * translate  # grid coordinates span 2 across the image
