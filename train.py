@@ -8,7 +8,7 @@ Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device or,
     python train.py --data data/fer2013.csv --model tiny --img-size 224 --in-chans 3 --amp --compile \\
         --pretrained https://dl.fbaipublicfiles.com/convnext/convnext_tiny_22k_224.pth --lr 1e-4
     python train.py --resume --out-dir out               # continue the run saved in out/ckpt.pt
-    torchrun --nproc_per_node=8 train.py --model large --img-size 224 --batch-size 512 ...   # 8 GPUs, same result
+    torchrun --standalone --nproc_per_node=8 train.py --model large --img-size 224 --batch-size 256 ...  # 8 GPUs
 
 Recipe (the official one where it is sound): AdamW, linear warmup then cosine decay from --lr to --min-lr,
 label smoothing 0.2, drop path 0.1, EMA of the weights, gradient clipping at 1.0, bf16 autocast with --amp.
@@ -165,11 +165,15 @@ def end_distributed(run):
 
 
 def stop(run, message):
-    """Ends the run with `message` from rank 0; the other processes, which decided to stop at the same step
-    (see all_processes), leave quietly with the same non-zero status."""
-    if run.world > 1:
-        end_distributed(run)
-    sys.exit(message if run.rank == 0 else 1)
+    """Ends the run with `message`. Under DDP every process gets here at the same step (see all_processes): rank 0
+    says why before any of them exits (torchrun then ends the rest), and all leave with status 1."""
+    if run.world == 1:
+        sys.exit(message)
+    if run.rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    dist.barrier()
+    end_distributed(run)
+    sys.exit(1)
 
 
 def sum_over_processes(run, values):
