@@ -148,7 +148,10 @@ def init_distributed(args):
     if args.batch_size % world:
         sys.exit(f"train.py: --batch-size {args.batch_size} does not split evenly over {world} processes")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    cuda = torch.device(args.device).type == "cuda"
+    device = torch.device(args.device)
+    if device.index is not None:
+        sys.exit(f"train.py: --device {args.device}: under torchrun give {device.type}; each process takes its own")
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)  # from here on "cuda" is this process's GPU
     dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local_rank) if cuda else None)

@@ -230,12 +230,16 @@ def test_a_nan_in_one_process_stops_all_of_them_together(faces_npz, tmp_path):
     assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_the_global_batch_must_split_evenly(faces_npz, tmp_path, monkeypatch):
+def test_flags_that_cannot_work_under_torchrun_are_refused_before_it_starts(faces_npz, tmp_path, monkeypatch):
+    """A global batch that does not split evenly, a device pinned for every process: one clear error each, before
+    any process group exists (this test plays rank 0 of 2; a started group would wait for rank 1)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(SystemExit, match="train.py: --batch-size 33 does not split evenly over 2 processes"):
         train.main(run_args(faces_npz, tmp_path, "--batch-size", "33"))
+    with pytest.raises(SystemExit, match="train.py: --device cuda:1: under torchrun give cuda; each process takes"):
+        train.main(run_args(faces_npz, tmp_path, "--device", "cuda:1"))
     assert not dist.is_initialized()
 
 
