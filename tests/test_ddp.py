@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -98,8 +97,11 @@ def torchrun(argv, records, timeout=240, **instruments):
     try:
         output = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both processes
-        proc.communicate()
+        proc.terminate()  # torchrun ends its processes (each in a session of its own, out of our reach) and exits
+        try:
+            proc.communicate(timeout=60)
+        finally:
+            proc.kill()
         pytest.fail(f"torchrun did not finish in {timeout}s: {cmd}")
     ended = time.time()
     ranks = [{s: open(glob.glob(os.path.join(logs, "*", "attempt_0", str(r), f"{s}.log"))[0]).read()
