@@ -597,11 +597,16 @@ def _normalise(x):
     return (x - MEAN) / STD
 
 
-def augment(x, img_size, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False):
+def augment(x, img_size, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False,
+            rows=None):
     """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size) through ONE affine warp per sample:
     rotation up to `rotate` degrees, zoom in `scale`, shift up to `translate` of the image, random flips,
-    and the resize to img_size, all folded into one matrix for affine_grid + grid_sample."""
-    return warp(x, img_size, **random_pose(x.shape[0], generator, rotate, scale, translate, hflip, vflip))
+    and the resize to img_size, all folded into one matrix for affine_grid + grid_sample.
+    rows=(start, total): x is rows start..start+B of a batch of `total` faces (one process's share of a global
+    batch); the parameters of all `total` are drawn and x takes its rows', so any split augments each face alike."""
+    start, total = rows or (0, x.shape[0])
+    pose = random_pose(total, generator, rotate, scale, translate, hflip, vflip)
+    return warp(x, img_size, **{k: v[start:start + x.shape[0]] for k, v in pose.items()})
 
 
 def random_pose(b, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False):

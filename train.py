@@ -1,5 +1,6 @@
 """
-Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device. Read it top to bottom.
+Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device or, under torchrun, on several
+(DistributedDataParallel: one process per GPU, or per CPU share with gloo). Read it top to bottom.
 
     python train.py                                      # data/fer2013.{csv,npz} if present, else synthetic faces
     python train.py --data ../shared/data/fer2013.npz --model atto --img-size 64 --epochs 42 --lr 1.5e-3 \\
@@ -9,6 +10,7 @@ Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device. Re
     python train.py --data ../shared/data/fer2013.npz --labels ferplus-soft   # FER+ votes (fer2013new.csv beside)
     python train.py --resume --out-dir out               # continue the run saved in out/ckpt.pt
     python train.py --resume --out-dir out --epochs 60   # ... and make it longer (see --epochs)
+    torchrun --standalone --nproc_per_node=8 train.py --model large --img-size 224 --batch-size 256 ...  # 8 GPUs
 
 Each evaluation scores the EMA weights on the validation split (PublicTest; when the data has none, a stratified
 --val-fraction of train held out with --seed) and keeps the best; at the end the best is tested on the test split
@@ -41,6 +43,11 @@ FER+ labels (--labels ferplus-*, 8 classes): the train split gets majority label
 soft target (cross-entropy against it, with --label-smoothing mixed in on top as for hard labels), or a label
 drawn from the distribution each time a face is seen; validation, model selection and the test always use the
 majority labels, the protocol FER+ papers report.
+
+Under torchrun --batch-size is the global batch: every process draws the same permutation and augmentation for
+it and trains on its slice; the STN's BatchNorm and the self-attention regulariser see the global batch, so N
+processes follow the 1-process run up to float summation order (drop-path masks aside). Rank 0 alone logs and
+writes files.
 """
 import argparse
 import copy
@@ -53,10 +60,14 @@ import time
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol  # collectives with autograd that torch.compile traces
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import emonext
-from emonext import SIZES, EmoNeXt, config_dict, load_weights, read_checkpoint
+from emonext import SIZES, BatchSelfAttention, EmoNeXt, config_dict, load_weights, read_checkpoint
 from eval import predict, save_stn_picture
 
 
@@ -76,7 +87,7 @@ def build_parser():
     p.add_argument("--model", default="atto", choices=list(SIZES), help="ConvNeXt size")
     p.add_argument("--img-size", type=int, default=64, help="faces are resized from 48 to this side")
     p.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="3 to use RGB ImageNet weights as they are")
-    p.add_argument("--batch-size", type=int, default=128, help="faces per step")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch: split evenly over torchrun's processes")
     p.add_argument("--epochs", type=int, default=None,
                    help="default: 30 on FER2013, 8 on synthetic faces. With --resume it may change (as may --max-iters "
                         "and --eval-interval; no other run flag): the cosine decay is then recomputed for the new "
@@ -116,7 +127,8 @@ def build_parser():
     p.add_argument("--log-interval", type=int, default=50, help="iterations between log lines")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N; under torchrun, cuda means each process's own GPU (its local rank)")
     return p
 
 
@@ -242,6 +254,114 @@ def fmt_time(seconds):
 
 
 # -----------------------------------------------------------------------------
+# several processes (torchrun): the process group, the global batch's statistics, decisions all processes share
+
+def init_distributed(args):
+    """(rank, world size) from torchrun's environment, with the process group started: NCCL on CUDA (each process
+    on the GPU of its local rank), gloo on CPU. One process, however launched, gets (0, 1) and no process group."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if args.batch_size % world:
+        sys.exit(f"train.py: --batch-size {args.batch_size} does not split evenly over {world} processes")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device(args.device)
+    if device.index is not None:
+        sys.exit(f"train.py: --device {args.device}: under torchrun give {device.type}; each process takes its own")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local_rank)  # from here on "cuda" is this process's GPU
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local_rank) if cuda else None)
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone logs; errors still reach stderr
+    return rank, world
+
+
+def end_distributed(run):
+    """Leaves the process group, DDP first: were DDP's reducer to drop the group's last reference, it would join
+    gloo's threads holding the GIL while one of them waits for the GIL to free a collective's tensors (a hang)."""
+    run.train_model = None
+    dist.destroy_process_group()
+
+
+def stop(run, message):
+    """Ends the run with `message`. Under DDP every process gets here at the same step (see all_processes): rank 0
+    says why before any of them exits (torchrun then ends the rest), and all leave with status 1."""
+    if run.world == 1:
+        sys.exit(message)
+    if run.rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    dist.barrier()
+    end_distributed(run)
+    sys.exit(1)
+
+
+def sum_over_processes(run, values):
+    """A few numbers summed over all processes (one all-reduce); one process gets them back as they are."""
+    if run.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_processes(run, ok):
+    """Whether `ok` holds in every process, so that all of them take the same branch (and none is left waiting
+    in a collective that the others skipped)."""
+    return bool(ok) if run.world == 1 else sum_over_processes(run, [float(not ok)])[0] == 0
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d with the training statistics of the global batch, on every backend (SyncBatchNorm runs on CUDA
+    only): each process's per-channel mean and variance are all-gathered with autograd and combined."""
+
+    def forward(self, x):  # (b, C, H, W) with the same b in every process
+        if not self.training:
+            return super().forward(x)
+        var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+        means, variances = funcol.all_gather_single(torch.stack([mean, var]), 0, dist.group.WORLD).view(
+            -1, 2, x.shape[1]).unbind(1)  # (world, C) each
+        mean = means.mean(0)
+        var = (variances + (means - mean) ** 2).mean(0)  # the variance of equal-sized parts pooled
+        n = x.numel() // x.shape[1] * len(means)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (x.float() * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
+
+
+class GlobalBatchSelfAttention(BatchSelfAttention):
+    """The self-attention regulariser across the global batch: the features of all processes, all-gathered with
+    autograd in rank order (the order of the global batch), attend to each other."""
+
+    def forward(self, x):  # (b, d) -> (B, B)
+        return super().forward(funcol.all_gather_single(x, 0, dist.group.WORLD) if self.training else x)
+
+
+def make_batch_global(model):
+    """The two parts of EmoNeXt that look across the batch, the STN's BatchNorm and the self-attention
+    regulariser, look across the global one. The subclasses hold no state of their own: parameters, buffers and
+    state-dict keys stay as they are."""
+    for m in model.modules():
+        if type(m) is torch.nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d
+        elif type(m) is BatchSelfAttention:
+            m.__class__ = GlobalBatchSelfAttention
+
+
+def training_model(model, args, world):
+    """What train_step calls: the model itself in one process; under torchrun the model with global batch
+    statistics wrapped in DDP (which averages the gradients); compiled with --compile."""
+    if world > 1:
+        make_batch_global(model)
+        # find_unused_parameters: attention.value gets no gradient (kept for the official state-dict layout)
+        model = DDP(model, find_unused_parameters=True)
+    return torch.compile(model) if args.compile else model
+
+
+# -----------------------------------------------------------------------------
 # a run: set up, train step by step, evaluate and save, test
 
 def read_resume(args, argv=None):
@@ -308,7 +428,7 @@ def check_resume_length(args, resume, iters_per_epoch, max_iters):
               f"{lr_at(it, args, max_iters):.3e}")
 
 
-def setup(args, resume):
+def setup(args, resume, rank=0, world=1):
     """Data on the device, the model, its EMA copy and the optimizer, restored from `resume` if given.
     Returns the run's state as one namespace that the steps below read and update."""
     if args.threads:
@@ -350,8 +470,8 @@ def setup(args, resume):
         args=args, device=device, train_x=train_x, train_y=train_y, class_names=class_names,
         val=splits["val"], test=splits["test"],
         iters_per_epoch=iters_per_epoch, max_iters=max_iters, eval_interval=args.eval_interval or iters_per_epoch,
-        model=model, ema_model=ema_model, optimizer=optimizer, it=0, best_acc=-1.0, nonfinite_total=0,
-        bad_in_a_row=0, ckpt_path=os.path.join(args.out_dir, "ckpt.pt"),
+        model=model, ema_model=ema_model, optimizer=optimizer, rank=rank, world=world, it=0, best_acc=-1.0,
+        nonfinite_total=0, bad_in_a_row=0, ckpt_path=os.path.join(args.out_dir, "ckpt.pt"),
         best_path=os.path.join(args.out_dir, "best.pt"),
         autocast=torch.autocast(device.type, torch.bfloat16, enabled=args.amp))
     if resume is not None:
@@ -363,15 +483,18 @@ def setup(args, resume):
         if device.type == "cuda" and "rng_cuda" in resume:
             torch.cuda.set_rng_state(resume["rng_cuda"])
         print(f"resuming {run.ckpt_path} at iteration {run.it}/{max_iters}")
+    if rank:  # drop-path masks: a stream per process, apart from the (seed, iteration) augmentation seeds
+        torch.manual_seed(args.seed * 1_000_003 + run.it + rank * 2 ** 40)
     if emonext.kernels is not None:
         emonext.kernels.set_backend(args.kernels)
         print(emonext.kernels.describe(device))
     elif args.kernels != "torch":
         print("kernels/ not importable: plain PyTorch everywhere")
-    run.train_model = torch.compile(model) if args.compile else model
+    run.train_model = training_model(model, args, world)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"EmoNeXt-{args.model}: {n_params / 1e6:.2f}M parameters, img_size {args.img_size}, in_chans "
-          f"{args.in_chans}, {max_iters} iterations of {args.batch_size} ({max_iters / iters_per_epoch:.1f} epochs)")
+          f"{args.in_chans}, {max_iters} iterations of {args.batch_size} ({max_iters / iters_per_epoch:.1f} epochs)"
+          + (f", {world} processes of {args.batch_size // world} (DDP, {dist.get_backend()})" if world > 1 else ""))
     os.makedirs(args.out_dir, exist_ok=True)
     return run
 
@@ -391,24 +514,28 @@ def train_step(run, idx):
     BatchNorm statistics are then restored, and the run stops after --max-bad-steps such steps in a row).
     Returns (logits, targets, loss, ce, sa, lr)."""
     args, model = run.args, run.model
+    share = len(idx) // run.world
+    first = run.rank * share
+    mine = idx[first:first + share]  # this process's rows of the global batch
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + run.it)  # augmentation stream from (seed, iteration)
-    xb = data.augment(run.train_x[idx], args.img_size, gen, rotate=args.rotate,
-                      scale=(1 - args.zoom, 1 + args.zoom), translate=args.shift, vflip=args.vflip)
+    xb = data.augment(run.train_x[mine], args.img_size, gen, rotate=args.rotate, scale=(1 - args.zoom, 1 + args.zoom),
+                      translate=args.shift, vflip=args.vflip, rows=(first, len(idx)))
     if run.device.type == "cuda":
         xb = xb.contiguous(memory_format=torch.channels_last)
-    yb = run.train_y[idx]  # (B,) classes, or (B, C) distributions for ferplus-soft / ferplus-draw
-    if args.labels == "ferplus-draw":
-        yb = data.draw_labels(yb, gen)
+    yb = run.train_y[mine]  # (b,) classes, or (b, C) distributions for ferplus-soft / ferplus-draw
+    if args.labels == "ferplus-draw":  # drawn for the global batch, so any number of processes draws alike
+        yb = data.draw_labels(run.train_y[idx], gen)[first:first + share]
     lr = lr_at(run.it, args, run.max_iters)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     bn_stats = [b.clone() for b in model.buffers()]  # the STN's BatchNorm statistics, to undo a bad batch
     with run.autocast:
         logits, loss, (ce, sa) = run.train_model(xb, yb, loss_parts=True)
-    if torch.isfinite(loss):
-        loss.backward()
+    loss_ok = all_processes(run, torch.isfinite(loss))
+    if loss_ok:
+        loss.backward()  # under DDP the gradients are averaged here, so grad_norm is the same in every process
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+    if loss_ok and torch.isfinite(grad_norm):
         run.optimizer.step()
         update_ema(run.ema_model, model, min(args.ema_decay, (1 + run.it) / (10 + run.it)))
         run.bad_in_a_row = 0
@@ -416,11 +543,12 @@ def train_step(run, idx):
         torch._foreach_copy_(list(model.buffers()), bn_stats)
         run.nonfinite_total += 1
         run.bad_in_a_row += 1
-        print(f"iter {run.it}: non-finite loss or gradient ({loss.item():.4g}), step skipped "
+        mean_loss = sum_over_processes(run, [loss.item()])[0] / run.world  # non-finite if any process's loss is
+        print(f"iter {run.it}: non-finite loss or gradient ({mean_loss:.4g}), step skipped "
               f"({run.bad_in_a_row} in a row, {run.nonfinite_total} in all)")
         if run.bad_in_a_row >= args.max_bad_steps:
-            sys.exit(f"train.py: stopping: {run.bad_in_a_row} non-finite steps in a row at iteration {run.it}; "
-                     f"the last good checkpoint is {run.ckpt_path} (try a lower --lr)")
+            stop(run, f"train.py: stopping: {run.bad_in_a_row} non-finite steps in a row at iteration {run.it}; "
+                      f"the last good checkpoint is {run.ckpt_path} (try a lower --lr)")
     run.optimizer.zero_grad(set_to_none=True)
     run.it += 1
     return logits, yb, loss, ce, sa, lr
@@ -436,20 +564,30 @@ def checkpoint_state(run):
     return state
 
 
+def ema_accuracy(run, x, y):
+    """Accuracy of the EMA weights on (x, y). Each process scores its slice and the counts are summed, so every
+    process gets the same number (and the same "improved or not")."""
+    lo, hi = len(y) * run.rank // run.world, len(y) * (run.rank + 1) // run.world
+    logits = predict(run.ema_model, x[lo:hi], run.args.img_size, amp=run.args.amp)
+    correct, = sum_over_processes(run, [(logits.argmax(-1) == y[lo:hi]).sum().item()])
+    return correct / len(y) if len(y) else math.nan  # nan: the mean of no faces
+
+
 def evaluate_and_save(run):
     """Scores the EMA weights on the validation split, writes stn.png, ckpt.pt and (if improved) best.pt."""
     t_eval = time.time()
-    val_x, val_y = run.val
-    val_acc = accuracy(predict(run.ema_model, val_x, run.args.img_size, amp=run.args.amp), val_y)
-    save_stn_picture(run.ema_model, val_x[:16], run.args.img_size, os.path.join(run.args.out_dir, "stn.png"))
-    if not all_finite(run.model):
-        sys.exit(f"train.py: non-finite weights at iteration {run.it}; not saving over {run.ckpt_path}")
+    val_acc = ema_accuracy(run, *run.val)
+    if run.rank == 0:
+        save_stn_picture(run.ema_model, run.val[0][:16], run.args.img_size, os.path.join(run.args.out_dir, "stn.png"))
+    if not all_processes(run, all_finite(run.model)):
+        stop(run, f"train.py: non-finite weights at iteration {run.it}; not saving over {run.ckpt_path}")
     improved = val_acc > run.best_acc
     run.best_acc = max(run.best_acc, val_acc)
-    state = checkpoint_state(run)
-    if improved:  # best.pt before ckpt.pt: a kill between the two then resumes from the older ckpt.pt
-        save_checkpoint(state, run.best_path)
-    save_checkpoint(state, run.ckpt_path)
+    if run.rank == 0:  # the other processes hold the same weights
+        state = checkpoint_state(run)
+        if improved:  # best.pt before ckpt.pt: a kill between the two then resumes from the older ckpt.pt
+            save_checkpoint(state, run.best_path)
+        save_checkpoint(state, run.ckpt_path)
     print(f"epoch {run.it / run.iters_per_epoch:.2f} | iter {run.it} | val acc (EMA) {100 * val_acc:.2f}% | "
           f"best {100 * run.best_acc:.2f}%{' (saved)' if improved else ''} | eval "
           f"{time.time() - t_eval:.1f}s", flush=True)
@@ -476,29 +614,41 @@ def final_test(run):
     return results
 
 
+def log_progress(run, logits, yb, loss, ce, sa, lr, seconds, iters):
+    """The last step's loss and accuracy over the global batch, its lr, images/s over the last `iters` steps
+    (all processes, and per process under DDP) and the time left."""
+    world = run.world
+    loss, ce, acc = (v / world for v in sum_over_processes(run, [loss.item(), ce.item(), accuracy(logits, yb)]))
+    speed = iters * run.args.batch_size / seconds
+    eta = (run.max_iters - run.it) * seconds / iters
+    per_process = f" ({speed / world:.0f} per process)" if world > 1 else ""
+    print(f"iter {run.it}/{run.max_iters} | loss {loss:.4f} (ce {ce:.4f} sa {sa.item():.2e}) | acc {100 * acc:.1f}% | "
+          f"lr {lr:.2e} | {speed:.0f} img/s{per_process} | eta {fmt_time(eta)}", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    run = setup(args, read_resume(args, argv))
+    resume = read_resume(args, argv)
+    rank, world = init_distributed(args)
+    run = setup(args, resume, rank, world)
     run.model.train()
     t_log, it_log = time.time(), run.it
     while run.it < run.max_iters:
         for idx in epoch_batches(run):
-            logits, yb, loss, ce, sa, lr = train_step(run, idx)
+            step = train_step(run, idx)
             it = run.it
             if it % args.log_interval == 0 or it == run.max_iters:
-                dt = time.time() - t_log
-                speed = (it - it_log) * args.batch_size / dt
-                eta = (run.max_iters - it) * dt / (it - it_log)
-                print(f"iter {it}/{run.max_iters} | loss {loss.item():.4f} (ce {ce.item():.4f} sa {sa.item():.2e}) | "
-                      f"acc {100 * accuracy(logits, yb):.1f}% | lr {lr:.2e} | {speed:.0f} img/s | "
-                      f"eta {fmt_time(eta)}", flush=True)
+                log_progress(run, *step, time.time() - t_log, it - it_log)
                 t_log, it_log = time.time(), it
             if it % run.eval_interval == 0 or it == run.max_iters:
                 t_log += evaluate_and_save(run)  # keep the evaluation out of the images/s
             if it >= run.max_iters:
                 break
-    return final_test(run)
+    results = final_test(run) if rank == 0 else None  # best.pt is rank 0's file
+    if world > 1:
+        end_distributed(run)
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    record(main)()  # under torchrun, a failing process's traceback goes into torchrun's report

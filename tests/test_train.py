@@ -187,7 +187,7 @@ def test_recipe_flags_reach_the_model_and_the_augmentation(faces_npz, tmp_path, 
     out = tmp_path / "flags"
     train.main(tiny_args(faces_npz, out, 2, 2, "--rotate", "7", "--zoom", "0.25", "--shift", "0.03", "--vflip",
                          "--layer-scale-init", "0.5"))
-    assert seen == [dict(rotate=7.0, scale=(0.75, 1.25), translate=0.03, vflip=True)] * 2
+    assert seen == [dict(rotate=7.0, scale=(0.75, 1.25), translate=0.03, vflip=True, rows=(0, 32))] * 2
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["layer_scale_init"] == 0.5
     assert ckpt["args"]["rotate"] == 7.0 and ckpt["args"]["zoom"] == 0.25 and ckpt["args"]["shift"] == 0.03
