@@ -430,6 +430,10 @@ def class_names(labels):
     return CLASS_NAMES if labels == "fer2013" else FERPLUS_CLASS_NAMES
 
 
+def target_classes(y):
+    """Classes (N,) of targets: classes as they are, distributions (N, C) (FER+ soft) their most likely class."""
+    return y.argmax(-1) if y.ndim == 2 else y
+
 
 def hold_out(splits, fraction, seed):
     """The splits with a seeded `fraction` of train moved to val, class by class (each class gives
@@ -439,7 +443,7 @@ def hold_out(splits, fraction, seed):
     x, y = splits["train"]
     generator = torch.Generator().manual_seed(seed)
     is_val = torch.zeros(len(y), dtype=torch.bool)
-    classes = y.argmax(-1) if y.ndim == 2 else y  # FER+ soft targets: stratified by their most-voted emotion
+    classes = target_classes(y)  # FER+ soft targets: stratified by their most-voted emotion
     for c in classes.unique().tolist():
         faces = torch.nonzero(classes == c).flatten()
         faces = faces[torch.randperm(len(faces), generator=generator)]

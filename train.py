@@ -245,7 +245,7 @@ def save_checkpoint(state, path):
 
 def accuracy(logits, y):
     """Share of argmax predictions equal to y: classes (N,), or the most likely class of distributions (N, C)."""
-    return (logits.argmax(-1) == (y.argmax(-1) if y.ndim == 2 else y)).double().mean().item()
+    return (logits.argmax(-1) == data.target_classes(y)).double().mean().item()
 
 
 def fmt_time(seconds):
