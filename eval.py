@@ -8,6 +8,7 @@ or the emotion probabilities of face image files; the classes are the checkpoint
     python eval.py out/best.pt --images photo.jpg      # finds the faces first (pip install 'opencv-python-headless<5')
 """
 import argparse
+import hashlib
 import os
 import sys
 
@@ -63,6 +64,25 @@ def report(cm, class_names):
     for i, name in enumerate(class_names):
         lines.append(f"{name:<{width}}  " + " ".join(f"{int(v):5d}" for v in cm[i]))
     return "\n".join(lines)
+
+
+def save_checkpoint(state, path):
+    """torch.save through a temporary file: a kill leaves the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def export_weights(ckpt, path):
+    """Writes the checkpoint to ship: the EMA weights (else the model's) in half precision, the config, the class
+    names and the train.py arguments that made it; no optimizer, no online weights. It loads with
+    torch.load(weights_only=True), EmoNeXt.from_checkpoint (weights back in fp32) and eval.py."""
+    model = EmoNeXt.from_checkpoint(ckpt)  # checks the config and that the weights fit it
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    slim = {"config": ckpt["config"], "ema": state, "class_names": list(ckpt.get("class_names") or data.CLASS_NAMES),
+            "args": ckpt.get("args", {}), "iter": ckpt.get("iter"), "best_val_acc": ckpt.get("best_val_acc")}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_checkpoint({k: v for k, v in slim.items() if v is not None}, path)
 
 
 def _save_png(image, path):
@@ -266,6 +286,9 @@ def main(argv=None):
                         "on a small CPU, worth it for large sets only")
     p.add_argument("--channels-last", action="store_true", help="conv weights in channels-last memory format")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--export", metavar="PATH",
+                   help="write the checkpoint to ship to PATH instead of evaluating: EMA weights in half precision, "
+                        "config, class names (a few MB for atto), and print its size and sha256")
     p.add_argument("--out-dir", default=None,
                    help="where the confusion matrix PNG goes, created if need be (default: beside the checkpoint)")
     args = p.parse_args(argv)
@@ -276,6 +299,15 @@ def main(argv=None):
         names = checkpoint_class_names(ckpt, model.config.num_classes, args.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"eval.py: {e}")
+    if args.export:
+        try:
+            export_weights(ckpt, args.export)
+        except OSError as e:
+            sys.exit(f"eval.py: --export {args.export}: {e.strerror or e}")
+        with open(args.export, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        print(f"{args.export}: {os.path.getsize(args.export) / 2**20:.1f} MiB, sha256 {digest}")
+        return digest
     model = model.for_inference(channels_last=args.channels_last, compile=args.compile)
     img_size = model.config.img_size
 

@@ -68,7 +68,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import emonext
 from emonext import SIZES, BatchSelfAttention, EmoNeXt, config_dict, load_weights, read_checkpoint
-from eval import predict, save_stn_picture
+from eval import predict, save_checkpoint, save_stn_picture
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -235,12 +235,6 @@ def update_ema(ema_model, model, decay):
 
 def all_finite(model):
     return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.dtype.is_floating_point)
-
-
-def save_checkpoint(state, path):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one, never half of one
 
 
 def accuracy(logits, y):
