@@ -418,12 +418,13 @@ VARIANTS = {  # name: (this project's model, kernels backend, torch.compile)
     "eager+fused": (True, "fused", False),
     "compile": (True, "torch", True),
     "compile+fused": (True, "fused", True),
+    "eager-nchw": (True, "torch", False),  # training in NCHW, as train.py did on CPUs before it went channels-last
 }
 
 
-def step_function(model, x, y, train: bool, args, project: bool, compiled: bool):
+def step_function(model, x, y, train: bool, args, project: bool, compiled: bool, channels_last: bool = True):
     """One training step (bf16 autocast on CUDA, forward with loss, backward, clip, AdamW; no EMA or data work,
-    the same for every variant) or one inference batch."""
+    the same for every variant; the project's model channels-last as train.py runs it) or one inference batch."""
     cuda = x.is_cuda
     if project and not train:  # the project's documented inference path: an eval copy, STN BatchNorm folded
         model = model.for_inference(channels_last=args.channels_last)
@@ -437,6 +438,10 @@ def step_function(model, x, y, train: bool, args, project: bool, compiled: bool)
                 fn(x)
         return infer
     model.train()
+    if project:  # train.py's layout on every device: channels-last weights and batches
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        model.to(memory_format=layout)
+        x = x.contiguous(memory_format=layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda and project)  # official: foreach
 
     def step():
@@ -495,7 +500,7 @@ def bench_model_case(args, table, train, size, img, threads, device):
         kernels.set_backend(backend)
         torch._dynamo.reset()
         step = step_function(project if is_project else official, inputs[is_project], y, train, args,
-                             is_project, compiled)
+                             is_project, compiled, channels_last=name != "eager-nchw")
         r = time_variant(step, args.steps, cuda)
         img_s = 1e3 * B / r["ms"]
         base = img_s if name == "official" else base
@@ -531,8 +536,8 @@ def parse_args(argv=None):
     m.add_argument("--sizes", default="tiny", help="EmoNeXt sizes, comma-separated")
     m.add_argument("--img-sizes", default="224", help="input sides, comma-separated")
     m.add_argument("--threads", default="", help="CPU thread counts, comma-separated (default: torch's)")
-    m.add_argument("--variants", default=None, help=f"of {','.join(VARIANTS)} (default: all on CUDA, "
-                   "official,eager on a CPU)")
+    m.add_argument("--variants", default=None, help=f"of {','.join(VARIANTS)} (default: all but eager-nchw on CUDA, "
+                   "official,eager on a CPU, all with --dry-run)")
     m.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     m.add_argument("--amp", action="store_true", help="bf16 autocast on a CPU too (always on CUDA)")
     m.add_argument("--channels-last", action="store_true", help="infer: the project's model via "
@@ -545,7 +550,9 @@ def parse_args(argv=None):
         args.sizes, args.img_sizes = "atto", "32"
     args.sizes, args.img_sizes = args.sizes.split(","), [int(s) for s in args.img_sizes.split(",")]
     args.threads = [int(t) for t in args.threads.split(",") if t]
-    args.variants = (args.variants or (",".join(VARIANTS) if cuda or args.dry_run else "official,eager")).split(",")
+    on_cuda = ",".join(v for v in VARIANTS if v != "eager-nchw")  # the dry run proves every variant
+    args.variants = (args.variants or (",".join(VARIANTS) if args.dry_run else on_cuda if cuda
+                                       else "official,eager")).split(",")
     bad = [v for v in args.variants if v not in VARIANTS] + [s for s in args.sizes if s not in SIZES]
     if bad:
         p.error(f"unknown variant or size: {', '.join(bad)}")
