@@ -250,7 +250,7 @@ def classify_images(model, args, names):
         sys.exit(f"eval.py: no image files in {args.images}")
     found = find_faces(files, args.detect)
     faces = torch.cat([faces for _, _, faces, _ in found])
-    probs = predict(model, faces, model.config.img_size, args.tta, args.batch_size).softmax(-1)
+    probs = predict(model, faces, model.config.img_size, args.tta, args.batch_size, args.amp).softmax(-1)
     with_boxes = any(searched for *_, searched in found)
     print("file  " + ("box  " if with_boxes else "") + "top  " + " ".join(f"{n:>8}" for n in names))
     start, pictures = 0, []
@@ -286,6 +286,9 @@ def main(argv=None):
                    help="torch.compile the model with weight freezing (EmoNeXt.for_inference): compiling takes minutes "
                         "on a small CPU, worth it for large sets only")
     p.add_argument("--channels-last", action="store_true", help="conv weights in channels-last memory format")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast: about twice the faces/s on CPUs with AVX512-BF16 or AMX (and on GPUs), "
+                        "logits within bf16 rounding of fp32's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--export", metavar="PATH",
                    help="write the checkpoint to ship to PATH instead of evaluating: EMA weights in half precision, "
@@ -332,7 +335,7 @@ def main(argv=None):
     x, y = splits[args.split]
     if len(y) == 0:
         sys.exit(f"eval.py: {description} has no {args.split} split")
-    preds = predict(model, x, img_size, args.tta, args.batch_size).argmax(-1)
+    preds = predict(model, x, img_size, args.tta, args.batch_size, args.amp).argmax(-1)
     cm = confusion_matrix(preds, y, len(names))
     acc = (preds == y).double().mean().item()
     print(f"{description}\n{args.split} accuracy ({args.tta}): {100 * acc:.2f}% of {len(y)}\n")

@@ -1,6 +1,7 @@
 """eval.py: scores of a fresh checkpoint (they must agree with train.py's own), the confusion PNG, predictions on
 image files of any size/mode, clear errors for foreign or damaged checkpoints, and the helpers on hand-made input.
 One tiny checkpoint is trained once for the module (atto, 32 px, 12 iterations, one CPU thread)."""
+import hashlib
 import io
 import os
 import re
@@ -339,3 +340,32 @@ def test_predict_batches_and_tencrop(run):
         ref = torch.stack([model(crops[:, i]) for i in range(10)], 1).mean(1)
     torch.testing.assert_close(evaluate.predict(model, x, 32, "tencrop", batch_size=4), ref, rtol=0, atol=1e-5)
     assert evaluate.predict(model, x[:0], 32).shape == (0, K)
+
+
+def test_export_writes_the_half_precision_ema_checkpoint_that_eval_scores(run, capsys, tmp_path):
+    path = tmp_path / "new" / "shipped.pt"
+    digest = evaluate.main([run["ckpt"], "--export", str(path)])
+    assert f"sha256 {digest}" in capsys.readouterr().out
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert os.listdir(path.parent) == ["shipped.pt"]  # written through a temporary file, which is gone
+    shipped, source = (torch.load(p, weights_only=True) for p in (path, run["ckpt"]))
+    assert not {"model", "optimizer", "rng_cpu"} & set(shipped)
+    assert shipped["config"] == source["config"] and shipped["class_names"] == source["class_names"]
+    assert shipped["ema"].keys() == source["ema"].keys()
+    for k, v in source["ema"].items():  # the EMA weights, rounded to fp16
+        assert shipped["ema"][k].dtype == (torch.float16 if v.is_floating_point() else v.dtype), k
+        assert torch.equal(shipped["ema"][k], v.half() if v.is_floating_point() else v), k
+    model, _ = evaluate.load_model(run["ckpt"], "cpu")
+    half, _ = evaluate.load_model(str(path), "cpu")
+    x = run["splits"]["test"][0]
+    torch.testing.assert_close(evaluate.predict(half, x, 32), evaluate.predict(model, x, 32), rtol=0, atol=2e-2)
+
+
+def test_amp_is_bf16_autocast_close_to_fp32(run, capsys, tmp_path):
+    model, _ = evaluate.load_model(run["ckpt"], "cpu")
+    x, y = run["splits"]["test"]
+    fp32, bf16 = (evaluate.predict(model.for_inference(), x, 32, amp=amp) for amp in (False, True))
+    assert not torch.equal(fp32, bf16)  # bf16 did run
+    torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.1)
+    acc, out = run_eval([run["ckpt"], "--tta", "none", "--amp", "--out-dir", str(tmp_path)], capsys)
+    assert acc == (bf16.argmax(-1) == y).double().mean().item()
