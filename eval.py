@@ -74,13 +74,13 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def export_weights(ckpt, path):
-    """Writes the checkpoint to ship: the EMA weights (else the model's) in half precision, the config, the class
-    names and the train.py arguments that made it; no optimizer, no online weights. It loads with
-    torch.load(weights_only=True), EmoNeXt.from_checkpoint (weights back in fp32) and eval.py."""
-    model = EmoNeXt.from_checkpoint(ckpt)  # checks the config and that the weights fit it
-    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    slim = {"config": ckpt["config"], "ema": state, "class_names": list(ckpt.get("class_names") or data.CLASS_NAMES),
+def export_weights(model, ckpt, class_names, path):
+    """Writes the checkpoint to ship: `model` (loaded from `ckpt`, so its EMA weights when it has them) in half
+    precision on the CPU, the config, the class names and the train.py arguments that made it; no optimizer, no
+    online weights. It loads with torch.load(weights_only=True), EmoNeXt.from_checkpoint (weights back in fp32)
+    and eval.py."""
+    state = {k: v.cpu().half() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    slim = {"config": ckpt["config"], "ema": state, "class_names": list(class_names),
             "args": ckpt.get("args", {}), "iter": ckpt.get("iter"), "best_val_acc": ckpt.get("best_val_acc")}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_checkpoint({k: v for k, v in slim.items() if v is not None}, path)
@@ -305,7 +305,7 @@ def main(argv=None):
         sys.exit(f"eval.py: {e}")
     if args.export:
         try:
-            export_weights(ckpt, args.export)
+            export_weights(model, ckpt, names, args.export)
         except OSError as e:
             sys.exit(f"eval.py: --export {args.export}: {e.strerror or e}")
         with open(args.export, "rb") as f:
