@@ -455,8 +455,8 @@ def setup(args, resume, rank=0, world=1):
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # unreachable, unreadable, foreign
             where = "" if args.pretrained in str(e) else f"{args.pretrained}: "
             sys.exit(f"train.py: --pretrained: {where}{e}")
-    # channels-last on every device: the depthwise convs (and their backward) are several times faster so, on
-    # CPUs too, and the blocks' permutes to (N, H, W, C) become free
+    # channels-last on every device: the blocks' permutes to (N, H, W, C) become free and CPU depthwise convs run
+    # their fast path (the conv alone ~3x); a whole CPU step gains 0-12% (BENCHMARKS.md, "Training on a 2-core CPU")
     model.to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
