@@ -210,7 +210,7 @@ def _autocast_off(device: torch.device):
         else contextlib.nullcontext()
 
 
-def _stn_feature_side(img_size: int) -> int:
+def stn_feature_side(img_size: int) -> int:
     # conv7 -> maxpool2 -> conv5 -> maxpool2; 52 at 224 as in the official code
     return ((img_size - 6) // 2 - 4) // 2
 
@@ -238,7 +238,7 @@ class EmoNeXt(nn.Module):
         self.localization = nn.Sequential(
             InputConv2d(c, 8, kernel_size=7), nn.BatchNorm2d(8), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
             nn.Conv2d(8, 10, kernel_size=5), nn.BatchNorm2d(10), nn.MaxPool2d(2, stride=2), nn.ReLU(True))
-        s = _stn_feature_side(config.img_size)
+        s = stn_feature_side(config.img_size)
         self.fc_loc = nn.Sequential(nn.Linear(10 * s * s, 32), nn.ReLU(True), nn.Linear(32, 6))
 
         # ConvNeXt: stem (conv 4x4/4 + LN), then 3 x (LN + conv 2x2/2 + SE) between the 4 stages

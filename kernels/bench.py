@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # `python kernels/bench.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels  # noqa: E402
-from emonext import SIZES, EmoNeXt, _stn_feature_side, load_weights  # noqa: E402
+from emonext import SIZES, EmoNeXt, stn_feature_side, load_weights  # noqa: E402
 from kernels import dwconv_ln, sampler  # noqa: E402
 
 # The performance model's rates for an H100 SXM5, used by --floors (a CUDA run uses its own device's):
@@ -366,7 +366,7 @@ class OfficialEmoNeXt(nn.Module):
         self.localization = nn.Sequential(
             nn.Conv2d(3, 8, kernel_size=7), nn.BatchNorm2d(8), nn.MaxPool2d(2, stride=2), nn.ReLU(True),
             nn.Conv2d(8, 10, kernel_size=5), nn.BatchNorm2d(10), nn.MaxPool2d(2, stride=2), nn.ReLU(True))
-        self.side = _stn_feature_side(img_size)
+        self.side = stn_feature_side(img_size)
         self.fc_loc = nn.Sequential(nn.Linear(10 * self.side ** 2, 32), nn.ReLU(True), nn.Linear(32, 6))
         self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, dims[0], kernel_size=4, stride=4),
                                                               OfficialLayerNorm(dims[0], channels_first=True))])

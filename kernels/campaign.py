@@ -50,8 +50,8 @@ def unpack(xz_path: str) -> str:
 def write_tiny_data(path: str) -> None:
     """Synthetic faces in the device file's layout (train/public_test/private_test x and y), xz-compressed."""
     sys.path.insert(0, ROOT)
-    import data
-    splits = data.synthetic_faces(n_train=96, n_val=32, n_test=32)
+    import synthetic
+    splits = synthetic.synthetic_faces(n_train=96, n_val=32, n_test=32)
     arrays = {f"{prefix}_{k}": t.numpy() for prefix, split in zip(("train", "public_test", "private_test"),
                                                                   ("train", "val", "test"))
               for k, t in zip("xy", splits[split])}

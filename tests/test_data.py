@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+import synthetic
 from conftest import FER2013_NPZ
 
 USAGES = ["Training", "Training", "Training", "PublicTest", "PrivateTest", "PrivateTest"]
@@ -350,12 +351,12 @@ def test_load_image_palette_cmyk_and_exif_rotation(tmp_path):
 
 
 def test_synthetic_faces():
-    a = data.synthetic_faces(n_train=140, n_val=14, n_test=70, seed=1)
+    a = synthetic.synthetic_faces(n_train=140, n_val=14, n_test=70, seed=1)
     check_splits(a, (140, 14, 70))
     assert torch.bincount(a["train"][1], minlength=7).tolist() == [20] * 7
-    b = data.synthetic_faces(n_train=70, n_val=14, n_test=70, seed=1)
+    b = synthetic.synthetic_faces(n_train=70, n_val=14, n_test=70, seed=1)
     assert torch.equal(a["test"][0], b["test"][0])  # each split has its own stream
-    c = data.synthetic_faces(n_train=140, n_val=14, n_test=70, seed=2)
+    c = synthetic.synthetic_faces(n_train=140, n_val=14, n_test=70, seed=2)
     assert not torch.equal(a["train"][0], c["train"][0])
     assert a["train"][0].float().std() > 30  # real contrast, not a blank canvas
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import synthetic
 import train
 from emonext import EmoNeXt
 from test_train import faces_npz  # noqa: F401  (a fixture: 448 / 70 / 70 synthetic faces in an .npz)
@@ -247,7 +248,7 @@ def test_flags_that_cannot_work_under_torchrun_are_refused_before_it_starts(face
 
 
 def test_augment_draws_the_whole_batch_for_any_split():
-    x = data.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=0)["train"][0]
+    x = synthetic.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=0)["train"][0]
     whole = data.augment(x, 32, torch.Generator().manual_seed(5))
     parts = [data.augment(x[i:i + 4], 32, torch.Generator().manual_seed(5), rows=(i, 12)) for i in (0, 4, 8)]
     assert torch.equal(torch.cat(parts), whole)

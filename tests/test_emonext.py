@@ -117,7 +117,7 @@ def test_shapes_big_sizes_on_meta(size):
 
 
 def test_stn_regressor_width_at_224_is_official():
-    assert emonext._stn_feature_side(224) == 52
+    assert emonext.stn_feature_side(224) == 52
     with torch.device("meta"):
         m = EmoNeXt.from_size("atto", img_size=224)
     assert m.fc_loc[0].weight.shape == (32, 10 * 52 * 52)

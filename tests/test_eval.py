@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 import eval as evaluate
+import synthetic
 import train
 from emonext import EmoNeXt
 
@@ -24,7 +25,7 @@ K = len(data.CLASS_NAMES)
 def run(tmp_path_factory):
     """A checkpoint fresh from train.py, trained on a small .npz of synthetic faces, and train.py's own scores."""
     root = tmp_path_factory.mktemp("eval")
-    d = data.synthetic_faces(n_train=320, n_val=63, n_test=77, seed=2)
+    d = synthetic.synthetic_faces(n_train=320, n_val=63, n_test=77, seed=2)
     npz = root / "faces.npz"
     np.savez(npz, train_x=d["train"][0].numpy(), train_y=d["train"][1].numpy(),
              public_test_x=d["val"][0].numpy(), public_test_y=d["val"][1].numpy(),
@@ -134,7 +135,7 @@ def test_eval_says_when_the_training_data_is_gone(run, capsys, tmp_path, gone):
 def test_eval_after_training_with_skip_bad_rows(tmp_path, capsys):
     """train.py --skip-bad-rows on a csv with a bad row, then eval.py on its checkpoint: it re-reads the csv the
     same way (skipping the row) and its ten-crop test accuracy is train.py's own."""
-    d = data.synthetic_faces(n_train=64, n_val=14, n_test=21, seed=5)
+    d = synthetic.synthetic_faces(n_train=64, n_val=14, n_test=21, seed=5)
     rows = [f"{c},{' '.join(map(str, f.flatten().tolist()))},{usage}"
             for usage, split in (("Training", "train"), ("PublicTest", "val"), ("PrivateTest", "test"))
             for f, c in zip(d[split][0].numpy(), d[split][1].tolist())]
@@ -306,7 +307,7 @@ def test_save_confusion_png(tmp_path):
 def test_save_stn_picture(tmp_path):
     torch.manual_seed(0)
     model = EmoNeXt.from_size("atto", img_size=48, in_chans=1)  # identity STN at init
-    x = data.synthetic_faces(n_train=5, n_val=0, n_test=0, seed=3)["train"][0]
+    x = synthetic.synthetic_faces(n_train=5, n_val=0, n_test=0, seed=3)["train"][0]
     path = str(tmp_path / "stn.png")
     evaluate.save_stn_picture(model, x, 48, path)
     with Image.open(path) as im:

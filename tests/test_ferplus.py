@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import eval as evaluate
+import synthetic
 import train
 from conftest import FER2013_NPZ
 from emonext import EmoNeXt, config_dict
@@ -235,7 +236,7 @@ def faces_with_votes(tmp_path_factory):
     """Synthetic faces in the fer2013.npz layout (csv_index included) and a fer2013new.csv of synthetic votes:
     7 for the face's expression and 3 spread at random, so some faces have soft targets and no majority."""
     root = tmp_path_factory.mktemp("ferplus")
-    d = data.synthetic_faces(n_train=256, n_val=48, n_test=48, seed=3)
+    d = synthetic.synthetic_faces(n_train=256, n_val=48, n_test=48, seed=3)
     y = torch.cat([d[name][1] for name in ("train", "val", "test")]).numpy()
     rng = np.random.default_rng(0)
     votes = rng.multinomial(3, np.full(10, 0.1), len(y))

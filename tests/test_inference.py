@@ -43,7 +43,7 @@ def trained_looking(size="atto", img_size=48, in_chans=1, num_classes=7, seed=0)
 
 def faces_as_input(n, img_size, channels=1, seed=0):
     """Normalised synthetic faces (n, channels, S, S), as eval.py feeds them; RGB ones tinted per channel."""
-    x = data.preprocess(data.synthetic_faces(n_train=n, n_val=0, n_test=0, seed=seed)["train"][0], img_size)
+    x = data.preprocess(synthetic.synthetic_faces(n_train=n, n_val=0, n_test=0, seed=seed)["train"][0], img_size)
     return x if channels == 1 else torch.cat([x, 0.8 * x + 0.1, x.flip(-1)], 1)
 
 
@@ -225,7 +225,7 @@ def test_fast_path_keeps_the_fused_ops():
 
 @pytest.fixture(scope="module")
 def faces():
-    return data.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=3)["train"][0]  # uint8 (12, 48, 48)
+    return synthetic.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=3)["train"][0]  # uint8 (12, 48, 48)
 
 
 def test_predict_runs_the_fast_path(faces):
@@ -265,7 +265,7 @@ def test_eval_predict_runs_the_fast_path_and_folds_nothing_in_place(faces, tta):
 def test_eval_main_scores_a_for_inference_copy(tmp_path, monkeypatch, capsys, flags, kwargs):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # inductor takes minutes: the flag's wiring only
     m = trained_looking("atto", 32)
-    d = data.synthetic_faces(n_train=8, n_val=4, n_test=10, seed=5)
+    d = synthetic.synthetic_faces(n_train=8, n_val=4, n_test=10, seed=5)
     npz = tmp_path / "faces.npz"
     np.savez(npz, train_x=d["train"][0].numpy(), train_y=d["train"][1].numpy(),
              public_test_x=d["val"][0].numpy(), public_test_y=d["val"][1].numpy(),
@@ -298,6 +298,7 @@ import sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import emonext
+import synthetic
 assert emonext.kernels is None, "kernels/ must not be importable here"
 ckpt = torch.load("ckpt.pt", weights_only=True)
 m = emonext.EmoNeXt.from_checkpoint(ckpt)

@@ -15,6 +15,7 @@ from PIL import Image
 import data
 import emonext
 import eval as evaluate
+import synthetic
 from emonext import EmoNeXt
 
 K = len(data.CLASS_NAMES)
@@ -32,7 +33,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def faces():
-    return data.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=4)["train"][0]  # uint8 (12, 48, 48)
+    return synthetic.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=4)["train"][0]  # uint8 (12, 48, 48)
 
 
 @pytest.fixture(scope="module")

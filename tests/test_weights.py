@@ -13,6 +13,7 @@ from PIL import Image
 
 import data
 import eval as evaluate
+import synthetic
 from conftest import FER2013_NPZ, ROOT
 from emonext import EmoNeXt
 
@@ -36,7 +37,7 @@ def test_the_file_holds_half_precision_ema_weights_config_and_class_names():
 
 
 def test_a_copied_emonext_alone_loads_it_and_predicts_as_here(model, run_emonext_alone, tmp_path):
-    faces = data.synthetic_faces(n_train=6, n_val=0, n_test=0, seed=3)["train"][0]
+    faces = synthetic.synthetic_faces(n_train=6, n_val=0, n_test=0, seed=3)["train"][0]
     np.save(tmp_path / "faces.npy", faces.numpy())
     out = run_emonext_alone(
         "import sys, numpy, torch\n"
@@ -51,7 +52,7 @@ def test_a_copied_emonext_alone_loads_it_and_predicts_as_here(model, run_emonext
 
 
 def test_eval_images_on_the_shipped_weights(model, tmp_path, capsys):
-    face = data.synthetic_faces(n_train=1, n_val=0, n_test=0, seed=5)["train"][0][0].numpy()
+    face = synthetic.synthetic_faces(n_train=1, n_val=0, n_test=0, seed=5)["train"][0][0].numpy()
     path = str(tmp_path / "face.jpg")
     Image.fromarray(face).resize((96, 96)).save(path)  # a face photo larger than FER2013's, as a JPEG
     probs = evaluate.main([WEIGHTS, "--images", path, "--tta", "none", "--detect", "off"])
