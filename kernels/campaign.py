@@ -204,7 +204,7 @@ def summary(out: str) -> int:
 
 def tables(out: str) -> None:
     """Every stage's rows as markdown tables, one per section, for BENCHMARKS.md."""
-    from kernels.bench import markdown
+    from bench import markdown
     for path in sorted(glob.glob(os.path.join(out, "[a-e]_*.jsonl"))):
         rows = read_rows(path)
         for section in dict.fromkeys(r["section"] for r in rows):

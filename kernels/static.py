@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # `python kernels/static.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels import dwconv_ln, sampler  # noqa: E402
-from kernels.bench import Table, stage_shapes  # noqa: E402
+from bench import Table, stage_shapes  # noqa: E402
 
 REGS_PER_SM, REG_UNIT, MAX_WARPS, MAX_BLOCKS, SMEM_PER_SM = 65536, 256, 64, 32, 228 * 1024
 BATCH = 128  # only the grid depends on it

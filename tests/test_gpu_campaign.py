@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import bench, campaign
+import bench
+from kernels import campaign
 
 
 def test_official_layout_model_has_the_projects_weights_and_logits():
