@@ -34,7 +34,6 @@ from bench import Table, stage_shapes  # noqa: E402
 
 REGS_PER_SM, REG_UNIT, MAX_WARPS, MAX_BLOCKS, SMEM_PER_SM = 65536, 256, 64, 32, 228 * 1024
 BATCH = 128  # only the grid depends on it
-KERNELS = ("_fwd_kernel", "_bwd_ln_kernel", "_dx_kernel", "_dw_kernel")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 
@@ -72,17 +71,16 @@ def usage_row(use: dict, dynamic_smem: int, threads: int) -> dict:
 def record_launches(C: int, H: int, W: int, dtype: torch.dtype) -> list:
     """(kernel, args, kwargs, grid) of every launch of one forward and one backward of an (BATCH, C, H, W) input."""
     launches = []
-    kernels = [getattr(dwconv_ln, name) for name in KERNELS]
-    for k in kernels:  # JITFunction[grid](...) calls self.run(grid=..., warmup=False, ...)
+    for k in dwconv_ln.KERNELS:  # JITFunction[grid](...) calls self.run(grid=..., warmup=False, ...)
         k.run = lambda *args, grid, warmup, _k=k, **kwargs: launches.append((_k, args, kwargs, grid))
     try:
         meta = dict(device="meta", dtype=dtype)
         x = torch.empty(BATCH, C, H, W, **meta).contiguous(memory_format=torch.channels_last)
         w, b, lnw, lnb = torch.empty(C, 1, 7, 7, **meta), *(torch.empty(C, **meta) for _ in range(3))
-        y, mean, rstd = dwconv_ln._forward(x, w, b, lnw, lnb, 1e-6)
-        dwconv_ln._backward(torch.empty_like(y), x, w, b, lnw, mean, rstd)
+        y, mean, rstd = dwconv_ln.triton_forward(x, w, b, lnw, lnb, 1e-6)
+        dwconv_ln.triton_backward(torch.empty_like(y), x, w, b, lnw, mean, rstd)
     finally:
-        for k in kernels:
+        for k in dwconv_ln.KERNELS:
             del k.run
     return launches
 
