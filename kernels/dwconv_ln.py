@@ -229,7 +229,7 @@ def _tile(H: int, W: int, block_c: int):
     BLOCK_W: of the widths 16, 8 and 4 that keep the tile within _TILE_ELEMS (4 if none does), the one that pads W
     the least, then the widest; BLOCK_H fills the tile. Warps: 8 values per thread and tensor. With 16, ptxas for
     sm_90 spilled 8-32 bytes per thread in 10 of the 32 float32 launches at the ConvNeXt-T and atto (64 px) stage
-    shapes; with 8 no launch spills (`python -m kernels.static`, BENCHMARKS.md).
+    shapes; with 8 no launch spills (`python -m tools.static`, BENCHMARKS.md).
     """
     if _FULL_ROW_TILES:
         block_w = triton.next_power_of_2(W)

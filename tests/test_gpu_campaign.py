@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import bench
-from kernels import campaign
+from tools import campaign
 
 
 def test_official_layout_model_has_the_projects_weights_and_logits():

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from kernels import dwconv_ln, static
+from kernels import dwconv_ln
+from tools import static
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLER_KERNELS = {(k, d) for k in ("forward", "backward") for d in ("float32", "float64", "float16", "bfloat16")} \
@@ -26,7 +27,7 @@ def compiled(tmp_path_factory):
     sampler's .cu: (the process, its rows)."""
     jsonl = tmp_path_factory.mktemp("static") / "rows.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "kernels.static", "--shapes", "tiny@224", "--stages", "0,3",
+    done = subprocess.run([sys.executable, "-m", "tools.static", "--shapes", "tiny@224", "--stages", "0,3",
                            "--dtypes", "float32", "--jsonl", str(jsonl)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []

@@ -1,7 +1,7 @@
 """Registers, spills, shared memory and occupancy of the hand-written kernels on an H100 (sm_90), with no GPU.
 
-    python -m kernels.static                                   # BENCHMARKS.md's table; exit 1 if a launch spills
-    python -m kernels.static --shapes tiny@224 --dtypes bfloat16 --no-sampler
+    python -m tools.static                                     # BENCHMARKS.md's table; exit 1 if a launch spills
+    python -m tools.static --shapes tiny@224 --dtypes bfloat16 --no-sampler
 
 Triton (dwconv+LayerNorm): the real launchers run on meta tensors with each kernel's launch recorded instead of run,
 so the configs are exactly those the dispatcher picks on CUDA (no copy of its tile policy). Each recorded launch is
@@ -26,15 +26,11 @@ import tempfile
 
 import torch
 
-if __package__ in (None, ""):  # `python kernels/static.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kernels import dwconv_ln, sampler  # noqa: E402
-from bench import Table, stage_shapes  # noqa: E402
+from bench import Table, stage_shapes
+from kernels import dwconv_ln, sampler
 
 REGS_PER_SM, REG_UNIT, MAX_WARPS, MAX_BLOCKS, SMEM_PER_SM = 65536, 256, 64, 32, 228 * 1024
 BATCH = 128  # only the grid depends on it
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 
 def occupancy(regs: int, smem: int, threads: int) -> tuple[int, float]:
@@ -53,7 +49,7 @@ def cuobjdump(path: str) -> dict[str, dict]:
     out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
     found = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     if not found:
-        raise RuntimeError(f"kernels.static: no resource lines in cuobjdump's output for {path}:\n{out}")
+        raise RuntimeError(f"tools.static: no resource lines in cuobjdump's output for {path}:\n{out}")
     return {name: dict(zip(("regs", "stack", "shared", "local"), map(int, rest))) for name, *rest in found}
 
 
@@ -126,12 +122,13 @@ def sampler_rows(table) -> bool:
     """A row per kernel instantiation of the .cu for sm_90; False where nvcc is not installed."""
     if shutil.which("nvcc") is None:
         return False
-    with open(os.path.join(CSRC, "affine_sampler.h")) as f:
+    with open(os.path.join(sampler.CSRC, "affine_sampler.h")) as f:
         threads = int(re.search(r"constexpr int kThreads = (\d+);", f.read())[1])  # every launch's block size
     with tempfile.TemporaryDirectory() as tmp:
         obj = os.path.join(tmp, "sampler.o")
-        subprocess.run(["nvcc", *sampler.NVCC_FLAGS, "-arch=sm_90", "-c", os.path.join(CSRC, "affine_sampler.cu"),
-                        "-o", obj], capture_output=True, text=True, check=True)
+        cu = os.path.join(sampler.CSRC, "affine_sampler.cu")
+        subprocess.run(["nvcc", *sampler.NVCC_FLAGS, "-arch=sm_90", "-c", cu, "-o", obj],
+                       capture_output=True, text=True, check=True)
         usage = cuobjdump(obj)
     found = {(kernel, _TYPES[code]): use for kernel, code, use in
              ((*_KERNEL.search(name).groups(), use) for name, use in usage.items())}
@@ -150,7 +147,7 @@ def main(argv=None):
     parser.add_argument("--jsonl", default=None, help="also append the rows to this file, as JSON lines")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("kernels.static: unset TRITON_INTERPRET: the interpreter replaces the kernels to compile")
+        sys.exit("tools.static: unset TRITON_INTERPRET: the interpreter replaces the kernels to compile")
     shapes = [(s.split("@")[0], int(s.split("@")[1])) for s in args.shapes.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     print(f"## dwconv+LayerNorm (Triton), sm_90, batch {BATCH}\n", flush=True)
@@ -163,7 +160,7 @@ def main(argv=None):
             print("nvcc is not installed: the .cu was not compiled")
     spilled = [r for t in tables for r in t.rows if r["spill B"]]
     if spilled:
-        sys.exit(f"kernels.static: {len(spilled)} launched configs spill: "
+        sys.exit(f"tools.static: {len(spilled)} launched configs spill: "
                  + "; ".join(f"{r['kernel']} {r.get('C x H x W', '')} {r['dtype']}" for r in spilled))
 
 
