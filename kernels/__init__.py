@@ -29,7 +29,7 @@ _backend = "auto"
 
 # Where `auto` runs a fused op on CUDA: per op, the input shapes (C, H, W) and dtypes (of x as the op receives it)
 # at which a GPU benchmark recorded in BENCHMARKS.md timed the fused op's forward+backward faster than PyTorch's
-# (kernels/bench.py's dwconv and sampler sections, batch 128, run by .ci/gpu's stage c). Entries are added only
+# (bench.py's dwconv and sampler sections, batch 128, run by .ci/gpu's stage c). Entries are added only
 # from such a measured row, naming it; none exists yet, so `auto` is plain PyTorch. `fused` forces the ops.
 MEASURED_FASTER: dict[str, frozenset] = {
     "dwconv_layernorm": frozenset(),

@@ -17,6 +17,7 @@ Public functions:
     dwconv_layernorm_reference  the plain PyTorch expression (CPU path, tests, bench baseline)
     dwconv_layernorm_triton     the raw Triton path (autograd.Function, no dispatch); runs on CPU tensors under
                                 TRITON_INTERPRET=1
+    triton_forward/_backward    the launchers it runs (KERNELS: the Triton kernels they launch)
     dwconv_layernorm            the op `torch.ops.emonext.dwconv_layernorm` (torch.library: fake + autograd),
                                 Triton on CUDA, the reference elsewhere, so torch.compile keeps it as one node
     triton_available            whether the Triton path can run on CUDA tensors
@@ -209,6 +210,9 @@ def _dw_kernel(X, DCONV, PARTW, H: tl.constexpr, W: tl.constexpr, C: tl.constexp
             tl.store(partw + (kh * K + kw) * C, tl.sum(acc, axis=0), mask=c_ok)
 
 
+KERNELS = (_fwd_kernel, _bwd_ln_kernel, _dx_kernel, _dw_kernel)  # every kernel the launchers run
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 
@@ -225,7 +229,7 @@ def _tile(H: int, W: int, block_c: int):
     BLOCK_W: of the widths 16, 8 and 4 that keep the tile within _TILE_ELEMS (4 if none does), the one that pads W
     the least, then the widest; BLOCK_H fills the tile. Warps: 8 values per thread and tensor. With 16, ptxas for
     sm_90 spilled 8-32 bytes per thread in 10 of the 32 float32 launches at the ConvNeXt-T and atto (64 px) stage
-    shapes; with 8 no launch spills (`python -m kernels.static`, BENCHMARKS.md).
+    shapes; with 8 no launch spills (`python -m tools.static`, BENCHMARKS.md).
     """
     if _FULL_ROW_TILES:
         block_w = triton.next_power_of_2(W)
@@ -249,7 +253,7 @@ def _flat_weight(conv_weight):
     return conv_weight.reshape(conv_weight.shape[0], K * K).t().contiguous()  # (K*K, C): tap-major
 
 
-def _forward(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
+def triton_forward(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
     """Launch the forward kernel. Returns y (N, H, W, C) in x's dtype and fp32 mean, rstd of shape (N*H*W,)."""
     N, C, H, W = x.shape
     xc = _channels_last(x)
@@ -264,7 +268,7 @@ def _forward(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
     return y, mean, rstd
 
 
-def _backward(dy, x, conv_weight, conv_bias, ln_weight, mean, rstd):
+def triton_backward(dy, x, conv_weight, conv_bias, ln_weight, mean, rstd):
     """Launch the three backward kernels and reduce their per-tile partial sums.
 
     Returns:
@@ -306,13 +310,13 @@ def _backward(dy, x, conv_weight, conv_bias, ln_weight, mean, rstd):
 class _DwconvLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
-        y, mean, rstd = _forward(x, conv_weight, conv_bias, ln_weight, ln_bias, eps)
+        y, mean, rstd = triton_forward(x, conv_weight, conv_bias, ln_weight, ln_bias, eps)
         ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return *_backward(dy, *ctx.saved_tensors), None
+        return *triton_backward(dy, *ctx.saved_tensors), None
 
 
 def dwconv_layernorm_triton(x, conv_weight, conv_bias, ln_weight, ln_bias, eps: float = 1e-6):
@@ -354,11 +358,11 @@ def _op_backward(dy: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, c
 
 
 if _TRITON_OK:
-    _op_forward.register_kernel("cuda")(_forward)
+    _op_forward.register_kernel("cuda")(triton_forward)
 
     @_op_backward.register_kernel("cuda")
     def _(dy, x, conv_weight, conv_bias, ln_weight, mean, rstd, eps):
-        return _backward(dy, x, conv_weight, conv_bias, ln_weight, mean, rstd)
+        return triton_backward(dy, x, conv_weight, conv_bias, ln_weight, mean, rstd)
 
 
 @_op_forward.register_fake

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import cpp_extension
 
-_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # nvcc's flags for the .cu in torch's extension build (its common flags, C++20, -O3): the static checks reuse them
@@ -40,9 +40,9 @@ def load_extension() -> bool:
     if _loaded is None:
         # cpp_extension refuses .cu sources on a CPU-only torch or without nvcc: build the CPU loop alone then.
         with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-        sources = [os.path.join(_CSRC, "affine_sampler.cpp")]
+        sources = [os.path.join(CSRC, "affine_sampler.cpp")]
         if with_cuda:
-            sources.append(os.path.join(_CSRC, "affine_sampler.cu"))
+            sources.append(os.path.join(CSRC, "affine_sampler.cu"))
         try:
             cpp_extension.load(
                 name="emonext_affine_sampler" + ("_cuda" if with_cuda else "_cpu"),

@@ -96,7 +96,7 @@ def test_triton_with_gpu_tiles_matches_reference(gpu_tiles, C, H, W, dtype, tile
 
 def test_tile_policy_keeps_registers_per_thread_and_the_tile_budget(monkeypatch):
     monkeypatch.setattr(dwconv_ln, "_FULL_ROW_TILES", False)  # CUDA's policy, with its budget of 4096 values
-    # 8 values per thread (with 16, ptxas spilled: kernels.static); a tile of a wide stage (768 channels at 7 x 7)
+    # 8 values per thread (with 16, ptxas spilled: tools.static); a tile of a wide stage (768 channels at 7 x 7)
     # narrows to 4 pixels rather than exceed the budget
     assert dwconv_ln._tile(56, 56, 128) == (4, 8, 16) and dwconv_ln._tile(7, 7, 1024) == (1, 4, 16)
     assert dwconv_ln._tile(3, 3, 64) == (4, 4, 4)  # small images: small tiles, at least 4 warps

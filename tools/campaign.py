@@ -1,9 +1,9 @@
 """The Python side of .ci/gpu, the budgeted GPU campaign (the bash script runs each stage under its own timeout).
 
-    python -m kernels.campaign fer2013 --out OUT --seconds 240     # stage e: FER2013 from scratch, then PrivateTest
-    python -m kernels.campaign fer2013 --out OUT --seconds 60 --dry-run   # the same on tiny synthetic faces
-    python -m kernels.campaign summary OUT                          # the final table; exit 1 if a stage failed
-    python -m kernels.campaign tables OUT                           # every stage's rows, for BENCHMARKS.md
+    python -m tools.campaign fer2013 --out OUT --seconds 240       # stage e: FER2013 from scratch, then PrivateTest
+    python -m tools.campaign fer2013 --out OUT --seconds 60 --dry-run     # the same on tiny synthetic faces
+    python -m tools.campaign summary OUT                            # the final table; exit 1 if a stage failed
+    python -m tools.campaign tables OUT                             # every stage's rows, for BENCHMARKS.md
 
 Stage e trains README's CPU recipe (EmoNeXt-atto, 64 px, fp32, eager) unchanged but for the epoch count, so its
 accuracy reads against the CPU run's (67.79% ten-crop after 42 epochs). Its time budget is kept from outside
@@ -26,6 +26,9 @@ import time
 
 import numpy as np
 
+import synthetic
+from bench import markdown
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_DATA = os.path.join("data", "fer2013-device.npz.xz")  # ../shared/data's copy for machines without ../shared
 RECIPE = {"model": "atto", "img-size": 64, "batch-size": 128, "lr": 1.5e-3, "layer-scale-init": 1, "drop-path": 0,
@@ -39,7 +42,7 @@ def unpack(xz_path: str) -> str:
     npz = xz_path.removesuffix(".xz")
     if not os.path.exists(npz):
         if not os.path.exists(xz_path):
-            sys.exit(f"kernels.campaign: {xz_path} is missing: copy ../shared/data/fer2013-device.npz.xz into data/ "
+            sys.exit(f"tools.campaign: {xz_path} is missing: copy ../shared/data/fer2013-device.npz.xz into data/ "
                      "and let data/ travel with the checkout (BENCHMARKS.md)")
         with lzma.open(xz_path) as src, open(npz + ".part", "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 24)
@@ -49,8 +52,6 @@ def unpack(xz_path: str) -> str:
 
 def write_tiny_data(path: str) -> None:
     """Synthetic faces in the device file's layout (train/public_test/private_test x and y), xz-compressed."""
-    sys.path.insert(0, ROOT)
-    import synthetic
     splits = synthetic.synthetic_faces(n_train=96, n_val=32, n_test=32)
     arrays = {f"{prefix}_{k}": t.numpy() for prefix, split in zip(("train", "public_test", "private_test"),
                                                                   ("train", "val", "test"))
@@ -78,8 +79,8 @@ def train(args: list, out_dir: str, timeout: float) -> tuple[int, str, float]:
 def last_number(pattern: str, log: str, what: str) -> float:
     found = re.findall(pattern, log)
     if not found:
-        sys.exit(f"kernels.campaign: no {what} in train.py's output (pattern {pattern!r}): has its log format "
-                 "changed? kernels/campaign.py reads it")
+        sys.exit(f"tools.campaign: no {what} in train.py's output (pattern {pattern!r}): has its log format "
+                 "changed? tools/campaign.py reads it")
     return float(found[-1])
 
 
@@ -113,16 +114,16 @@ def fer2013(opts) -> None:
     rc, log, seconds = train(common + ["--max-iters", str(probe_iters), "--eval-interval", str(probe_iters)],
                              os.path.join(work, "probe"), opts.seconds - (time.time() - t0))
     if rc != 0:
-        sys.exit(f"kernels.campaign: the probe run failed ({rc})")
+        sys.exit(f"tools.campaign: the probe run failed ({rc})")
     epochs, basis = plan_epochs(log, seconds, probe_iters, batch, iters_per_epoch,
                                 opts.seconds - (time.time() - t0), max_epochs)
     print(f"plan: {epochs} epochs of {iters_per_epoch} iterations ({basis})", flush=True)
     if epochs == 0:
-        sys.exit("kernels.campaign: not one epoch fits the time left")
+        sys.exit("tools.campaign: not one epoch fits the time left")
     out = os.path.join(work, "run")
     rc, log, seconds = train(common + ["--epochs", str(epochs)], out, opts.seconds - (time.time() - t0))
     if rc != 0:
-        sys.exit(f"kernels.campaign: the FER2013 run did not finish ({rc})")
+        sys.exit(f"tools.campaign: the FER2013 run did not finish ({rc})")
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     shutil.copy(os.path.join(out, "stn.png"), os.path.join(opts.out, "e_stn.png"))
@@ -204,7 +205,6 @@ def summary(out: str) -> int:
 
 def tables(out: str) -> None:
     """Every stage's rows as markdown tables, one per section, for BENCHMARKS.md."""
-    from kernels.bench import markdown
     for path in sorted(glob.glob(os.path.join(out, "[a-e]_*.jsonl"))):
         rows = read_rows(path)
         for section in dict.fromkeys(r["section"] for r in rows):

@@ -1,8 +1,8 @@
-"""kernels/static.py: the kernels compiled for an H100 (sm_90) with no GPU: no launched config may spill.
+"""tools/static.py: the kernels compiled for an H100 (sm_90) with no GPU: no launched config may spill.
 
 The Triton part runs in a subprocess without TRITON_INTERPRET (conftest sets it here, and the interpreter replaces
 the kernels the compiler needs). Each compile takes seconds, so the test compiles a sample of the configs and
-`python -m kernels.static` the whole table (BENCHMARKS.md).
+`python -m tools.static` the whole table (BENCHMARKS.md).
 """
 import json
 import os
@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from kernels import dwconv_ln, static
+from kernels import dwconv_ln
+from tools import static
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLER_KERNELS = {(k, d) for k in ("forward", "backward") for d in ("float32", "float64", "float16", "bfloat16")} \
@@ -21,12 +22,12 @@ SAMPLER_KERNELS = {(k, d) for k in ("forward", "backward") for d in ("float32", 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """kernels.static at ConvNeXt-T's first and last stage in float32 (the two ends of the tile policy: 2-D tiles of
+    """tools.static at ConvNeXt-T's first and last stage in float32 (the two ends of the tile policy: 2-D tiles of
     4 x 8 pixels, one row of 4 pixels x 1024 channels; float32: where 16 values per thread spilled most) and the
     sampler's .cu: (the process, its rows)."""
     jsonl = tmp_path_factory.mktemp("static") / "rows.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "kernels.static", "--shapes", "tiny@224", "--stages", "0,3",
+    done = subprocess.run([sys.executable, "-m", "tools.static", "--shapes", "tiny@224", "--stages", "0,3",
                            "--dtypes", "float32", "--jsonl", str(jsonl)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []

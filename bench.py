@@ -1,9 +1,9 @@
 """Benchmarks of the hand-written kernels and of whole training and inference steps, read against a performance model.
 
-    python -m kernels.bench                                  # the kernel sections (CUDA; on a CPU: eager vs compile)
-    python -m kernels.bench --only dwconv --quick
-    python -m kernels.bench --only train --only infer --sizes atto,tiny --img-sizes 64,224 --threads 1,2 --batch 64
-    python -m kernels.bench --floors                         # the performance model's table; times nothing
+    python -m bench                          # the kernel sections (CUDA; on a CPU: eager vs compile)
+    python -m bench --only dwconv --quick
+    python -m bench --only train --only infer --sizes atto,tiny --img-sizes 64,224 --threads 1,2 --batch 64
+    python -m bench --floors                 # the performance model's table; times nothing
 
 Sections (--only, in the order given):
     env          device, versions and two measured ceilings: a 1 GiB device copy (GB/s, bytes read + written) and
@@ -24,7 +24,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 import time
 
 import torch
@@ -32,12 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-if __package__ in (None, ""):  # `python kernels/bench.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import kernels  # noqa: E402
-from emonext import SIZES, EmoNeXt, stn_feature_side, load_weights  # noqa: E402
-from kernels import dwconv_ln, sampler  # noqa: E402
+import kernels
+from emonext import SIZES, EmoNeXt, stn_feature_side, load_weights
+from kernels import dwconv_ln, sampler
 
 # The performance model's rates for an H100 SXM5, used by --floors (a CUDA run uses its own device's):
 H100_BYTES_PER_S = 3.0e12  # 3.35 TB/s HBM3 on the datasheet, of which a device-to-device copy reaches about 90%

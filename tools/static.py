@@ -1,7 +1,7 @@
 """Registers, spills, shared memory and occupancy of the hand-written kernels on an H100 (sm_90), with no GPU.
 
-    python -m kernels.static                                   # BENCHMARKS.md's table; exit 1 if a launch spills
-    python -m kernels.static --shapes tiny@224 --dtypes bfloat16 --no-sampler
+    python -m tools.static                                     # BENCHMARKS.md's table; exit 1 if a launch spills
+    python -m tools.static --shapes tiny@224 --dtypes bfloat16 --no-sampler
 
 Triton (dwconv+LayerNorm): the real launchers run on meta tensors with each kernel's launch recorded instead of run,
 so the configs are exactly those the dispatcher picks on CUDA (no copy of its tile policy). Each recorded launch is
@@ -26,16 +26,11 @@ import tempfile
 
 import torch
 
-if __package__ in (None, ""):  # `python kernels/static.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kernels import dwconv_ln, sampler  # noqa: E402
-from kernels.bench import Table, stage_shapes  # noqa: E402
+from bench import Table, stage_shapes
+from kernels import dwconv_ln, sampler
 
 REGS_PER_SM, REG_UNIT, MAX_WARPS, MAX_BLOCKS, SMEM_PER_SM = 65536, 256, 64, 32, 228 * 1024
 BATCH = 128  # only the grid depends on it
-KERNELS = ("_fwd_kernel", "_bwd_ln_kernel", "_dx_kernel", "_dw_kernel")
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 
 def occupancy(regs: int, smem: int, threads: int) -> tuple[int, float]:
@@ -54,7 +49,7 @@ def cuobjdump(path: str) -> dict[str, dict]:
     out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
     found = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     if not found:
-        raise RuntimeError(f"kernels.static: no resource lines in cuobjdump's output for {path}:\n{out}")
+        raise RuntimeError(f"tools.static: no resource lines in cuobjdump's output for {path}:\n{out}")
     return {name: dict(zip(("regs", "stack", "shared", "local"), map(int, rest))) for name, *rest in found}
 
 
@@ -72,17 +67,16 @@ def usage_row(use: dict, dynamic_smem: int, threads: int) -> dict:
 def record_launches(C: int, H: int, W: int, dtype: torch.dtype) -> list:
     """(kernel, args, kwargs, grid) of every launch of one forward and one backward of an (BATCH, C, H, W) input."""
     launches = []
-    kernels = [getattr(dwconv_ln, name) for name in KERNELS]
-    for k in kernels:  # JITFunction[grid](...) calls self.run(grid=..., warmup=False, ...)
+    for k in dwconv_ln.KERNELS:  # JITFunction[grid](...) calls self.run(grid=..., warmup=False, ...)
         k.run = lambda *args, grid, warmup, _k=k, **kwargs: launches.append((_k, args, kwargs, grid))
     try:
         meta = dict(device="meta", dtype=dtype)
         x = torch.empty(BATCH, C, H, W, **meta).contiguous(memory_format=torch.channels_last)
         w, b, lnw, lnb = torch.empty(C, 1, 7, 7, **meta), *(torch.empty(C, **meta) for _ in range(3))
-        y, mean, rstd = dwconv_ln._forward(x, w, b, lnw, lnb, 1e-6)
-        dwconv_ln._backward(torch.empty_like(y), x, w, b, lnw, mean, rstd)
+        y, mean, rstd = dwconv_ln.triton_forward(x, w, b, lnw, lnb, 1e-6)
+        dwconv_ln.triton_backward(torch.empty_like(y), x, w, b, lnw, mean, rstd)
     finally:
-        for k in kernels:
+        for k in dwconv_ln.KERNELS:
             del k.run
     return launches
 
@@ -128,12 +122,13 @@ def sampler_rows(table) -> bool:
     """A row per kernel instantiation of the .cu for sm_90; False where nvcc is not installed."""
     if shutil.which("nvcc") is None:
         return False
-    with open(os.path.join(CSRC, "affine_sampler.h")) as f:
+    with open(os.path.join(sampler.CSRC, "affine_sampler.h")) as f:
         threads = int(re.search(r"constexpr int kThreads = (\d+);", f.read())[1])  # every launch's block size
     with tempfile.TemporaryDirectory() as tmp:
         obj = os.path.join(tmp, "sampler.o")
-        subprocess.run(["nvcc", *sampler.NVCC_FLAGS, "-arch=sm_90", "-c", os.path.join(CSRC, "affine_sampler.cu"),
-                        "-o", obj], capture_output=True, text=True, check=True)
+        cu = os.path.join(sampler.CSRC, "affine_sampler.cu")
+        subprocess.run(["nvcc", *sampler.NVCC_FLAGS, "-arch=sm_90", "-c", cu, "-o", obj],
+                       capture_output=True, text=True, check=True)
         usage = cuobjdump(obj)
     found = {(kernel, _TYPES[code]): use for kernel, code, use in
              ((*_KERNEL.search(name).groups(), use) for name, use in usage.items())}
@@ -152,7 +147,7 @@ def main(argv=None):
     parser.add_argument("--jsonl", default=None, help="also append the rows to this file, as JSON lines")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("kernels.static: unset TRITON_INTERPRET: the interpreter replaces the kernels to compile")
+        sys.exit("tools.static: unset TRITON_INTERPRET: the interpreter replaces the kernels to compile")
     shapes = [(s.split("@")[0], int(s.split("@")[1])) for s in args.shapes.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     print(f"## dwconv+LayerNorm (Triton), sm_90, batch {BATCH}\n", flush=True)
@@ -165,7 +160,7 @@ def main(argv=None):
             print("nvcc is not installed: the .cu was not compiled")
     spilled = [r for t in tables for r in t.rows if r["spill B"]]
     if spilled:
-        sys.exit(f"kernels.static: {len(spilled)} launched configs spill: "
+        sys.exit(f"tools.static: {len(spilled)} launched configs spill: "
                  + "; ".join(f"{r['kernel']} {r.get('C x H x W', '')} {r['dtype']}" for r in spilled))
 
 

@@ -1,0 +1,77 @@
+"""bench.py, the benchmarks of the GPU campaign (.ci/gpu's stages a, c and d): the parts a CPU can check.
+
+`bash .ci/gpu --dry-run` (.ci/run) runs every section end to end on tiny shapes; these tests cover what that run
+cannot judge: that the official-layout model is the official model with this project's weights, the performance
+model's arithmetic, the streamed tables and the command line.
+"""
+import json
+
+import pytest
+import torch
+
+import bench
+
+
+def test_official_layout_model_has_the_projects_weights_and_logits():
+    torch.manual_seed(0)
+    official, project = bench.model_pair("atto", 32, drop_path_rate=0.0)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 3, 6, 2])
+    for mode in ("eval", "train"):  # train: BatchNorm on batch statistics in both
+        getattr(official, mode)(), getattr(project, mode)()
+        logits, loss = official(x.repeat(1, 3, 1, 1), y)
+        logits_p, loss_p = project(x, y)
+        torch.testing.assert_close(logits, logits_p, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-6)
+    assert official.state_dict().keys() == project.state_dict().keys()
+
+
+def test_stage_shapes():
+    assert bench.stage_shapes("tiny", 224) == [(96, 56), (192, 28), (384, 14), (768, 7)]
+    assert bench.stage_shapes("atto", 64) == [(40, 16), (80, 8), (160, 4), (320, 2)]
+
+
+def test_floors_at_h100_rates():
+    rows = {(r["kernel"], r["model"], r["shape"], r["dtype"], r["pass"]): r for r in bench.floors_table(128)}
+    fwd = rows["dwconv", "tiny@224", "128x96x56x56", "bfloat16", "fwd"]
+    e = 128 * 96 * 56 * 56
+    assert fwd["MB moved"] == pytest.approx(2 * 2 * e / 1e6)  # read x, write y
+    assert fwd["memory us"] == pytest.approx(4 * e / 3.0e12 * 1e6)
+    assert fwd["FMA us"] == pytest.approx(53 * e / (132 * 128 * 1.98e9) * 1e6)
+    assert fwd["floor us"] == pytest.approx(fwd["FMA us"]) and fwd["bound"] == "FMA"  # 49 taps per 4 bytes
+    fb = rows["dwconv", "tiny@224", "128x96x56x56", "float32", "f+b"]
+    assert fb["MB moved"] == pytest.approx(5 * 4 * e / 1e6) and fb["GFMA"] == pytest.approx(157 * e / 1e9)
+    warp = rows["sampler", "C=1", "128x1x224x224", "float32", "f+b"]
+    assert warp["bound"] == "memory" and warp["floor us"] == pytest.approx(4 * 4 * 128 * 224 ** 2 / 3.0e12 * 1e6)
+
+
+def test_kernel_rows_read_times_against_the_floor():
+    rates = {"copy GB/s": 1000.0, "FMA/s": 1e12}
+    times = {"eager": {"fwd": 4.0, "f+b": 9.0, "peak": None}, "compile": {"fwd": 2.0, "f+b": 6.0, "peak": None},
+             "fused": {"fwd": 1.0, "f+b": 3.0, "peak": None}}
+    fwd, fb = bench.kernel_rows("1x1", torch.float32, times, {"fwd": (1e6, 1e9), "f+b": (4e6, 1e6)}, rates)
+    assert fwd["floor ms"] == pytest.approx(1.0) and fwd["fused % of floor"] == pytest.approx(100)  # FMA-bound
+    assert fb["floor ms"] == pytest.approx(4e6 / 1e12 * 1e3) and fb["fused GB/s"] == pytest.approx(4e6 / 3e6)
+    assert (fb["fused vs eager"], fb["fused vs compile"]) == (3.0, 2.0) and fb["% of copy"] == pytest.approx(
+        100 * 4e6 / 3e6 / 1000)
+
+
+def test_table_streams_markdown_and_json_lines(tmp_path, capsys):
+    table = bench.Table("dwconv", str(tmp_path / "rows.jsonl"))
+    table.add({"shape": "a", "ms": 1.23456})
+    table.add({"shape": "b", "ms": 2.0})
+    assert capsys.readouterr().out.splitlines() == ["| shape | ms |", "|---|---|", "| a | 1.23 |", "| b | 2 |"]
+    assert [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()] == [
+        {"section": "dwconv", "shape": "a", "ms": 1.23456}, {"section": "dwconv", "shape": "b", "ms": 2.0}]
+
+
+@pytest.mark.parametrize("argv", [["--only", "train", "--variants", "official,fast"], ["--sizes", "huge"],
+                                  ["--only", "everything"]])
+def test_bench_rejects_unknown_names(argv):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+
+
+def test_dry_run_runs_every_variant_at_tiny_shapes():
+    args = bench.parse_args(["--dry-run", "--only", "train"])
+    assert args.variants == list(bench.VARIANTS) and args.compile_backend == "aot_eager"
+    assert (args.sizes, args.img_sizes, args.batch, args.steps) == (["atto"], [32], 2, 2)
