@@ -73,6 +73,9 @@ from emonext import SIZES, BatchSelfAttention, EmoNeXt, config_dict, load_weight
 from eval import predict, save_checkpoint, save_stn_picture
 
 
+# -----------------------------------------------------------------------------
+# the command line: the flags, what each accepts
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows this file's docstring as it is written, then each flag with its default."""
 
@@ -134,15 +137,6 @@ def build_parser():
     return p
 
 
-# flags that say how and where a run goes, not what it computes; every other flag defines the run, and --resume
-# takes those from the checkpoint so the run continues unchanged
-RUNTIME_FLAGS = ("compile", "kernels", "out_dir", "resume", "log_interval", "threads", "device")
-RUN_ARGS = tuple(a.dest for a in build_parser()._actions if a.dest not in RUNTIME_FLAGS + ("help",))
-
-
-# the run flags a resumed run may change: how long it trains and how often it is evaluated (see --epochs)
-RESUME_MAY_CHANGE = ("epochs", "max_iters", "eval_interval")
-
 # what each numeric flag accepts: (test, what to tell the user); None (a default to be worked out) always passes
 LIMITS = {
     "img_size": (lambda v: v >= 32, "at least 32 (the model downsamples by 32)"),
@@ -202,13 +196,8 @@ def parse_args(argv=None):
     return args
 
 
-def given_flags(argv=None):
-    """The dests of the flags written on the command line (argv; None: sys.argv), leaving out the defaults."""
-    p = build_parser()
-    for a in p._actions:
-        a.default = argparse.SUPPRESS  # a flag left out is then left out of the namespace
-    return set(vars(p.parse_args(argv)))
-
+# -----------------------------------------------------------------------------
+# the pieces of a step and of its log: the lr schedule, weight decay's groups, the EMA, checks, accuracy, time
 
 def lr_at(it, args, max_iters):
     """Linear warmup to args.lr, then cosine decay to args.min_lr at max_iters."""
@@ -616,6 +605,23 @@ def log_progress(run, logits, yb, loss, ce, sa, lr, seconds, iters):
 
 # -----------------------------------------------------------------------------
 # resume: read OUT_DIR/ckpt.pt back, check that its run can go on, and put its state back
+
+# flags that say how and where a run goes, not what it computes; every other flag defines the run, and --resume
+# takes those from the checkpoint so the run continues unchanged
+RUNTIME_FLAGS = ("compile", "kernels", "out_dir", "resume", "log_interval", "threads", "device")
+RUN_ARGS = tuple(a.dest for a in build_parser()._actions if a.dest not in RUNTIME_FLAGS + ("help",))
+
+# the run flags a resumed run may change: how long it trains and how often it is evaluated (see --epochs)
+RESUME_MAY_CHANGE = ("epochs", "max_iters", "eval_interval")
+
+
+def given_flags(argv=None):
+    """The dests of the flags written on the command line (argv; None: sys.argv), leaving out the defaults."""
+    p = build_parser()
+    for a in p._actions:
+        a.default = argparse.SUPPRESS  # a flag left out is then left out of the namespace
+    return set(vars(p.parse_args(argv)))
+
 
 def read_resume(args, argv=None):
     """The checkpoint to continue from (None for a new run). Its run flags replace the defaults; a run flag given
