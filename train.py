@@ -1,6 +1,7 @@
 """
-Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device or, under torchrun, on several
-(DistributedDataParallel: one process per GPU, or per CPU share with gloo). Read it top to bottom.
+Trains EmoNeXt on FER2013 (FER2013's or FER+'s labels) or on the built-in synthetic faces, on one device or,
+under torchrun, on several (DistributedDataParallel: one process per GPU, or per CPU share with gloo). Read it
+top to bottom.
 
     python train.py                                      # data/fer2013.{csv,npz} if present, else synthetic faces
     python train.py --data ../shared/data/fer2013.npz --amp --warmup 300  # FER2013 from scratch on a CPU (README)
@@ -11,44 +12,15 @@ Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device or,
     python train.py --resume --out-dir out --epochs 60   # ... and make it longer (see --epochs)
     torchrun --standalone --nproc_per_node=8 train.py --model large --img-size 224 --batch-size 256 ...  # 8 GPUs
 
-Each evaluation scores the EMA weights on the validation split (PublicTest; when the data has none, a stratified
---val-fraction of train held out with --seed) and keeps the best; at the end the best is tested on the test split
-(PrivateTest) with ten-crop and plain inputs.
+A run trains for a length fixed in advance (--epochs or --max-iters) with AdamW, a linear warmup and one cosine
+decay of the lr, and keeps an EMA of the weights. Each evaluation scores the EMA weights on the validation split
+(PublicTest; when the data has none, a stratified --val-fraction of train held out with --seed), writes
+OUT_DIR/ckpt.pt, and OUT_DIR/best.pt when they are the best so far; at the end best.pt is tested on the test
+split (PrivateTest) with ten-crop and plain inputs. --resume continues from ckpt.pt with the same batches.
 
-Defaults, for training EmoNeXt-atto from scratch at 64 px on a CPU (the README's FER2013 runs chose them): batch
-128; AdamW with weight decay 0.05 (none on biases, norms and layer scales); lr 1.5e-3 after one epoch of linear
-warmup, then one cosine decay to 1e-5 at the last iteration; gradient clipping at 1.0; label smoothing 0.2;
-self-attention weight 1; no drop path; layer scale initialised at 1 (not ConvNeXt's 1e-6: from scratch the
-blocks then learn from the first step); an EMA of the weights with decay 0.999 per step (less over the first
-steps); augmentation in one affine warp: rotation up to 10 degrees, zoom in [0.9, 1.1], shift up to 5% of the
-side, horizontal flips; channels-last; bf16 autocast with --amp.
-
-The official code (yelboudouri/EmoNeXt train.py) fine-tunes ImageNet ConvNeXt weights on 224 px RGB copies of
-the faces, with drop path 0.1 and layer scale 1e-6 (ImageNet weights bring their own layer scales). It shares
-label smoothing 0.2, self-attention weight 1, clipping at 1.0 and ten-crop testing; it differs in
-  - optimisation: batch 32; AdamW with torch's default weight decay 0.01 on every parameter; its scheduler
-    overrides the lr 1e-4 given to AdamW with a cosine with warm restarts (128 steps of warmup to 1e-3, down to
-    0, again every 1024 steps) and training stops after 12 epochs without a better val accuracy; fp16 autocast.
-    Here lr 1.5e-3 because the weights start from scratch (the README's pilots: 1e-3 and 2e-3 learn, 4e-3 does
-    not; fine-tune with about 1e-4), one decay because the length of a run is set in advance, and ConvNeXt's
-    own weight decay recipe.
-  - EMA: ema_pytorch with decay 0.99 every 16 steps (about 0.9994 per step, a horizon close to 0.999 every
-    step, which is simpler); it saves the best checkpoint by the live weights' val accuracy but tests the EMA
-    as it is when training stops, while here the EMA is what is validated, kept as best and tested.
-  - augmentation: Resize 236, RandomRotation 20, RandomCrop 224 (a shift of at most 6/236, about 2.5%, and no
-    zoom), horizontal and vertical flips. Here rotation 10, zoom 0.1 and shift 0.05 (in the README's FER2013
-    pilots from scratch they did better than 20 / 0.2 / 0.1). Vertical flips are off (--vflip): FER2013 has no
-    upside-down faces.
-
-FER+ labels (--labels ferplus-*, 8 classes): the train split gets majority labels, the vote distribution as a
-soft target (cross-entropy against it, with --label-smoothing mixed in on top as for hard labels), or a label
-drawn from the distribution each time a face is seen; validation, model selection and the test always use the
-majority labels, the protocol FER+ papers report.
-
-Under torchrun --batch-size is the global batch: every process draws the same permutation and augmentation for
-it and trains on its slice; the STN's BatchNorm and the self-attention regulariser see the global batch, so N
-processes follow the 1-process run up to float summation order (drop-path masks aside). Rank 0 alone logs and
-writes files.
+The defaults (EmoNeXt-atto from scratch at 64 px on a CPU), why they were chosen and where the official code
+(yelboudouri/EmoNeXt) differs: README.md, "The defaults and the official code"; FER+ labels and torchrun: its
+"FER+ labels" and "Many GPUs, many machines".
 """
 import argparse
 import copy
