@@ -1,6 +1,7 @@
 """
-Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device or, under torchrun, on several
-(DistributedDataParallel: one process per GPU, or per CPU share with gloo). Read it top to bottom.
+Trains EmoNeXt on FER2013 (FER2013's or FER+'s labels) or on the built-in synthetic faces, on one device or,
+under torchrun, on several (DistributedDataParallel: one process per GPU, or per CPU share with gloo). Read it
+top to bottom.
 
     python train.py                                      # data/fer2013.{csv,npz} if present, else synthetic faces
     python train.py --data ../shared/data/fer2013.npz --amp --warmup 300  # FER2013 from scratch on a CPU (README)
@@ -11,44 +12,15 @@ Trains EmoNeXt on FER2013, or on the built-in synthetic faces, on one device or,
     python train.py --resume --out-dir out --epochs 60   # ... and make it longer (see --epochs)
     torchrun --standalone --nproc_per_node=8 train.py --model large --img-size 224 --batch-size 256 ...  # 8 GPUs
 
-Each evaluation scores the EMA weights on the validation split (PublicTest; when the data has none, a stratified
---val-fraction of train held out with --seed) and keeps the best; at the end the best is tested on the test split
-(PrivateTest) with ten-crop and plain inputs.
+A run trains for a length fixed in advance (--epochs or --max-iters) with AdamW, a linear warmup and one cosine
+decay of the lr, and keeps an EMA of the weights. Each evaluation scores the EMA weights on the validation split
+(PublicTest; when the data has none, a stratified --val-fraction of train held out with --seed), writes
+OUT_DIR/ckpt.pt, and OUT_DIR/best.pt when they are the best so far; at the end best.pt is tested on the test
+split (PrivateTest) with ten-crop and plain inputs. --resume continues from ckpt.pt with the same batches.
 
-Defaults, for training EmoNeXt-atto from scratch at 64 px on a CPU (the README's FER2013 runs chose them): batch
-128; AdamW with weight decay 0.05 (none on biases, norms and layer scales); lr 1.5e-3 after one epoch of linear
-warmup, then one cosine decay to 1e-5 at the last iteration; gradient clipping at 1.0; label smoothing 0.2;
-self-attention weight 1; no drop path; layer scale initialised at 1 (not ConvNeXt's 1e-6: from scratch the
-blocks then learn from the first step); an EMA of the weights with decay 0.999 per step (less over the first
-steps); augmentation in one affine warp: rotation up to 10 degrees, zoom in [0.9, 1.1], shift up to 5% of the
-side, horizontal flips; channels-last; bf16 autocast with --amp.
-
-The official code (yelboudouri/EmoNeXt train.py) fine-tunes ImageNet ConvNeXt weights on 224 px RGB copies of
-the faces, with drop path 0.1 and layer scale 1e-6 (ImageNet weights bring their own layer scales). It shares
-label smoothing 0.2, self-attention weight 1, clipping at 1.0 and ten-crop testing; it differs in
-  - optimisation: batch 32; AdamW with torch's default weight decay 0.01 on every parameter; its scheduler
-    overrides the lr 1e-4 given to AdamW with a cosine with warm restarts (128 steps of warmup to 1e-3, down to
-    0, again every 1024 steps) and training stops after 12 epochs without a better val accuracy; fp16 autocast.
-    Here lr 1.5e-3 because the weights start from scratch (the README's pilots: 1e-3 and 2e-3 learn, 4e-3 does
-    not; fine-tune with about 1e-4), one decay because the length of a run is set in advance, and ConvNeXt's
-    own weight decay recipe.
-  - EMA: ema_pytorch with decay 0.99 every 16 steps (about 0.9994 per step, a horizon close to 0.999 every
-    step, which is simpler); it saves the best checkpoint by the live weights' val accuracy but tests the EMA
-    as it is when training stops, while here the EMA is what is validated, kept as best and tested.
-  - augmentation: Resize 236, RandomRotation 20, RandomCrop 224 (a shift of at most 6/236, about 2.5%, and no
-    zoom), horizontal and vertical flips. Here rotation 10, zoom 0.1 and shift 0.05 (in the README's FER2013
-    pilots from scratch they did better than 20 / 0.2 / 0.1). Vertical flips are off (--vflip): FER2013 has no
-    upside-down faces.
-
-FER+ labels (--labels ferplus-*, 8 classes): the train split gets majority labels, the vote distribution as a
-soft target (cross-entropy against it, with --label-smoothing mixed in on top as for hard labels), or a label
-drawn from the distribution each time a face is seen; validation, model selection and the test always use the
-majority labels, the protocol FER+ papers report.
-
-Under torchrun --batch-size is the global batch: every process draws the same permutation and augmentation for
-it and trains on its slice; the STN's BatchNorm and the self-attention regulariser see the global batch, so N
-processes follow the 1-process run up to float summation order (drop-path masks aside). Rank 0 alone logs and
-writes files.
+The defaults (EmoNeXt-atto from scratch at 64 px on a CPU), why they were chosen and where the official code
+(yelboudouri/EmoNeXt) differs: README.md, "The defaults and the official code"; FER+ labels and torchrun: its
+"FER+ labels" and "Many GPUs, many machines".
 """
 import argparse
 import copy
@@ -58,6 +30,7 @@ import os
 import pickle
 import sys
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -71,6 +44,9 @@ import emonext
 from emonext import SIZES, BatchSelfAttention, EmoNeXt, config_dict, load_weights, read_checkpoint
 from eval import predict, save_checkpoint, save_stn_picture
 
+
+# -----------------------------------------------------------------------------
+# the command line: the flags, what each accepts
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows this file's docstring as it is written, then each flag with its default."""
@@ -133,15 +109,6 @@ def build_parser():
     return p
 
 
-# flags that say how and where a run goes, not what it computes; every other flag defines the run, and --resume
-# takes those from the checkpoint so the run continues unchanged
-RUNTIME_FLAGS = ("compile", "kernels", "out_dir", "resume", "log_interval", "threads", "device")
-RUN_ARGS = tuple(a.dest for a in build_parser()._actions if a.dest not in RUNTIME_FLAGS + ("help",))
-
-
-# the run flags a resumed run may change: how long it trains and how often it is evaluated (see --epochs)
-RESUME_MAY_CHANGE = ("epochs", "max_iters", "eval_interval")
-
 # what each numeric flag accepts: (test, what to tell the user); None (a default to be worked out) always passes
 LIMITS = {
     "img_size": (lambda v: v >= 32, "at least 32 (the model downsamples by 32)"),
@@ -201,13 +168,8 @@ def parse_args(argv=None):
     return args
 
 
-def given_flags(argv=None):
-    """The dests of the flags written on the command line (argv; None: sys.argv), leaving out the defaults."""
-    p = build_parser()
-    for a in p._actions:
-        a.default = argparse.SUPPRESS  # a flag left out is then left out of the namespace
-    return set(vars(p.parse_args(argv)))
-
+# -----------------------------------------------------------------------------
+# the pieces of a step and of its log: the lr schedule, weight decay's groups, the EMA, checks, accuracy, time
 
 def lr_at(it, args, max_iters):
     """Linear warmup to args.lr, then cosine decay to args.min_lr at max_iters."""
@@ -357,38 +319,37 @@ def training_model(model, args, world):
 
 
 # -----------------------------------------------------------------------------
-# a run: set up, train step by step, evaluate and save, test
+# a run: its state, set up, train step by step, evaluate and save, test
 
-def read_resume(args, argv=None):
-    """The checkpoint to continue from (None for a new run). Its run flags replace the defaults; a run flag given
-    on the command line (argv) must equal the checkpoint's, except the RESUME_MAY_CHANGE ones."""
-    if not args.resume:
-        return None
-    path = os.path.join(args.out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        sys.exit(f"train.py: --resume: no checkpoint at {path}")
-    try:
-        resume = read_checkpoint(path)
-    except ValueError as e:
-        sys.exit(f"train.py: --resume: {e}")
-    saved = resume.get("args", {})
-    missing = [flag(k) for k in RUN_ARGS if k not in saved]
-    if missing:
-        sys.exit(f"train.py: --resume: {path} lacks the run flags {' '.join(missing)} (written by another version of "
-                 f"train.py?), so its run cannot be continued; start a new run in another --out-dir (--pretrained "
-                 f"{path} starts it from these weights)")
-    given = given_flags(argv) & set(RUN_ARGS)
-    changed = [f"{flag(k)} {getattr(args, k)} (the run has {saved[k]})" for k in sorted(given)
-               if k not in RESUME_MAY_CHANGE and getattr(args, k) != saved[k]]
-    if changed:
-        sys.exit(f"train.py: --resume: {', '.join(changed)}: a resumed run keeps the flags of {path}; only "
-                 f"{', '.join(map(flag, RESUME_MAY_CHANGE))} may change (start a new --out-dir to change others)")
-    if "epochs" in given and "max_iters" not in given and saved["max_iters"] and args.epochs != saved["epochs"]:
-        sys.exit(f"train.py: --resume: --epochs: the length of this run is --max-iters {saved['max_iters']}, which "
-                 "overrides --epochs; change --max-iters, or add --max-iters 0 to count in epochs")
-    for k in set(RUN_ARGS) - (given & set(RESUME_MAY_CHANGE)):
-        setattr(args, k, saved[k])
-    return resume
+@dataclass
+class Run:
+    """The state of a run, built by setup and passed to every step below."""
+    # set by setup, then fixed (the model, EMA and optimizer change in place: train_step trains them, final_test
+    # loads best.pt into the EMA)
+    args: argparse.Namespace  # the flags; read_resume puts in the checkpoint's run flags, run_length the defaults
+    device: torch.device  # where the training faces, the model and the batches are
+    rank: int  # this process's rank under torchrun; 0 alone logs and writes files
+    world: int  # the number of processes (1 without torchrun)
+    train_x: torch.Tensor  # (N, 48, 48) uint8 training faces, whole on the device
+    train_y: torch.Tensor  # (N,) classes, or (N, C) vote distributions for ferplus-soft / ferplus-draw
+    val: tuple  # (faces, classes) of the validation split, on the CPU: model selection
+    test: tuple  # (faces, classes) of the test split, on the CPU: final_test
+    class_names: tuple  # the classes' names (FER2013's 7 or FER+'s 8), saved in the checkpoints
+    iters_per_epoch: int  # full batches in the training split
+    max_iters: int  # the run's length in iterations (--max-iters, or --epochs epochs)
+    eval_interval: int  # iterations between evaluations (--eval-interval, or one epoch)
+    model: EmoNeXt  # the live weights, which the optimizer trains
+    ema_model: EmoNeXt  # their EMA (update_ema), which is validated, kept as best and tested
+    optimizer: torch.optim.Optimizer  # AdamW over param_groups(model)
+    autocast: torch.autocast  # bf16 autocast under --amp, else a no-op context
+    ckpt_path: str  # OUT_DIR/ckpt.pt: the latest evaluated state, for --resume
+    best_path: str  # OUT_DIR/best.pt: the state with the best val accuracy so far, for final_test
+    train_model: torch.nn.Module | None = None  # what train_step calls (training_model); end_distributed drops it
+    # the run's progress: updated as it trains, saved in the checkpoints and put back by restore
+    it: int = 0  # iterations done (train_step counts them)
+    best_acc: float = -1.0  # best val accuracy of the EMA so far (evaluate_and_save)
+    nonfinite_total: int = 0  # steps skipped for a non-finite loss or gradient (train_step)
+    bad_in_a_row: int = 0  # of those, how many in a row up to now (train_step; not saved: 0 on resume)
 
 
 def load_data(args):
@@ -409,23 +370,50 @@ def load_data(args):
     return splits, description
 
 
-def check_resume_length(args, resume, iters_per_epoch, max_iters):
-    """Ends a resume of a finished run with a message; says how a changed length moves the lr schedule."""
-    it, saved = resume["iter"], SimpleNamespace(**resume["args"])
-    if it >= max_iters:
-        sys.exit(f"train.py: --resume: the run in {args.out_dir} is finished ({it} of {max_iters} iterations), nothing "
-                 f"to train; give a larger --epochs or --max-iters to train it longer, or test it with "
-                 f"python eval.py {os.path.join(args.out_dir, 'best.pt')}")
-    saved_max = saved.max_iters or saved.epochs * iters_per_epoch
-    if max_iters != saved_max:
-        print(f"--resume: {saved_max} -> {max_iters} iterations; the cosine decay is recomputed to end at iteration "
-              f"{max_iters}, so the lr at iteration {it} goes from {lr_at(it, saved, saved_max):.3e} to "
-              f"{lr_at(it, args, max_iters):.3e}")
+def run_length(args, n_train, description):
+    """(iterations per epoch, iterations of the run) for n_train training faces; fills in the defaults of
+    --epochs (32 on FER2013, 3 on the synthetic faces) and --warmup (one epoch)."""
+    if args.epochs is None:
+        args.epochs = 3 if args.data == "synthetic" or description.startswith("synthetic") else 32
+    iters_per_epoch = n_train // args.batch_size
+    if iters_per_epoch == 0:
+        sys.exit(f"train.py: {n_train} training faces is fewer than one batch of {args.batch_size}")
+    max_iters = args.max_iters or args.epochs * iters_per_epoch
+    if args.warmup is None:
+        args.warmup = min(iters_per_epoch, max_iters)
+    return iters_per_epoch, max_iters
+
+
+def build_model(args, class_names, device, resuming):
+    """The model on the device, channels-last, from --pretrained unless resuming (the checkpoint's weights come
+    later), and its EMA copy."""
+    model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans, num_classes=len(class_names),
+                              drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
+                              label_smoothing=args.label_smoothing, sa_weight=args.sa_weight)
+    if args.pretrained and not resuming:
+        try:
+            load_weights(model, args.pretrained)
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # unreachable, unreadable, foreign
+            where = "" if args.pretrained in str(e) else f"{args.pretrained}: "
+            sys.exit(f"train.py: --pretrained: {where}{e}")
+    # channels-last on every device: the blocks' permutes to (N, H, W, C) become free and CPU depthwise convs run
+    # their fast path (BENCHMARKS.md, "Training on a 2-core CPU")
+    model.to(device, memory_format=torch.channels_last)
+    return model, copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def use_kernels(args, device):
+    """Sets the --kernels backend and logs which implementation each hot path runs."""
+    if emonext.kernels is not None:
+        emonext.kernels.set_backend(args.kernels)
+        print(emonext.kernels.describe(device))
+    elif args.kernels != "torch":
+        print("kernels/ not importable: plain PyTorch everywhere")
 
 
 def setup(args, resume, rank=0, world=1):
     """Data on the device, the model, its EMA copy and the optimizer, restored from `resume` if given.
-    Returns the run's state as one namespace that the steps below read and update."""
+    Returns the Run that the steps below read and update."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -434,57 +422,24 @@ def setup(args, resume, rank=0, world=1):
     # data: uint8 faces, kept whole on the device; augmentation happens there, batch by batch
     splits, description = load_data(args)
     train_x, train_y = (t.to(device) for t in splits["train"])
-    if args.epochs is None:
-        args.epochs = 3 if args.data == "synthetic" or description.startswith("synthetic") else 32
-    iters_per_epoch = len(train_y) // args.batch_size
-    if iters_per_epoch == 0:
-        sys.exit(f"train.py: {len(train_y)} training faces is fewer than one batch of {args.batch_size}")
-    max_iters = args.max_iters or args.epochs * iters_per_epoch
-    if args.warmup is None:
-        args.warmup = min(iters_per_epoch, max_iters)
+    iters_per_epoch, max_iters = run_length(args, len(train_y), description)
     if resume is not None:
         check_resume_length(args, resume, iters_per_epoch, max_iters)
 
     class_names = data.class_names(args.labels)
-    model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans, num_classes=len(class_names),
-                              drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
-                              label_smoothing=args.label_smoothing, sa_weight=args.sa_weight)
-    if args.pretrained and resume is None:
-        try:
-            load_weights(model, args.pretrained)
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # unreachable, unreadable, foreign
-            where = "" if args.pretrained in str(e) else f"{args.pretrained}: "
-            sys.exit(f"train.py: --pretrained: {where}{e}")
-    # channels-last on every device: the blocks' permutes to (N, H, W, C) become free and CPU depthwise convs run
-    # their fast path (the conv alone ~3x); a whole CPU step gains 0-12% (BENCHMARKS.md, "Training on a 2-core CPU")
-    model.to(device, memory_format=torch.channels_last)
-    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    model, ema_model = build_model(args, class_names, device, resuming=resume is not None)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
-    run = SimpleNamespace(
-        args=args, device=device, train_x=train_x, train_y=train_y, class_names=class_names,
-        val=splits["val"], test=splits["test"],
-        iters_per_epoch=iters_per_epoch, max_iters=max_iters, eval_interval=args.eval_interval or iters_per_epoch,
-        model=model, ema_model=ema_model, optimizer=optimizer, rank=rank, world=world, it=0, best_acc=-1.0,
-        nonfinite_total=0, bad_in_a_row=0, ckpt_path=os.path.join(args.out_dir, "ckpt.pt"),
-        best_path=os.path.join(args.out_dir, "best.pt"),
-        autocast=torch.autocast(device.type, torch.bfloat16, enabled=args.amp))
+    run = Run(args=args, device=device, rank=rank, world=world, train_x=train_x, train_y=train_y, val=splits["val"],
+              test=splits["test"], class_names=class_names, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
+              eval_interval=args.eval_interval or iters_per_epoch, model=model, ema_model=ema_model,
+              optimizer=optimizer, autocast=torch.autocast(device.type, torch.bfloat16, enabled=args.amp),
+              ckpt_path=os.path.join(args.out_dir, "ckpt.pt"), best_path=os.path.join(args.out_dir, "best.pt"))
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        ema_model.load_state_dict(resume["ema"])
-        optimizer.load_state_dict(resume["optimizer"])
-        run.it, run.best_acc, run.nonfinite_total = resume["iter"], resume["best_val_acc"], resume["nonfinite_steps"]
-        torch.set_rng_state(resume["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in resume:
-            torch.cuda.set_rng_state(resume["rng_cuda"])
-        print(f"resuming {run.ckpt_path} at iteration {run.it}/{max_iters}")
+        restore(run, resume)
     if rank:  # drop-path masks: a stream per process, apart from the (seed, iteration) augmentation seeds
         torch.manual_seed(args.seed * 1_000_003 + run.it + rank * 2 ** 40)
-    if emonext.kernels is not None:
-        emonext.kernels.set_backend(args.kernels)
-        print(emonext.kernels.describe(device))
-    elif args.kernels != "torch":
-        print("kernels/ not importable: plain PyTorch everywhere")
+    use_kernels(args, device)
     run.train_model = training_model(model, args, world)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"EmoNeXt-{args.model}: {n_params / 1e6:.2f}M parameters, img_size {args.img_size}, in_chans "
@@ -619,6 +574,88 @@ def log_progress(run, logits, yb, loss, ce, sa, lr, seconds, iters):
     print(f"iter {run.it}/{run.max_iters} | loss {loss:.4f} (ce {ce:.4f} sa {sa.item():.2e}) | acc {100 * acc:.1f}% | "
           f"lr {lr:.2e} | {speed:.0f} img/s{per_process} | eta {fmt_time(eta)}", flush=True)
 
+
+# -----------------------------------------------------------------------------
+# resume: read OUT_DIR/ckpt.pt back, check that its run can go on, and put its state back
+
+# flags that say how and where a run goes, not what it computes; every other flag defines the run, and --resume
+# takes those from the checkpoint so the run continues unchanged
+RUNTIME_FLAGS = ("compile", "kernels", "out_dir", "resume", "log_interval", "threads", "device")
+RUN_ARGS = tuple(a.dest for a in build_parser()._actions if a.dest not in RUNTIME_FLAGS + ("help",))
+
+# the run flags a resumed run may change: how long it trains and how often it is evaluated (see --epochs)
+RESUME_MAY_CHANGE = ("epochs", "max_iters", "eval_interval")
+
+
+def given_flags(argv=None):
+    """The dests of the flags written on the command line (argv; None: sys.argv), leaving out the defaults."""
+    p = build_parser()
+    for a in p._actions:
+        a.default = argparse.SUPPRESS  # a flag left out is then left out of the namespace
+    return set(vars(p.parse_args(argv)))
+
+
+def read_resume(args, argv=None):
+    """The checkpoint to continue from (None for a new run). Its run flags replace the defaults; a run flag given
+    on the command line (argv) must equal the checkpoint's, except the RESUME_MAY_CHANGE ones."""
+    if not args.resume:
+        return None
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        sys.exit(f"train.py: --resume: no checkpoint at {path}")
+    try:
+        resume = read_checkpoint(path)
+    except ValueError as e:
+        sys.exit(f"train.py: --resume: {e}")
+    saved = resume.get("args", {})
+    missing = [flag(k) for k in RUN_ARGS if k not in saved]
+    if missing:
+        sys.exit(f"train.py: --resume: {path} lacks the run flags {' '.join(missing)} (written by another version of "
+                 f"train.py?), so its run cannot be continued; start a new run in another --out-dir (--pretrained "
+                 f"{path} starts it from these weights)")
+    given = given_flags(argv) & set(RUN_ARGS)
+    changed = [f"{flag(k)} {getattr(args, k)} (the run has {saved[k]})" for k in sorted(given)
+               if k not in RESUME_MAY_CHANGE and getattr(args, k) != saved[k]]
+    if changed:
+        sys.exit(f"train.py: --resume: {', '.join(changed)}: a resumed run keeps the flags of {path}; only "
+                 f"{', '.join(map(flag, RESUME_MAY_CHANGE))} may change (start a new --out-dir to change others)")
+    if "epochs" in given and "max_iters" not in given and saved["max_iters"] and args.epochs != saved["epochs"]:
+        sys.exit(f"train.py: --resume: --epochs: the length of this run is --max-iters {saved['max_iters']}, which "
+                 "overrides --epochs; change --max-iters, or add --max-iters 0 to count in epochs")
+    for k in set(RUN_ARGS) - (given & set(RESUME_MAY_CHANGE)):
+        setattr(args, k, saved[k])
+    return resume
+
+
+def check_resume_length(args, resume, iters_per_epoch, max_iters):
+    """Ends a resume of a finished run with a message; says how a changed length moves the lr schedule."""
+    it, saved = resume["iter"], SimpleNamespace(**resume["args"])
+    if it >= max_iters:
+        sys.exit(f"train.py: --resume: the run in {args.out_dir} is finished ({it} of {max_iters} iterations), nothing "
+                 f"to train; give a larger --epochs or --max-iters to train it longer, or test it with "
+                 f"python eval.py {os.path.join(args.out_dir, 'best.pt')}")
+    saved_max = saved.max_iters or saved.epochs * iters_per_epoch
+    if max_iters != saved_max:
+        print(f"--resume: {saved_max} -> {max_iters} iterations; the cosine decay is recomputed to end at iteration "
+              f"{max_iters}, so the lr at iteration {it} goes from {lr_at(it, saved, saved_max):.3e} to "
+              f"{lr_at(it, args, max_iters):.3e}")
+
+
+def restore(run, resume):
+    """Puts the checkpoint `resume` back into the run set up for it: weights, EMA, optimizer, progress and the
+    random number generators, so the run goes on as if it had not stopped."""
+    run.model.load_state_dict(resume["model"])
+    run.ema_model.load_state_dict(resume["ema"])
+    run.optimizer.load_state_dict(resume["optimizer"])
+    run.it, run.best_acc, run.nonfinite_total = resume["iter"], resume["best_val_acc"], resume["nonfinite_steps"]
+    torch.set_rng_state(resume["rng_cpu"])
+    if run.device.type == "cuda" and "rng_cuda" in resume:
+        torch.cuda.set_rng_state(resume["rng_cuda"])
+    print(f"resuming {run.ckpt_path} at iteration {run.it}/{run.max_iters}")
+
+
+# -----------------------------------------------------------------------------
+# the story of a run
 
 def main(argv=None):
     args = parse_args(argv)
