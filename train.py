@@ -23,11 +23,14 @@ The defaults (EmoNeXt-atto from scratch at 64 px on a CPU), why they were chosen
 "FER+ labels" and "Many GPUs, many machines".
 """
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
 import pickle
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -654,30 +657,59 @@ def restore(run, resume):
     print(f"resuming {run.ckpt_path} at iteration {run.it}/{run.max_iters}")
 
 
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """Holds OUT_DIR/train.lock (flock) while the run lives, in the process that writes files (rank 0; the others
+    have RANK > 0 from torchrun): a second train.py on the same out-dir stops at once, naming the holder. The kernel
+    drops the lock however the process ends, kill -9 included. Opening the file also proves the out-dir writable
+    before any data is read."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        yield
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, "train.lock"), "a+")
+    except OSError as e:
+        sys.exit(f"train.py: --out-dir {out_dir}: cannot write there ({e.strerror or e})")
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            sys.exit(f"train.py: --out-dir {out_dir} is in use by another train.py ({holder}); let it finish or "
+                     f"choose another --out-dir")
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+        yield
+
+
 # -----------------------------------------------------------------------------
 # the story of a run
 
 def main(argv=None):
     args = parse_args(argv)
     resume = read_resume(args, argv)
-    rank, world = init_distributed(args)
-    run = setup(args, resume, rank, world)
-    run.model.train()
-    t_log, it_log = time.time(), run.it
-    while run.it < run.max_iters:
-        for idx in epoch_batches(run):
-            step = train_step(run, idx)
-            it = run.it
-            if it % args.log_interval == 0 or it == run.max_iters:
-                log_progress(run, *step, time.time() - t_log, it - it_log)
-                t_log, it_log = time.time(), it
-            if it % run.eval_interval == 0 or it == run.max_iters:
-                t_log += evaluate_and_save(run)  # keep the evaluation out of the images/s
-            if it >= run.max_iters:
-                break
-    results = final_test(run) if rank == 0 else None  # best.pt is rank 0's file
-    if world > 1:
-        end_distributed(run)
+    with out_dir_lock(args.out_dir):  # one run per out-dir, proved writable before the data is read
+        rank, world = init_distributed(args)
+        run = setup(args, resume, rank, world)
+        run.model.train()
+        t_log, it_log = time.time(), run.it
+        while run.it < run.max_iters:
+            for idx in epoch_batches(run):
+                step = train_step(run, idx)
+                it = run.it
+                if it % args.log_interval == 0 or it == run.max_iters:
+                    log_progress(run, *step, time.time() - t_log, it - it_log)
+                    t_log, it_log = time.time(), it
+                if it % run.eval_interval == 0 or it == run.max_iters:
+                    t_log += evaluate_and_save(run)  # keep the evaluation out of the images/s
+                if it >= run.max_iters:
+                    break
+        results = final_test(run) if rank == 0 else None  # best.pt is rank 0's file
+        if world > 1:
+            end_distributed(run)
     return results
 
 

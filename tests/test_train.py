@@ -354,6 +354,42 @@ def test_kill_and_resume_gives_the_same_weights(faces_npz, tmp_path):
     assert open(killed / "results.json").read() == open(whole / "results.json").read()
 
 
+def test_a_second_run_on_the_same_out_dir_stops_at_once_naming_the_first(faces_npz, tmp_path):
+    """Two train.py on one --out-dir: the second ends in one line naming the first process, before reading any data,
+    and the first trains on; once the first is gone (killed) the lock is free again."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(REPO, "train.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd + tiny_args(faces_npz, out, 100_000, 50_000), cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and "pid" not in _read(out / "train.lock"):
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early"
+        second = subprocess.run(cmd + tiny_args(faces_npz, out), cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 1 and first.poll() is None
+        assert f"--out-dir {out} is in use by another train.py (pid {first.pid} on " in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
+        assert "faces.npz" not in second.stdout  # stopped before the data was read
+    finally:
+        first.kill()
+        first.wait()
+    with train.out_dir_lock(str(out)):  # the kernel dropped the killed run's lock
+        assert f"pid {os.getpid()} " in _read(out / "train.lock")
+
+
+def _read(path):
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_data_is_read(faces_npz, monkeypatch):
+    monkeypatch.setattr(train, "load_data", lambda args: pytest.fail("data read before the out-dir was checked"))
+    with pytest.raises(SystemExit, match=r"^train.py: --out-dir /etc/passwd/x: cannot write there \(Not a directory\)$"):
+        train.main(tiny_args(faces_npz, "/etc/passwd/x"))
+
+
 # -----------------------------------------------------------------------------
 # issue 11: data without a val split, resume, flags that cannot work, --amp / --compile / --pretrained
 
