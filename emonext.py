@@ -18,6 +18,8 @@ Usage:
 """
 import contextlib
 import copy
+import os
+import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -411,6 +413,11 @@ def read_checkpoint(src) -> dict:
     src = str(src)
     if src.startswith(("http://", "https://")):
         return torch.hub.load_state_dict_from_url(src, map_location="cpu", weights_only=True)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"checkpoint not found: {src}")
+    damaged = _damaged_record(src)
+    if damaged:
+        raise ValueError(f"{src}: damaged: {damaged} (the file changed after it was written; copy it again)")
     try:
         ckpt = torch.load(src, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -421,6 +428,19 @@ def read_checkpoint(src) -> dict:
     if not isinstance(ckpt, dict):
         raise ValueError(f"{src}: expected a dict checkpoint, found {type(ckpt).__name__}")
     return ckpt
+
+
+def _damaged_record(path) -> str:
+    """What is damaged in a torch zip checkpoint, or "" if nothing is (or if it is no zip: torch.load judges it).
+    torch.load does not check the zip's CRC-32 of each record, so a few changed bytes inside a tensor would load."""
+    if not zipfile.is_zipfile(path):
+        return ""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:  # BadZipFile, EOFError, a header that does not decode...
+        return f"its zip structure is broken ({type(e).__name__}: {e})"
+    return f"its record {bad} fails the CRC-32 check" if bad else ""
 
 
 def _state_dict_of(ckpt: dict, prefer_ema: bool) -> dict:
@@ -516,16 +536,33 @@ def config_dict(model: EmoNeXt) -> dict:
 # faces in: the one definition of evaluation's input transform (data.py, eval.py and EmoNeXt.predict use it)
 
 def _batch_of_faces(faces) -> torch.Tensor:
-    """uint8 (H, W), (N, H, W), (H, W, 3) or (N, H, W, 3) -> a tensor with the batch dimension, (N, H, W[, 3])."""
-    x = faces if isinstance(faces, torch.Tensor) else torch.tensor(faces)  # a copy: arrays may be read-only
+    """uint8 faces -> a tensor with the batch dimension, (N, H, W) grey or (N, H, W, 3) RGB.
+
+    Arrays (numpy's, OpenCV's and PIL's layout), any strides: (H, W) or (N, H, W) grey, (H, W, 1) or (N, H, W, 1) grey,
+    (H, W, 3) or (N, H, W, 3) RGB. Tensors read the same way, and channels-first as torch holds images: (3, H, W) is
+    one RGB face (torchvision's read_image), (N, 3, H, W) and (N, 1, H, W) are batches; a shape that reads both ways
+    (its last side 1 or 3) reads as an array does. Three grey faces in one tensor: (3, 1, H, W)."""
+    if isinstance(faces, torch.Tensor):
+        x = faces
+        channels_first = x.shape[-3:-2] == (3,) if x.ndim == 3 else x.ndim == 4 and x.shape[1] in (1, 3)
+        if channels_first and x.shape[-1] not in (1, 3):
+            x = x.movedim(-3, -1)  # -> channels-last
+    elif hasattr(faces, "__array__"):
+        x = torch.from_numpy(faces.__array__().copy())  # a C-ordered copy: flipped views, read-only arrays
+    else:
+        raise ValueError(f"faces must be uint8 pixels (numpy arrays or tensors, or a list of them), got "
+                         f"{type(faces).__name__}; to classify image files use python predict.py CKPT FILE...")
+    shape = tuple(x.shape)
     if x.dtype != torch.uint8:
         raise ValueError(f"faces must be uint8 grey levels 0..255, got {x.dtype}")
+    if x.ndim in (3, 4) and x.shape[-1] == 1:  # (H, W, 1) / (N, H, W, 1): grey with a channel axis
+        x = x[..., 0]
     if x.ndim in (3, 4) and x.shape[-1] == 4:  # else (H, W, 4) would read as H faces 4 pixels wide
-        raise ValueError(f"faces of shape {tuple(x.shape)} look RGBA: pass faces[..., :3]")
+        raise ValueError(f"faces of shape {shape} look RGBA: pass faces[..., :3]")
     rgb = x.ndim in (3, 4) and x.shape[-1] == 3
     if x.ndim - rgb not in (2, 3) or min(x.shape[x.ndim - rgb - 2:x.ndim - rgb]) == 0:
         raise ValueError(f"faces must be (H, W) or (N, H, W) grey or (H, W, 3) or (N, H, W, 3) RGB, "
-                         f"got shape {tuple(x.shape)}")
+                         f"got shape {shape}")
     return x if x.ndim - rgb == 3 else x[None]
 
 
