@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import data
 import emonext
 import eval as evaluate
+import synthetic
 from conftest import one_graph_code
 from emonext import EmoNeXt
 
@@ -298,7 +299,6 @@ import sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import emonext
-import synthetic
 assert emonext.kernels is None, "kernels/ must not be importable here"
 ckpt = torch.load("ckpt.pt", weights_only=True)
 m = emonext.EmoNeXt.from_checkpoint(ckpt)
