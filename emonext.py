@@ -439,6 +439,39 @@ def _state_dict_of(ckpt: dict, prefer_ema: bool) -> dict:
     return state
 
 
+def _convert_input_convs(state: dict, own: dict) -> list:
+    """Converts, in place, the checkpoint's input convs to the model's input channel count: 3 -> 1 sums over the
+    channels, 1 -> 3 splits evenly; other counts are left to the shape check. Returns what was converted."""
+    converted = []
+    for k in _INPUT_CONVS:
+        if k in state and k in own and state[k].ndim == 4 and state[k].shape[1] != own[k].shape[1]:
+            w, c = state[k], own[k].shape[1]
+            if c == 1:
+                state[k] = w.sum(1, keepdim=True)
+            elif w.shape[1] == 1:
+                state[k] = w.expand(-1, c, -1, -1) / c
+            else:
+                continue  # left to the shape check
+            converted.append(f"{k}: {w.shape[1]} -> {c} input channels")
+    return converted
+
+
+def _drop_mismatched_head(state: dict, own: dict, name: str) -> list:
+    """Drops, in place, a head of another class count; any other shape that differs from the model's is an error.
+    Returns what was dropped."""
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    skipped = []
+    for k in mismatched:
+        if k.startswith("head."):
+            skipped.append(f"{k} {tuple(state.pop(k).shape)} (model has {tuple(own[k].shape)})")
+    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in mismatched if k in state]
+    if bad:
+        raise ValueError(f"{name}: checkpoint does not fit this model (another size or img_size?): "
+                         + "; ".join(bad[:4]) + (f"; ... {len(bad) - 4} more" if len(bad) > 4 else ""))
+    return skipped
+
+
 def load_weights(model: EmoNeXt, src, prefer_ema: bool = True, verbose: bool = True) -> dict:
     """Loads EmoNeXt or ConvNeXt weights into `model` and reports exactly what did not map.
 
@@ -469,27 +502,8 @@ def load_weights(model: EmoNeXt, src, prefer_ema: bool = True, verbose: bool = T
         hint = " (a timm-format ConvNeXt: use facebookresearch's convnext_*.pth)" if "stem.0.weight" in state else ""
         raise ValueError(f"{name}: neither an EmoNeXt nor a facebookresearch ConvNeXt checkpoint{hint}; "
                          f"first keys: {list(state)[:5]}")
-
-    converted, skipped = [], []
-    for k in _INPUT_CONVS:
-        if k in state and k in own and state[k].ndim == 4 and state[k].shape[1] != own[k].shape[1]:
-            w, c = state[k], own[k].shape[1]
-            if c == 1:
-                state[k] = w.sum(1, keepdim=True)
-            elif w.shape[1] == 1:
-                state[k] = w.expand(-1, c, -1, -1) / c
-            else:
-                continue  # left to the shape check below
-            converted.append(f"{k}: {w.shape[1]} -> {c} input channels")
-    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
-    for k in mismatched:
-        if k.startswith("head."):
-            skipped.append(f"{k} {tuple(state.pop(k).shape)} (model has {tuple(own[k].shape)})")
-    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in mismatched if k in state]
-    if bad:
-        raise ValueError(f"{name}: checkpoint does not fit this model (another size or img_size?): "
-                         + "; ".join(bad[:4]) + (f"; ... {len(bad) - 4} more" if len(bad) > 4 else ""))
+    converted = _convert_input_convs(state, own)
+    skipped = _drop_mismatched_head(state, own, name)
 
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
