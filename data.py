@@ -122,12 +122,9 @@ def _read_csv(path):
         raise ValueError(f"{path}, line {reader.line_num}: unreadable csv ({e})") from None
 
 
-@_unparsed_text_is_an_error()
-def _load_csv(path, skip_bad_rows):
-    """Kaggle fer2013.csv (emotion,pixels,Usage), icml_face_data.csv (same columns, other order, names with
-    leading spaces) and the competition's train.csv (no Usage: all rows are train).
-    Returns (splits, the fer2013.csv row of each face per split, the number of data rows)."""
-    rows = _read_csv(path)
+def _csv_columns(path, rows):
+    """The header of a FER2013 csv, taken off `rows` -> (its number of fields, the emotion, pixels and Usage
+    columns; Usage None when absent)."""
     header_line, header = rows.pop(0) if rows else (1, [])
     header = [name.strip().lower() for name in header]
     if not header:
@@ -139,10 +136,19 @@ def _load_csv(path, skip_bad_rows):
         raise ValueError(f"{path}: no 'emotion' column, so these faces are unlabelled (like the competition's "
                          "test.csv) and cannot be used for training or evaluation; use fer2013.csv, "
                          "icml_face_data.csv or train.csv")
-    i_label, i_pixels = header.index("emotion"), header.index("pixels")
-    i_usage = header.index("usage") if "usage" in header else None
     if not rows:
         raise ValueError(f"{path}: no data rows after the header")
+    i_usage = header.index("usage") if "usage" in header else None
+    return len(header), header.index("emotion"), header.index("pixels"), i_usage
+
+
+@_unparsed_text_is_an_error()
+def _load_csv(path, skip_bad_rows):
+    """Kaggle fer2013.csv (emotion,pixels,Usage), icml_face_data.csv (same columns, other order, names with
+    leading spaces) and the competition's train.csv (no Usage: all rows are train).
+    Returns (splits, the fer2013.csv row of each face per split, the number of data rows)."""
+    rows = _read_csv(path)
+    n_fields, i_label, i_pixels, i_usage = _csv_columns(path, rows)
 
     # pixels go straight into one uint8 array; np.fromstring parses each 2304-int row in C
     x = np.empty((len(rows), IMG * IMG), dtype=np.uint8)
@@ -151,8 +157,8 @@ def _load_csv(path, skip_bad_rows):
     bad = []  # (line, reason) of each rejected row
     for i, (line, row) in enumerate(rows):
         reason = None
-        if len(row) != len(header):
-            reason = f"expected {len(header)} fields, got {len(row)}"
+        if len(row) != n_fields:
+            reason = f"expected {n_fields} fields, got {len(row)}"
         else:
             label, usage = row[i_label].strip(), row[i_usage].strip() if i_usage is not None else "Training"
             try:
@@ -168,7 +174,8 @@ def _load_csv(path, skip_bad_rows):
             elif pixels.size != IMG * IMG:
                 reason = f"pixels must be {IMG * IMG} space-separated integers in 0..255, got {pixels.size} values"
             elif pixels.min() < 0 or pixels.max() > 255:
-                reason = f"pixels must be {IMG * IMG} space-separated integers in 0..255, got {pixels.min()}..{pixels.max()}"
+                reason = (f"pixels must be {IMG * IMG} space-separated integers in 0..255, "
+                          f"got {pixels.min()}..{pixels.max()}")
         if reason:
             bad.append((line, reason))
             continue
