@@ -30,12 +30,8 @@ from PIL import Image, ImageOps
 import emonext
 import synthetic
 
-CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-# mean and std of the grey levels (scaled to 0..1) over FER2013's Training split; emonext.py holds them because
-# the model's config records them (EmoNeXt.predict normalises with them)
-MEAN, STD = emonext.FER2013_MEAN, emonext.FER2013_STD
-
-IMG = emonext.FACE_SIDE  # FER2013 faces are 48x48 grey
+# FER2013's class names, face side (48) and grey-level mean / std are emonext.py's (FER2013_CLASS_NAMES, FACE_SIDE,
+# FER2013_MEAN, FER2013_STD): the model's config records them
 USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -51,7 +47,8 @@ LABELS = ("fer2013", "ferplus-majority", "ferplus-soft", "ferplus-draw")
 
 
 def _empty_split(label_shape=()):
-    return torch.zeros(0, IMG, IMG, dtype=torch.uint8), torch.zeros(0, *label_shape, dtype=torch.int64)
+    side = emonext.FACE_SIDE
+    return torch.zeros(0, side, side, dtype=torch.uint8), torch.zeros(0, *label_shape, dtype=torch.int64)
 
 
 def _splits(label_shape=(), **parts):
@@ -122,12 +119,9 @@ def _read_csv(path):
         raise ValueError(f"{path}, line {reader.line_num}: unreadable csv ({e})") from None
 
 
-@_unparsed_text_is_an_error()
-def _load_csv(path, skip_bad_rows):
-    """Kaggle fer2013.csv (emotion,pixels,Usage), icml_face_data.csv (same columns, other order, names with
-    leading spaces) and the competition's train.csv (no Usage: all rows are train).
-    Returns (splits, the fer2013.csv row of each face per split, the number of data rows)."""
-    rows = _read_csv(path)
+def _csv_columns(path, rows):
+    """The header of a FER2013 csv, taken off `rows` -> (its number of fields, the emotion, pixels and Usage
+    columns; Usage None when absent)."""
     header_line, header = rows.pop(0) if rows else (1, [])
     header = [name.strip().lower() for name in header]
     if not header:
@@ -139,20 +133,30 @@ def _load_csv(path, skip_bad_rows):
         raise ValueError(f"{path}: no 'emotion' column, so these faces are unlabelled (like the competition's "
                          "test.csv) and cannot be used for training or evaluation; use fer2013.csv, "
                          "icml_face_data.csv or train.csv")
-    i_label, i_pixels = header.index("emotion"), header.index("pixels")
-    i_usage = header.index("usage") if "usage" in header else None
     if not rows:
         raise ValueError(f"{path}: no data rows after the header")
+    i_usage = header.index("usage") if "usage" in header else None
+    return len(header), header.index("emotion"), header.index("pixels"), i_usage
+
+
+@_unparsed_text_is_an_error()
+def _load_csv(path, skip_bad_rows):
+    """Kaggle fer2013.csv (emotion,pixels,Usage), icml_face_data.csv (same columns, other order, names with
+    leading spaces) and the competition's train.csv (no Usage: all rows are train).
+    Returns (splits, the fer2013.csv row of each face per split, the number of data rows)."""
+    rows = _read_csv(path)
+    n_fields, i_label, i_pixels, i_usage = _csv_columns(path, rows)
 
     # pixels go straight into one uint8 array; np.fromstring parses each 2304-int row in C
-    x = np.empty((len(rows), IMG * IMG), dtype=np.uint8)
+    side = emonext.FACE_SIDE
+    x = np.empty((len(rows), side * side), dtype=np.uint8)
     y = np.empty(len(rows), dtype=np.int64)
     split, kept = [], []  # split name and data-row number of each kept row
     bad = []  # (line, reason) of each rejected row
     for i, (line, row) in enumerate(rows):
         reason = None
-        if len(row) != len(header):
-            reason = f"expected {len(header)} fields, got {len(row)}"
+        if len(row) != n_fields:
+            reason = f"expected {n_fields} fields, got {len(row)}"
         else:
             label, usage = row[i_label].strip(), row[i_usage].strip() if i_usage is not None else "Training"
             try:
@@ -164,11 +168,12 @@ def _load_csv(path, skip_bad_rows):
             elif usage not in USAGE_TO_SPLIT:
                 reason = f"Usage {usage!r} is not one of Training, PublicTest, PrivateTest"
             elif pixels is None:
-                reason = f"pixels must be {IMG * IMG} space-separated integers in 0..255, got other text"
-            elif pixels.size != IMG * IMG:
-                reason = f"pixels must be {IMG * IMG} space-separated integers in 0..255, got {pixels.size} values"
+                reason = f"pixels must be {side * side} space-separated integers in 0..255, got other text"
+            elif pixels.size != side * side:
+                reason = f"pixels must be {side * side} space-separated integers in 0..255, got {pixels.size} values"
             elif pixels.min() < 0 or pixels.max() > 255:
-                reason = f"pixels must be {IMG * IMG} space-separated integers in 0..255, got {pixels.min()}..{pixels.max()}"
+                reason = (f"pixels must be {side * side} space-separated integers in 0..255, "
+                          f"got {pixels.min()}..{pixels.max()}")
         if reason:
             bad.append((line, reason))
             continue
@@ -184,7 +189,7 @@ def _load_csv(path, skip_bad_rows):
         print(f"{path}: skipped {len(bad)} bad rows of {len(rows)} (first: line {first_line}: {first_reason})")
         if not split:
             raise ValueError(f"{path}: every row is bad, nothing left to load")
-    x, y, split, kept = x[:len(split)].reshape(-1, IMG, IMG), y[:len(split)], np.array(split), np.array(kept)
+    x, y, split, kept = x[:len(split)].reshape(-1, side, side), y[:len(split)], np.array(split), np.array(kept)
     splits = _splits(**{name: _as_tensors(x[split == name], y[split == name]) for name in set(split)})
     return splits, {name: kept[split == name] for name in splits}, len(rows)
 
@@ -195,7 +200,7 @@ def _load_folders(path):
     split_dirs = [name for name in ("train", "val", "test") if os.path.isdir(os.path.join(path, name))]
     if not split_dirs:
         raise ValueError(f"{path}: no train/, val/ or test/ folder (expected train/<class>/*.jpg and "
-                         f"test/<class>/*.jpg with <class> one of {', '.join(CLASS_NAMES)})")
+                         f"test/<class>/*.jpg with <class> one of {', '.join(emonext.FER2013_CLASS_NAMES)})")
     files = {"train": [], "val": [], "test": []}
     for split in split_dirs:
         split_dir, found = os.path.join(path, split), 0
@@ -203,17 +208,18 @@ def _load_folders(path):
             cls_dir = os.path.join(split_dir, cls)
             if cls.startswith(".") or not os.path.isdir(cls_dir):
                 continue
-            if cls.lower() not in CLASS_NAMES:
-                raise ValueError(f"{cls_dir}: unknown class folder {cls!r} (expected one of {', '.join(CLASS_NAMES)})")
+            if cls.lower() not in emonext.FER2013_CLASS_NAMES:
+                raise ValueError(f"{cls_dir}: unknown class folder {cls!r} "
+                                 f"(expected one of {', '.join(emonext.FER2013_CLASS_NAMES)})")
             for name in sorted(os.listdir(cls_dir)):
                 if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
                     continue
                 target = "val" if split == "test" and name.startswith("PublicTest_") else split
-                files[target].append((os.path.join(cls_dir, name), CLASS_NAMES.index(cls.lower())))
+                files[target].append((os.path.join(cls_dir, name), emonext.FER2013_CLASS_NAMES.index(cls.lower())))
                 found += 1
         if not found:
             raise ValueError(f"{split_dir}: no images (expected {split}/<class>/*.jpg with <class> one of "
-                             f"{', '.join(CLASS_NAMES)})")
+                             f"{', '.join(emonext.FER2013_CLASS_NAMES)})")
     return _splits(**{
         split: (torch.stack([load_image(f) for f, _ in items]), torch.tensor([c for _, c in items], dtype=torch.int64))
         for split, items in files.items() if items})
@@ -237,7 +243,7 @@ def _load_npz(path):
         if kx not in arrays or ky not in arrays:
             raise ValueError(f"{path}: has {kx if kx in arrays else ky} but not {ky if kx in arrays else kx}")
         x, y = arrays[kx], arrays[ky]
-        if x.ndim != 3 or x.shape[1:] != (IMG, IMG) or y.shape != (len(x),):
+        if x.ndim != 3 or x.shape[1:] != (emonext.FACE_SIDE,) * 2 or y.shape != (len(x),):
             raise ValueError(f"{path}: {kx} {x.shape} and {ky} {y.shape} should be (N, 48, 48) and (N,)")
         if x.dtype != np.uint8:
             raise ValueError(f"{path}: {kx} is {x.dtype}, expected uint8 grey levels")
@@ -269,7 +275,7 @@ def _grey(im, path):
             raise ValueError(f"{path}: {im.mode} image with values {a.min():g}..{a.max():g}, expected 0..{top:g}")
         return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8))
     if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:  # RGBA, LA, PA, P/RGB with tRNS
-        background = Image.new("RGBA", im.size, (round(255 * MEAN),) * 3 + (255,))
+        background = Image.new("RGBA", im.size, (round(255 * emonext.FER2013_MEAN),) * 3 + (255,))
         im = Image.alpha_composite(background, im.convert("RGBA"))
     return im.convert("L")
 
@@ -428,7 +434,7 @@ def draw_labels(dist, generator=None):
 
 def class_names(labels):
     """The class names of a LABELS choice: FER2013's 7 or FER+'s 8."""
-    return CLASS_NAMES if labels == "fer2013" else FERPLUS_CLASS_NAMES
+    return emonext.FER2013_CLASS_NAMES if labels == "fer2013" else FERPLUS_CLASS_NAMES
 
 
 def target_classes(y):
@@ -508,20 +514,16 @@ def iterate_batches(x, y, batch_size, shuffle, generator=None, drop_last=False):
             yield x[idx], y[idx]
 
 
-def _normalise(x):
-    return (x - MEAN) / STD
-
-
 def augment(x, img_size, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False,
-            rows=None):
+            rows=None, mean=emonext.FER2013_MEAN, std=emonext.FER2013_STD):
     """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size) through ONE affine warp per sample:
     rotation up to `rotate` degrees, zoom in `scale`, shift up to `translate` of the image, random flips,
-    and the resize to img_size, all folded into one matrix for affine_grid + grid_sample.
+    and the resize to img_size, all folded into one matrix for affine_grid + grid_sample; then (x - mean) / std.
     rows=(start, total): x is rows start..start+B of a batch of `total` faces (one process's share of a global
     batch); the parameters of all `total` are drawn and x takes its rows', so any split augments each face alike."""
     start, total = rows or (0, x.shape[0])
     pose = random_pose(total, generator, rotate, scale, translate, hflip, vflip)
-    return warp(x, img_size, **{k: v[start:start + x.shape[0]] for k, v in pose.items()})
+    return warp(x, img_size, **{k: v[start:start + x.shape[0]] for k, v in pose.items()}, mean=mean, std=std)
 
 
 def random_pose(b, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False):
@@ -534,9 +536,10 @@ def random_pose(b, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1,
                 flip_y=torch.where((r[:, 5] < 0.5) & vflip, -1.0, 1.0))
 
 
-def warp(x, img_size, angle, zoom, shift, flip_x, flip_y):
-    """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size): each face mirrored by its flips, moved by
-    its shift, then turned by its angle and scaled by its zoom about the centre (parameters as random_pose's)."""
+def warp(x, img_size, angle, zoom, shift, flip_x, flip_y, mean=emonext.FER2013_MEAN, std=emonext.FER2013_STD):
+    """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size), (x / 255 - mean) / std: each face mirrored by
+    its flips, moved by its shift, then turned by its angle and scaled by its zoom about the centre (parameters as
+    random_pose's)."""
     b = x.shape[0]
     # the matrix maps output to input, so every step is inverted: zoom in = shrink, shift = minus the move
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
@@ -544,23 +547,7 @@ def warp(x, img_size, angle, zoom, shift, flip_x, flip_y):
     theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1) * flip_x[:, None],
                          torch.stack([sin, cos, move[:, 1]], 1) * flip_y[:, None]], 1)
     grid = F.affine_grid(theta.to(x.device), (b, 1, img_size, img_size), align_corners=False)
-    # reflection padding: no black corners for the model to key on, and an identity warp equals preprocess()
+    # reflection padding: no black corners for the model to key on, and an identity warp equals emonext.preprocess
     out = F.grid_sample(x.unsqueeze(1).float() / 255, grid, padding_mode="reflection", align_corners=False)
-    return _normalise(out)
+    return (out - mean) / std
 
-
-def preprocess(x, img_size):
-    """Eval path: uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size), bilinear resize (the one
-    definition is emonext.preprocess, which EmoNeXt.predict uses too)."""
-    return emonext.preprocess(x, img_size, MEAN, STD)
-
-
-def ten_crop(x, img_size):
-    """Test-time augmentation of the official recipe: resize to img_size * 236/224, take the 4 corner and the
-    centre crops of img_size, and their horizontal flips. uint8 (B, H, W) -> float (B, 10, 1, S, S)."""
-    big, s = round(img_size * 236 / 224), img_size
-    x = preprocess(x, big)
-    c = (big - s) // 2
-    crops = [x[..., :s, :s], x[..., :s, -s:], x[..., -s:, :s], x[..., -s:, -s:], x[..., c:c + s, c:c + s]]
-    crops = torch.stack(crops, 1)
-    return torch.cat([crops, crops.flip(-1)], 1)

@@ -14,6 +14,8 @@ Usage:
     logits = model(x)                  # x: (N, 1, 48, 48) normalised grey faces
     logits, loss = model(x, targets)   # loss = cross-entropy(label_smoothing) + sa_weight * SA
     probs = model.predict(faces)       # faces: uint8 grey or RGB images of any size -> (N, num_classes)
+    logits = model.predict_logits(x)   # x: uint8 grey faces (N, 48, 48), as data.py loads them; tta="tencrop"
+    model.config.class_names           # what each of the num_classes outputs means
     fast = model.for_inference()       # an eval copy for serving: options channels_last=, compile=
 """
 import contextlib
@@ -168,8 +170,9 @@ class BatchSelfAttention(nn.Module):
         return scores.softmax(dim=-1)
 
 
-FACE_SIDE = 48  # FER2013's faces are 48x48 grey: predict() brings faces of other sizes to it first, as eval.py does
+FACE_SIDE = 48  # FER2013's faces are 48x48 grey: predict() brings faces of other sizes to it first, as predict.py does
 FER2013_MEAN, FER2013_STD = 0.5077, 0.2551  # grey levels (0..1) over the 28,709 faces of FER2013's Training split
+FER2013_CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # its labels 0..6
 
 
 @dataclass
@@ -185,10 +188,12 @@ class EmoNeXtConfig:
     sa_weight: float = 1.0        # weight of the self-attention regulariser in the loss
     pixel_mean: float = FER2013_MEAN  # input normalisation: (grey / 255 - pixel_mean) / pixel_std
     pixel_std: float = FER2013_STD
+    class_names: tuple = FER2013_CLASS_NAMES  # what each logit means, num_classes of them
 
 
-# fields that checkpoints written before them lack; such a checkpoint gets the default, which is what it used
-CONFIG_FIELDS_ADDED_LATER = ("pixel_mean", "pixel_std")
+# fields that checkpoints written before them lack; such a checkpoint gets the default, which is what it used, except
+# class_names: those of the checkpoint's top level where it has them (train.py wrote them there first)
+CONFIG_FIELDS_ADDED_LATER = ("pixel_mean", "pixel_std", "class_names")
 
 
 SIZES = {
@@ -297,7 +302,12 @@ class EmoNeXt(nn.Module):
                                          (("missing", missing), ("unknown", unknown)) if keys)
                              + f" (expected exactly {', '.join(expected)})")
         try:
-            config.update(depths=tuple(config["depths"]), dims=tuple(config["dims"]))
+            names = tuple(config["class_names"] if "class_names" in config else
+                          ckpt.get("class_names") or FER2013_CLASS_NAMES)  # see CONFIG_FIELDS_ADDED_LATER
+            if len(names) != config["num_classes"]:
+                raise ValueError(f"{path}: {len(names)} class names ({', '.join(map(str, names))}) for a model of "
+                                 f"{config['num_classes']} classes")
+            config.update(depths=tuple(config["depths"]), dims=tuple(config["dims"]), class_names=names)
             model = cls(EmoNeXtConfig(**config))
         except TypeError as e:
             raise ValueError(f"{path}: its config does not describe an EmoNeXt: {e}") from None
@@ -376,27 +386,48 @@ class EmoNeXt(nn.Module):
         return model
 
     @torch.inference_mode()
+    def predict_logits(self, x, tta: str = "none", batch_size: int = 256, amp: bool = False) -> torch.Tensor:
+        """Logits (N, num_classes), float32 on the CPU, of uint8 grey faces x (N, H, W) (FER2013's are 48x48): the
+        one inference path of eval.py, train.py's validation and test, predict.py and `predict`.
+
+        Each batch is resized to the config's img_size and normalised with its pixel_mean / pixel_std (`preprocess`);
+        tta="tencrop" averages the logits of `ten_crop`'s 10 crops, batch_size crops per forward (not 10x that:
+        smaller activations, no page-fault storm on CPUs). amp: bf16 autocast. Eval mode under inference mode is
+        the fast path (see `_fast_eval`); the weights are untouched and the caller's train/eval mode comes back.
+        """
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 3:
+            raise ValueError(f"predict_logits takes uint8 grey faces (N, H, W), got "
+                             f"{f'{x.dtype} {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if tta not in ("none", "tencrop"):
+            raise ValueError(f"tta must be 'none' or 'tencrop', got {tta!r}")
+        c, device, was_training = self.config, next(self.parameters()).device, self.training
+        self.eval()
+        out = [torch.zeros(0, c.num_classes)]
+        try:
+            for start in range(0, len(x), batch_size):
+                xb = x[start:start + batch_size].to(device)
+                with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                    if tta == "tencrop":
+                        crops = ten_crop(xb, c.img_size, c.pixel_mean, c.pixel_std).flatten(0, 1)  # (B * 10, 1, S, S)
+                        logits = torch.cat([self(b) for b in crops.split(batch_size)]).view(len(xb), 10, -1)
+                        logits = logits.float().mean(1)
+                    else:
+                        logits = self(preprocess(xb, c.img_size, c.pixel_mean, c.pixel_std)).float()
+                out.append(logits.cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(out)
+
     def predict(self, faces, batch_size: int = 256) -> torch.Tensor:
         """Emotion probabilities (N, num_classes), on the CPU, of uint8 faces of any size: (H, W) or (N, H, W) grey,
         (H, W, 3) or (N, H, W, 3) RGB, tensors or numpy arrays, or a list of single faces of different sizes.
+        Column i is config.class_names[i].
 
-        Evaluation's transform, nothing else to set up: `grey_faces` (as eval.py reads image files), then
-        `preprocess` with the config's pixel_mean / pixel_std; eval mode, batch_size faces at a time. Eval mode
-        under inference mode is the fast path (see `_fast_eval`); call it on `for_inference(compile=True)` to serve
-        many calls from compiled code.
+        Evaluation's transform, nothing else to set up: `grey_faces` (as predict.py reads image files), then
+        `predict_logits` (eval.py's plain path: the config's img_size, pixel_mean, pixel_std), batch_size faces at a
+        time; call it on `for_inference(compile=True)` to serve many calls from compiled code.
         """
-        faces = faces if isinstance(faces, (list, tuple)) else _batch_of_faces(faces)
-        was_training, device = self.training, next(self.parameters()).device
-        self.eval()
-        probs = [torch.zeros(0, self.config.num_classes)]
-        try:
-            for start in range(0, len(faces), batch_size):
-                x = grey_faces(faces[start:start + batch_size]).to(device)
-                x = preprocess(x, self.config.img_size, self.config.pixel_mean, self.config.pixel_std)
-                probs.append(self(x).float().softmax(-1).cpu())
-        finally:  # a bad face in a list raises here: the caller's train/eval mode comes back either way
-            self.train(was_training)
-        return torch.cat(probs)
+        return self.predict_logits(grey_faces(faces), batch_size=batch_size).softmax(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -459,6 +490,39 @@ def _state_dict_of(ckpt: dict, prefer_ema: bool) -> dict:
     return state
 
 
+def _convert_input_convs(state: dict, own: dict) -> list:
+    """Converts, in place, the checkpoint's input convs to the model's input channel count: 3 -> 1 sums over the
+    channels, 1 -> 3 splits evenly; other counts are left to the shape check. Returns what was converted."""
+    converted = []
+    for k in _INPUT_CONVS:
+        if k in state and k in own and state[k].ndim == 4 and state[k].shape[1] != own[k].shape[1]:
+            w, c = state[k], own[k].shape[1]
+            if c == 1:
+                state[k] = w.sum(1, keepdim=True)
+            elif w.shape[1] == 1:
+                state[k] = w.expand(-1, c, -1, -1) / c
+            else:
+                continue  # left to the shape check
+            converted.append(f"{k}: {w.shape[1]} -> {c} input channels")
+    return converted
+
+
+def _drop_mismatched_head(state: dict, own: dict, name: str) -> list:
+    """Drops, in place, a head of another class count; any other shape that differs from the model's is an error.
+    Returns what was dropped."""
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    skipped = []
+    for k in mismatched:
+        if k.startswith("head."):
+            skipped.append(f"{k} {tuple(state.pop(k).shape)} (model has {tuple(own[k].shape)})")
+    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in mismatched if k in state]
+    if bad:
+        raise ValueError(f"{name}: checkpoint does not fit this model (another size or img_size?): "
+                         + "; ".join(bad[:4]) + (f"; ... {len(bad) - 4} more" if len(bad) > 4 else ""))
+    return skipped
+
+
 def load_weights(model: EmoNeXt, src, prefer_ema: bool = True, verbose: bool = True) -> dict:
     """Loads EmoNeXt or ConvNeXt weights into `model` and reports exactly what did not map.
 
@@ -489,27 +553,8 @@ def load_weights(model: EmoNeXt, src, prefer_ema: bool = True, verbose: bool = T
         hint = " (a timm-format ConvNeXt: use facebookresearch's convnext_*.pth)" if "stem.0.weight" in state else ""
         raise ValueError(f"{name}: neither an EmoNeXt nor a facebookresearch ConvNeXt checkpoint{hint}; "
                          f"first keys: {list(state)[:5]}")
-
-    converted, skipped = [], []
-    for k in _INPUT_CONVS:
-        if k in state and k in own and state[k].ndim == 4 and state[k].shape[1] != own[k].shape[1]:
-            w, c = state[k], own[k].shape[1]
-            if c == 1:
-                state[k] = w.sum(1, keepdim=True)
-            elif w.shape[1] == 1:
-                state[k] = w.expand(-1, c, -1, -1) / c
-            else:
-                continue  # left to the shape check below
-            converted.append(f"{k}: {w.shape[1]} -> {c} input channels")
-    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
-    for k in mismatched:
-        if k.startswith("head."):
-            skipped.append(f"{k} {tuple(state.pop(k).shape)} (model has {tuple(own[k].shape)})")
-    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in mismatched if k in state]
-    if bad:
-        raise ValueError(f"{name}: checkpoint does not fit this model (another size or img_size?): "
-                         + "; ".join(bad[:4]) + (f"; ... {len(bad) - 4} more" if len(bad) > 4 else ""))
+    converted = _convert_input_convs(state, own)
+    skipped = _drop_mismatched_head(state, own, name)
 
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -528,12 +573,40 @@ def load_weights(model: EmoNeXt, src, prefer_ema: bool = True, verbose: bool = T
 
 
 def config_dict(model: EmoNeXt) -> dict:
-    """The model's config as plain numbers and lists, for checkpoints that torch.load(weights_only=True) reads."""
+    """The model's config as plain numbers, strings and lists, for checkpoints that torch.load(weights_only=True)
+    reads."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()}
 
 
 # -----------------------------------------------------------------------------
-# faces in: the one definition of evaluation's input transform (data.py, eval.py and EmoNeXt.predict use it)
+# writing files: checkpoints and pictures, atomically
+
+def write_atomically(path, write):
+    """write(tmp) writes a temporary file beside `path`, which then replaces `path` (os.replace): a kill leaves the
+    old file or the new one, never half of one. The temporary name ends in .tmp: name the format when saving."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict, path):
+    """torch.save through a temporary file (write_atomically)."""
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def export_checkpoint(model: EmoNeXt, path, extra: dict = None):
+    """Writes the checkpoint to ship: the model's weights (as "ema") in half precision on the CPU, its config (the
+    class names inside, and at the top level as train.py writes them) and the `extra` entries that are not None
+    (eval.py: train.py's "args", "iter", "best_val_acc"); no optimizer, no online weights. It loads with
+    torch.load(weights_only=True) and EmoNeXt.from_checkpoint (weights back in fp32)."""
+    state = {k: v.cpu().half() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    slim = {"config": config_dict(model), "ema": state, "class_names": list(model.config.class_names), **(extra or {})}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_checkpoint({k: v for k, v in slim.items() if v is not None}, path)
+
+
+# -----------------------------------------------------------------------------
+# faces in: the one definition of evaluation's input transform (EmoNeXt.predict_logits and EmoNeXt.predict use it)
 
 def _batch_of_faces(faces) -> torch.Tensor:
     """uint8 faces -> a tensor with the batch dimension, (N, H, W) grey or (N, H, W, 3) RGB.
@@ -596,3 +669,14 @@ def preprocess(x, img_size: int, mean: float = FER2013_MEAN, std: float = FER201
     if x.shape[-2:] != (img_size, img_size):
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     return (x - mean) / std
+
+
+def ten_crop(x, img_size: int, mean: float = FER2013_MEAN, std: float = FER2013_STD) -> torch.Tensor:
+    """Test-time augmentation of the official recipe: resize to img_size * 236/224, take the 4 corner and the
+    centre crops of img_size, and their horizontal flips. uint8 (B, H, W) -> normalised float (B, 10, 1, S, S)."""
+    big, s = round(img_size * 236 / 224), img_size
+    x = preprocess(x, big, mean, std)
+    c = (big - s) // 2
+    crops = [x[..., :s, :s], x[..., :s, -s:], x[..., -s:, :s], x[..., -s:, -s:], x[..., c:c + s, c:c + s]]
+    crops = torch.stack(crops, 1)
+    return torch.cat([crops, crops.flip(-1)], 1)

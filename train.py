@@ -39,13 +39,13 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol  # collectives with autograd that torch.compile traces
+from PIL import Image
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import emonext
-from emonext import SIZES, BatchSelfAttention, EmoNeXt, config_dict, load_weights, read_checkpoint
-from eval import predict, save_checkpoint, save_stn_picture
+from emonext import SIZES, BatchSelfAttention, EmoNeXt, config_dict, load_weights, read_checkpoint, save_checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -392,7 +392,8 @@ def build_model(args, class_names, device, resuming):
     later), and its EMA copy."""
     model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans, num_classes=len(class_names),
                               drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
-                              label_smoothing=args.label_smoothing, sa_weight=args.sa_weight)
+                              label_smoothing=args.label_smoothing, sa_weight=args.sa_weight,
+                              class_names=tuple(class_names))
     if args.pretrained and not resuming:
         try:
             load_weights(model, args.pretrained)
@@ -520,9 +521,28 @@ def ema_accuracy(run, x, y):
     """Accuracy of the EMA weights on (x, y). Each process scores its slice and the counts are summed, so every
     process gets the same number (and the same "improved or not")."""
     lo, hi = len(y) * run.rank // run.world, len(y) * (run.rank + 1) // run.world
-    logits = predict(run.ema_model, x[lo:hi], run.args.img_size, amp=run.args.amp)
+    logits = run.ema_model.predict_logits(x[lo:hi], amp=run.args.amp)
     correct, = sum_over_processes(run, [(logits.argmax(-1) == y[lo:hi]).sum().item()])
     return correct / len(y) if len(y) else math.nan  # nan: the mean of no faces
+
+
+@torch.no_grad()
+def save_stn_picture(model, x, img_size, path):
+    """Faces (uint8 (B, 48, 48)) beside what the STN makes of them at img_size: pairs of columns, input | warped."""
+    model.eval()
+    c = model.config
+    inputs = emonext.preprocess(x.to(next(model.parameters()).device), img_size, c.pixel_mean, c.pixel_std)
+    warped, _ = model.stn(inputs.expand(-1, c.in_chans, -1, -1))
+    pairs = torch.stack([inputs, warped[:, :1].float()], 1)  # (B, 2, 1, S, S), the warp's first channel
+    pixels = (pairs * c.pixel_std + c.pixel_mean).clamp(0, 1).mul(255).round().byte().cpu()
+    b, s, cols = len(x), img_size, 4
+    rows = (b + cols - 1) // cols
+    img = Image.new("L", (cols * (2 * s + 8), rows * (s + 4)), 255)
+    for i in range(b):
+        r, col = divmod(i, cols)
+        for k in range(2):
+            img.paste(Image.fromarray(pixels[i, k, 0].numpy()), (col * (2 * s + 8) + k * s, r * (s + 4)))
+    emonext.write_atomically(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def evaluate_and_save(run):
@@ -557,8 +577,7 @@ def final_test(run):
     run.ema_model.load_state_dict(torch.load(run.best_path, map_location=run.device, weights_only=True)["ema"])
     results = {"best_val_acc": run.best_acc, "nonfinite_steps": run.nonfinite_total}
     for tta in ("none", "tencrop"):
-        results[f"test_acc_{tta}"] = accuracy(predict(run.ema_model, test_x, args.img_size, tta, amp=args.amp),
-                                              test_y)
+        results[f"test_acc_{tta}"] = accuracy(run.ema_model.predict_logits(test_x, tta, amp=args.amp), test_y)
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"test accuracy of {run.best_path} (EMA): {100 * results['test_acc_none']:.2f}% plain, "

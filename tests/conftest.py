@@ -24,6 +24,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def shaken():
+    """An untrained EmoNeXt-atto (64 px, grey) in eval mode whose weights are shaken so that different faces get
+    clearly different probabilities: two inference paths compare without training a model."""
+    from emonext import EmoNeXt  # not at the top: emonext imports kernels/, so triton, after TRITON_INTERPRET is set
+    torch.manual_seed(0)
+    m = EmoNeXt.from_size("atto", img_size=64, in_chans=1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return m.eval()
+
+
 @pytest.fixture
 def run_emonext_alone(tmp_path):
     """run(script) runs a Python script in tmp_path beside a copy of emonext.py and nothing else of the repo (no

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+import emonext
 import synthetic
 from conftest import FER2013_NPZ
 
@@ -299,7 +300,7 @@ def test_load_image_refuses_values_outside_the_mode_range(tmp_path):
         data.load_image(tmp_path / "f.tif")
 
 
-GREY_BACKGROUND = round(255 * data.MEAN)  # 129, transparent parts
+GREY_BACKGROUND = round(255 * emonext.FER2013_MEAN)  # 129, transparent parts
 
 
 def test_load_image_lays_transparency_on_mean_grey(tmp_path):
@@ -393,10 +394,12 @@ def test_augment_shape_determinism_and_identity():
     assert not torch.allclose(out, data.augment(x, 64, generator=torch.Generator().manual_seed(1)))
     # with every random transform off, the warp is the eval path's plain resize
     plain = data.augment(x, 64, rotate=0, scale=(1, 1), translate=0, hflip=False)
-    assert torch.allclose(plain, data.preprocess(x, 64), atol=1e-5)
+    assert torch.allclose(plain, emonext.preprocess(x, 64), atol=1e-5)
+    other = data.augment(x, 64, rotate=0, scale=(1, 1), translate=0, hflip=False, mean=0.3, std=0.2)
+    assert torch.allclose(other, emonext.preprocess(x, 64, 0.3, 0.2), atol=1e-4)  # another normalisation
     # flips only: each sample is the image or its mirror, and both occur
     flipped = data.augment(x, 48, generator=torch.Generator().manual_seed(0), rotate=0, scale=(1, 1), translate=0)
-    ref = data.preprocess(x, 48)
+    ref = emonext.preprocess(x, 48)
     mirrored = torch.tensor([torch.allclose(f, r.flip(-1), atol=1e-5) for f, r in zip(flipped, ref)])
     unchanged = torch.tensor([torch.allclose(f, r, atol=1e-5) for f, r in zip(flipped, ref)])
     assert (mirrored | unchanged).all() and mirrored.any() and unchanged.any()
@@ -410,7 +413,7 @@ def marker(cx, cy, sigma=1.0):
 
 def dot_centre(img, near, radius):
     """Centroid (x, y) of the brightness of a normalised (S, S) image within `radius` of `near`, and its mass."""
-    grey = (img * data.STD + data.MEAN).clamp(min=0).double()
+    grey = (img * emonext.FER2013_STD + emonext.FER2013_MEAN).clamp(min=0).double()
     yy, xx = torch.meshgrid(torch.arange(grey.shape[0]), torch.arange(grey.shape[1]), indexing="ij")
     w = grey * ((xx - near[0]) ** 2 + (yy - near[1]) ** 2 <= radius ** 2)
     return ((w * xx).sum() / w.sum()).item(), ((w * yy).sum() / w.sum()).item(), w.sum().item()
@@ -451,7 +454,7 @@ def test_warp_moves_a_dot_where_its_pose_says(size, pose, moved_to):
     out = data.warp(x, size, **one_pose(**pose))[0, 0]
     cx, cy, mass = dot_centre(out, expected, radius=6 * size / 48)
     assert (cx, cy) == pytest.approx(expected, abs=0.1 * size / 48)
-    ref_mass = dot_centre(data.preprocess(x, size)[0, 0], where_the_dot_goes(33.0, 18.0, size), 6 * size / 48)[2]
+    ref_mass = dot_centre(emonext.preprocess(x, size)[0, 0], where_the_dot_goes(33.0, 18.0, size), 6 * size / 48)[2]
     assert mass == pytest.approx(ref_mass * pose.get("zoom", 1.0) ** 2, rel=0.1)  # the whole dot, its area zoomed
 
 
@@ -491,24 +494,6 @@ def test_augment_moves_dots_as_its_drawn_poses_say():
     assert {p for p in pose["flip_y"].tolist()} == {-1.0, 1.0} and {p for p in pose["flip_x"].tolist()} == {-1.0, 1.0}
 
 
-def test_preprocess_normalises():
-    x = torch.full((2, 48, 48), 255, dtype=torch.uint8)
-    out = data.preprocess(x, 32)
-    assert out.shape == (2, 1, 32, 32) and torch.allclose(out, torch.tensor((1 - data.MEAN) / data.STD))
-
-
-def test_ten_crop():
-    # an input already at the resize size (51 for 48) is cropped as is, so crops are plain slices
-    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 51, 51), dtype=np.uint8))
-    crops = data.ten_crop(x, 48)
-    assert crops.shape == (2, 10, 1, 48, 48)
-    full = data.preprocess(x, 51)
-    assert torch.equal(crops[:, 0], full[..., :48, :48])  # top left
-    assert torch.equal(crops[:, 3], full[..., 3:, 3:])  # bottom right
-    assert torch.equal(crops[:, 4], full[..., 1:49, 1:49])  # centre
-    assert torch.equal(crops[:, 5:], crops[:, :5].flip(-1))  # the second five are the mirrors of the first
-    assert data.ten_crop(torch.from_numpy(faces(3)), 64).shape == (3, 10, 1, 64, 64)
-
 # -----------------------------------------------------------------------------
 # the real data
 
@@ -523,4 +508,5 @@ def test_real_fer2013_npz():
                       "val": [467, 56, 496, 895, 653, 415, 607],
                       "test": [491, 55, 528, 879, 594, 416, 626]}
     mean = splits["train"][0].float().div(255)
-    assert mean.mean().item() == pytest.approx(data.MEAN, abs=1e-3) and mean.std().item() == pytest.approx(data.STD, abs=1e-3)
+    assert mean.mean().item() == pytest.approx(emonext.FER2013_MEAN, abs=1e-3)
+    assert mean.std().item() == pytest.approx(emonext.FER2013_STD, abs=1e-3)

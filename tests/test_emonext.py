@@ -1,5 +1,6 @@
-"""emonext.py: shapes, the official key layout, the loss, load_weights and its errors, the copy-alone promise,
-and the fused-kernels backend on CPU (issue 2's test list).
+"""emonext.py: shapes, the official key layout, the loss, load_weights and its errors, class names and checkpoint
+writing, the inference path (preprocess, ten_crop, predict_logits, predict, grey_faces) and the normalisation
+constants carried by the config, the copy-alone promise, and the fused-kernels backend on CPU (issue 2's test list).
 
 Runs on one CPU thread: on a busy 2-core machine two OpenMP threads fight each other and run ~10x slower.
 The big sizes (tiny ... xlarge) are built and run on the meta device: shapes and parameter counts, no arithmetic.
@@ -9,11 +10,14 @@ import os
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import emonext
+import synthetic
 from conftest import one_graph_code
 from emonext import SIZES, EmoNeXt, load_weights
 
@@ -652,6 +656,203 @@ def test_from_checkpoint_names_missing_and_unknown_config_keys(tmp_path, drop, a
 
 
 # -----------------------------------------------------------------------------
+# class names in the config; writing checkpoints
+
+def test_class_names_travel_with_the_checkpoint(tmp_path):
+    ferplus = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
+    m = model("atto", 32, in_chans=1, num_classes=8, class_names=ferplus)
+    config = emonext.config_dict(m)
+    assert config["class_names"] == list(ferplus)  # a list: weights_only friendly
+    loaded = EmoNeXt.from_checkpoint({"config": config, "model": m.state_dict()})
+    assert loaded.config.class_names == ferplus
+    # checkpoints from before the config field: train.py's top-level class names, else FER2013's
+    old = {k: v for k, v in config.items() if k != "class_names"}
+    path = tmp_path / "old.pt"
+    torch.save({"config": old, "model": m.state_dict(), "class_names": list(ferplus)}, path)
+    assert EmoNeXt.from_checkpoint(str(path)).config.class_names == ferplus
+    fer = model("atto", 32, in_chans=1)
+    old7 = {k: v for k, v in emonext.config_dict(fer).items() if k != "class_names"}
+    assert EmoNeXt.from_checkpoint({"config": old7, "model": fer.state_dict()}).config.class_names \
+        == emonext.FER2013_CLASS_NAMES == ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+    assert fer.config.class_names == emonext.FER2013_CLASS_NAMES  # the default
+
+
+def test_class_names_of_another_length_are_refused_by_name(tmp_path):
+    fer = model("atto", 32, in_chans=1)
+    config = emonext.config_dict(fer)
+    path = tmp_path / "bad.pt"
+    torch.save({"config": {**config, "class_names": ["a", "b"]}, "model": fer.state_dict()}, path)
+    with pytest.raises(ValueError) as e:
+        EmoNeXt.from_checkpoint(str(path))
+    assert str(e.value) == f"{path}: 2 class names (a, b) for a model of 7 classes"
+    old = {k: v for k, v in config.items() if k != "class_names"}  # wrong top-level names of an old checkpoint
+    with pytest.raises(ValueError, match=r"^old.pt: 8 class names \(neutral, .*\) for a model of 7 classes$"):
+        EmoNeXt.from_checkpoint({"config": old, "model": fer.state_dict(), "class_names": ["neutral"] * 8},
+                                name="old.pt")
+    eight = {k: v for k, v in emonext.config_dict(model("atto", 32, in_chans=1, num_classes=8)).items()
+             if k != "class_names"}  # 8 classes, no names anywhere: FER2013's 7 do not fit
+    with pytest.raises(ValueError, match="^checkpoint: 7 class names .* for a model of 8 classes"):
+        EmoNeXt.from_checkpoint({"config": eight, "model": {}})
+
+
+def test_save_and_export_checkpoint(tmp_path):
+    m = scramble(model("atto", 48, in_chans=1)).eval()
+    path = tmp_path / "ckpt.pt"
+    emonext.save_checkpoint({"config": emonext.config_dict(m), "model": m.state_dict()}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # written through a temporary file, which is gone
+    shipped = tmp_path / "new" / "shipped.pt"
+    emonext.export_checkpoint(EmoNeXt.from_checkpoint(str(path)), shipped, extra={"iter": 3, "args": None})
+    ckpt = torch.load(shipped, weights_only=True)
+    assert list(ckpt) == ["config", "ema", "class_names", "iter"]  # None entries left out
+    assert ckpt["config"] == emonext.config_dict(m) and ckpt["class_names"] == list(emonext.FER2013_CLASS_NAMES)
+    for k, v in m.state_dict().items():
+        assert torch.equal(ckpt["ema"][k], v.half() if v.is_floating_point() else v), k
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(EmoNeXt.from_checkpoint(str(shipped)).eval()(x), m(x), rtol=0, atol=5e-2)
+
+
+# -----------------------------------------------------------------------------
+# faces in: preprocess, ten_crop, predict_logits (the one inference path) and predict
+
+@pytest.fixture(scope="module")
+def faces():
+    return synthetic.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=4)["train"][0]  # uint8 (12, 48, 48)
+
+
+def test_preprocess_normalises():
+    x = torch.full((2, 48, 48), 255, dtype=torch.uint8)
+    out = emonext.preprocess(x, 32)
+    assert out.shape == (2, 1, 32, 32) and torch.allclose(out, torch.tensor((1 - 0.5077) / 0.2551))
+    torch.testing.assert_close(emonext.preprocess(x, 32, 0.3, 0.2), torch.full((2, 1, 32, 32), 3.5))
+
+
+def test_ten_crop():
+    # an input already at the resize size (51 for 48) is cropped as is, so crops are plain slices
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 51, 51), dtype=np.uint8))
+    crops = emonext.ten_crop(x, 48)
+    assert crops.shape == (2, 10, 1, 48, 48)
+    full = emonext.preprocess(x, 51)
+    assert torch.equal(crops[:, 0], full[..., :48, :48])  # top left
+    assert torch.equal(crops[:, 3], full[..., 3:, 3:])  # bottom right
+    assert torch.equal(crops[:, 4], full[..., 1:49, 1:49])  # centre
+    assert torch.equal(crops[:, 5:], crops[:, :5].flip(-1))  # the second five are the mirrors of the first
+    assert torch.equal(emonext.ten_crop(x, 48, 0.3, 0.2)[:, 4], emonext.preprocess(x, 51, 0.3, 0.2)[..., 1:49, 1:49])
+    assert emonext.ten_crop(x[:, :48, :48], 64).shape == (2, 10, 1, 64, 64)
+
+
+def test_predict_logits_batches_and_tencrop():
+    m = scramble(model("atto", 32, in_chans=1)).eval()
+    x = synthetic.synthetic_faces(n_train=10, n_val=0, n_test=0, seed=2)["train"][0]
+    a = m.predict_logits(x, "none", batch_size=3)
+    b = m.predict_logits(x, "none", batch_size=256)
+    assert a.shape == (10, 7) and a.dtype == torch.float32 and not a.requires_grad
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(a, m(emonext.preprocess(x, 32)), rtol=0, atol=1e-5)
+        crops = emonext.ten_crop(x, 32)
+        ref = torch.stack([m(crops[:, i]) for i in range(10)], 1).mean(1)
+    torch.testing.assert_close(m.predict_logits(x, "tencrop", batch_size=4), ref, rtol=0, atol=1e-5)
+    assert m.predict_logits(x[:0]).shape == (0, 7)
+    m.train()
+    torch.testing.assert_close(m.predict_logits(x), a, rtol=0, atol=1e-6)  # eval mode inside (BatchNorm)
+    assert m.training  # and the caller's mode is back
+    with pytest.raises(ValueError, match=r"uint8 grey faces \(N, H, W\), got torch.float32 \(10, 1, 48, 48\)"):
+        m.predict_logits(x[:, None].float())
+    with pytest.raises(ValueError, match="tta must be 'none' or 'tencrop', got 'flip'"):
+        m.predict_logits(x, "flip")
+
+
+def test_predict_is_predict_logits_softmax(shaken, faces):
+    probs = shaken.predict(faces)
+    assert probs.shape == (12, 7) and probs.dtype == torch.float32 and not probs.requires_grad
+    torch.testing.assert_close(probs, shaken.predict_logits(faces).softmax(-1), rtol=0, atol=0)
+    with torch.no_grad():  # the plain path by hand: resize, FER2013's normalisation, the model
+        torch.testing.assert_close(probs, shaken(emonext.preprocess(faces, 64)).softmax(-1), rtol=0, atol=1e-6)
+    assert probs.argmax(1).unique().numel() > 1 and probs.max() > 0.5  # the faces really get different answers
+    torch.testing.assert_close(shaken.predict(faces, batch_size=5), probs, rtol=0, atol=1e-5)  # other batches
+
+
+def test_predict_input_forms(shaken, faces):
+    ref = shaken.predict(faces[:3])
+    torch.testing.assert_close(shaken.predict(faces[0]), ref[:1], rtol=0, atol=1e-6)  # (H, W): one face
+    torch.testing.assert_close(shaken.predict(faces[:3].numpy()), ref, rtol=0, atol=1e-6)  # numpy
+    read_only = faces[:3].numpy().copy()
+    read_only.setflags(write=False)
+    torch.testing.assert_close(shaken.predict(read_only), ref, rtol=0, atol=1e-6)
+    rgb = faces[:3, :, :, None].expand(-1, -1, -1, 3)  # grey stored as RGB: the same faces
+    torch.testing.assert_close(shaken.predict(rgb), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(shaken.predict(rgb[1]), ref[1:2], rtol=0, atol=1e-6)  # (H, W, 3): one face
+    mixed = [faces[0], np.zeros((90, 60, 3), np.uint8), faces[1:3].numpy()]  # a list: faces of any sizes
+    out = shaken.predict(mixed)
+    assert out.shape == (4, 7)
+    torch.testing.assert_close(out[[0, 2, 3]], ref[:3], rtol=0, atol=1e-5)  # batched otherwise
+    torch.testing.assert_close(out[1:2], shaken.predict(np.zeros((90, 60), np.uint8)), rtol=0, atol=1e-6)
+    assert shaken.predict(faces[:0]).shape == (0, 7) and shaken.predict([]).shape == (0, 7)
+    shaken.train()
+    torch.testing.assert_close(shaken.predict(faces[:3]), ref, rtol=0, atol=1e-6)  # eval mode inside (BatchNorm)
+    assert shaken.training  # and the caller's mode is back
+    shaken.eval()
+
+
+def test_predict_errors(shaken):
+    with pytest.raises(ValueError, match="uint8 grey levels 0..255, got torch.float32"):
+        shaken.predict(torch.rand(2, 48, 48))
+    with pytest.raises(ValueError, match="got torch.int64"):
+        shaken.predict(np.zeros((48, 48), dtype=np.int64))
+    for shape in [(48,), (2, 1, 48, 48), (2, 2, 48, 48, 3), (0, 48), (3, 0, 48)]:
+        with pytest.raises(ValueError, match=r"\(H, W\) or \(N, H, W\) grey or .* RGB, got shape"):
+            shaken.predict(torch.zeros(shape, dtype=torch.uint8))
+    shaken.train()
+    with pytest.raises(ValueError, match="got torch.float32"):  # the second face of a list is bad
+        shaken.predict([np.zeros((48, 48), np.uint8), np.zeros((48, 48), np.float32)])
+    assert shaken.training  # the caller's mode is back after the error too
+    shaken.eval()
+    for shape in [(48, 48, 4), (2, 48, 48, 4)]:  # not H faces 4 pixels wide
+        with pytest.raises(ValueError, match=r"look RGBA: pass faces\[\.\.\., :3\]"):
+            shaken.predict(np.zeros(shape, np.uint8))
+
+
+def test_grey_faces_rgb_as_pil_and_centre_square():
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    pil = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in rgb])
+    assert torch.equal(emonext.grey_faces(rgb), torch.from_numpy(pil))  # ITU-R 601-2 in PIL's fixed point
+    face = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+    wide = np.pad(face, ((0, 0), (30, 31)), constant_values=255)  # (48, 109): bars left and right
+    tall = np.pad(face, ((20, 21), (0, 0)), constant_values=0)
+    for im in (face, wide, tall):
+        assert torch.equal(emonext.grey_faces(im), torch.from_numpy(face)[None])
+    # other sizes: resized to 48 like PIL's bilinear resize of the square (what data.load_image did before)
+    smooth = np.array(Image.fromarray(face).resize((150, 150), Image.BICUBIC))
+    pil48 = np.asarray(Image.fromarray(smooth).resize((48, 48), Image.BILINEAR)).astype(int)
+    assert np.abs(emonext.grey_faces(smooth)[0].numpy().astype(int) - pil48).max() <= 1
+    up = emonext.grey_faces(np.full((20, 20), 77, np.uint8))
+    assert up.shape == (1, 48, 48) and up.dtype == torch.uint8 and (up == 77).all()
+
+
+def test_the_normalisation_constants_in_the_config(shaken, faces):
+    assert (emonext.FER2013_MEAN, emonext.FER2013_STD) == (0.5077, 0.2551)
+    config = emonext.config_dict(shaken)
+    assert (config["pixel_mean"], config["pixel_std"]) == (0.5077, 0.2551)
+    old = {k: v for k, v in config.items() if k not in ("pixel_mean", "pixel_std")}  # a checkpoint from before
+    loaded = EmoNeXt.from_checkpoint({"config": old, "model": shaken.state_dict()})
+    assert (loaded.config.pixel_mean, loaded.config.pixel_std) == (0.5077, 0.2551)
+    torch.testing.assert_close(loaded.predict(faces), shaken.predict(faces), rtol=0, atol=0)
+    # a model trained with other constants carries them: predict and predict_logits normalise with the config's
+    other = EmoNeXt.from_checkpoint({"config": {**config, "pixel_mean": 0.3, "pixel_std": 0.2},
+                                     "model": shaken.state_dict()}).eval()
+    with torch.no_grad():
+        x = F.interpolate(faces[:, None].float() / 255, size=(64, 64), mode="bilinear", align_corners=False)
+        ref = other((x - 0.3) / 0.2)
+        crops = emonext.ten_crop(faces, 64, 0.3, 0.2)
+        ref_tencrop = torch.stack([other(crops[:, i]) for i in range(10)], 1).mean(1)
+    torch.testing.assert_close(other.predict(faces), ref.softmax(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(other.predict_logits(faces, "tencrop"), ref_tencrop, rtol=0, atol=1e-5)
+    assert not torch.allclose(other.predict(faces), shaken.predict(faces), atol=1e-3)
+
+
+# -----------------------------------------------------------------------------
 # emonext.py stands alone
 
 def test_imports_only_torch_and_stdlib():
@@ -718,6 +919,20 @@ def test_works_when_copied_alone(tmp_path, run_emonext_alone):
     torch.testing.assert_close(out["logits2"], logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(out["loss"], loss, rtol=0, atol=1e-6)
 
+
+def test_predict_from_a_copied_emonext_alone(shaken, faces, tmp_path, run_emonext_alone):
+    """emonext.py copied alone into an empty folder, with a checkpoint: the same probabilities, no data.py."""
+    torch.save({"config": emonext.config_dict(shaken), "model": shaken.state_dict()}, tmp_path / "model.pt")
+    rgb = np.stack([faces[0].numpy(), faces[1].numpy(), faces[2].numpy()], -1)
+    np.save(tmp_path / "faces.npy", rgb)
+    out = run_emonext_alone("import numpy, torch, emonext, sys\n"
+                            "assert 'data' not in sys.modules\n"
+                            "m = emonext.EmoNeXt.from_checkpoint('model.pt')\n"
+                            "torch.save(m.predict(numpy.load('faces.npy')), 'probs.pt')\n"
+                            "print(*m.config.class_names)\n")
+    assert out.split() == list(emonext.FER2013_CLASS_NAMES)
+    torch.testing.assert_close(torch.load(tmp_path / "probs.pt", weights_only=True), shaken.predict(rgb),
+                               rtol=0, atol=1e-6)
 
 # -----------------------------------------------------------------------------
 # the kernels backend on CPU

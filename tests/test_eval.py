@@ -1,5 +1,5 @@
-"""eval.py: scores of a fresh checkpoint (they must agree with train.py's own), the confusion PNG, predictions on
-image files of any size/mode, clear errors for foreign or damaged checkpoints, and the helpers on hand-made input.
+"""eval.py: scores of a fresh checkpoint (they must agree with train.py's own), the confusion PNG, --export and
+--amp, clear errors for foreign or damaged checkpoints, and the helpers on hand-made input.
 One tiny checkpoint is trained once for the module (atto, 32 px, 12 iterations, one CPU thread)."""
 import hashlib
 import io
@@ -12,13 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import eval as evaluate
 import synthetic
 import train
-from emonext import EmoNeXt
+from emonext import FER2013_CLASS_NAMES, EmoNeXt
 
-K = len(data.CLASS_NAMES)
+K = len(FER2013_CLASS_NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_eval_scores_agree_with_train_and_write_the_png(run, capsys, tmp_path):
     # the same EMA weights, the same test split, the same ten-crop: the same accuracy as train.py's final test
     assert acc == pytest.approx(run["results"]["test_acc_tencrop"], abs=1e-12)
     assert f"test accuracy (tencrop): {100 * acc:.2f}% of 77" in out
-    rows, cm = parse_report(out, data.CLASS_NAMES)
+    rows, cm = parse_report(out, FER2013_CLASS_NAMES)
     y = run["splits"]["test"][1]
     assert [r[3] for r in rows.values()] == torch.bincount(y, minlength=K).tolist()  # support per class
     assert cm.sum(1).tolist() == torch.bincount(y, minlength=K).tolist()
@@ -166,59 +165,6 @@ def test_eval_uses_the_ema_weights(run):
     assert any(not torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
 
 
-def test_images_of_any_size_and_mode(run, capsys, tmp_path):
-    rng = np.random.default_rng(0)
-    faces = tmp_path / "faces"
-    faces.mkdir()
-    files = []
-
-    def save(name, im):
-        path = faces / name if name.startswith("in_dir") else tmp_path / name
-        im.save(path)
-        return str(path)
-    files.append(save("rgb_100x60.jpg", Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))))
-    files.append(save("rgba_30x50.png", Image.fromarray(rng.integers(0, 256, (50, 30, 4), dtype=np.uint8))))
-    face = run["splits"]["test"][0][0].numpy()
-    files.append(save("grey_48.png", Image.fromarray(face)))
-    files.append(save("palette.gif", Image.fromarray(rng.integers(0, 256, (70, 70, 3), dtype=np.uint8)).convert("P")))
-    files.append(save("bits.bmp", Image.fromarray(rng.integers(0, 2, (40, 52), dtype=np.uint8) * 255).convert("1")))
-    in_dir = [save("in_dir_b.png", Image.fromarray(face[::-1].copy())),
-              save("in_dir_a.tif", Image.fromarray(rng.integers(0, 65535, (33, 47), dtype=np.uint16)))]
-    (faces / "notes.txt").write_text("not an image")
-    probs, out = run_eval([run["ckpt"], "--images", *files, str(faces)], capsys)
-    expected = files + sorted(in_dir)  # folders are listed in name order, non-images left out
-    assert probs.shape == (len(expected), K)
-    torch.testing.assert_close(probs.sum(1), torch.ones(len(expected)), rtol=0, atol=1e-5)
-    assert (probs > 0).all()
-    lines = out.strip().splitlines()
-    assert lines[0].split() == ["file", "top", *data.CLASS_NAMES]
-    assert len(lines) == 1 + len(expected)
-    for line, path, p in zip(lines[1:], expected, probs):
-        fields = line.split()
-        assert fields[0] == path and fields[1] == data.CLASS_NAMES[p.argmax()]
-        values = [float(v) for v in fields[2:]]
-        assert len(values) == K and sum(values) == pytest.approx(1.0, abs=4e-3)
-        assert values == pytest.approx(p.tolist(), abs=5e-4)
-    # a 48x48 grey face is preprocessed exactly like the test split
-    model, _ = evaluate.load_model(run["ckpt"], "cpu")
-    ref = evaluate.predict(model, torch.from_numpy(face)[None], 32, "tencrop").softmax(-1)[0]
-    torch.testing.assert_close(probs[2], ref, rtol=0, atol=1e-6)
-
-
-def test_images_errors(run, capsys, tmp_path):
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(SystemExit) as e:
-        evaluate.main([run["ckpt"], "--images", str(bad)])
-    assert "broken.jpg: not a readable image" in str(e.value.code)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(SystemExit, match="no image files in"):
-        evaluate.main([run["ckpt"], "--images", str(empty)])
-    with pytest.raises(SystemExit, match="missing.png: no such file"):
-        evaluate.main([run["ckpt"], "--images", str(tmp_path / "missing.png")])
-
-
 def test_foreign_and_damaged_checkpoints_get_clear_errors(run, tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"foo": 1}, foreign)
@@ -304,45 +250,6 @@ def test_save_confusion_png(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f != "cm.png"]  # no temporary file left
 
 
-def test_save_stn_picture(tmp_path):
-    torch.manual_seed(0)
-    model = EmoNeXt.from_size("atto", img_size=48, in_chans=1)  # identity STN at init
-    x = synthetic.synthetic_faces(n_train=5, n_val=0, n_test=0, seed=3)["train"][0]
-    path = str(tmp_path / "stn.png")
-    evaluate.save_stn_picture(model, x, 48, path)
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.mode == "L" and im.size == (4 * (2 * 48 + 8), 2 * (48 + 4))
-        pixels = np.asarray(im).astype(int)
-    for i in range(5):
-        r, c = divmod(i, 4)
-        top, left = r * 52, c * 104
-        face = x[i].numpy().astype(int)
-        assert np.abs(pixels[top:top + 48, left:left + 48] - face).max() <= 1  # the input as it went in
-        assert np.abs(pixels[top:top + 48, left + 48:left + 96] - face).max() <= 1  # identity warp: the same
-    assert (pixels[52:, 104:] == 255).all()  # the empty slots stay white
-    # a shifted warp moves the picture
-    with torch.no_grad():
-        model.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, 0.5, 0, 1, 0]))
-    evaluate.save_stn_picture(model, x[:1], 48, path)
-    with Image.open(path) as im:
-        pixels = np.asarray(im).astype(int)
-    assert np.abs(pixels[:48, 48:96] - x[0].numpy()).max() > 20
-
-
-def test_predict_batches_and_tencrop(run):
-    model, _ = evaluate.load_model(run["ckpt"], "cpu")
-    x = run["splits"]["test"][0][:10]
-    a = evaluate.predict(model, x, 32, "none", batch_size=3)
-    b = evaluate.predict(model, x, 32, "none", batch_size=256)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    with torch.no_grad():
-        torch.testing.assert_close(a, model(data.preprocess(x, 32)), rtol=0, atol=1e-5)
-        crops = data.ten_crop(x, 32)
-        ref = torch.stack([model(crops[:, i]) for i in range(10)], 1).mean(1)
-    torch.testing.assert_close(evaluate.predict(model, x, 32, "tencrop", batch_size=4), ref, rtol=0, atol=1e-5)
-    assert evaluate.predict(model, x[:0], 32).shape == (0, K)
-
-
 def test_export_writes_the_half_precision_ema_checkpoint_that_eval_scores(run, capsys, tmp_path):
     path = tmp_path / "new" / "shipped.pt"
     digest = evaluate.main([run["ckpt"], "--export", str(path)])
@@ -359,13 +266,13 @@ def test_export_writes_the_half_precision_ema_checkpoint_that_eval_scores(run, c
     model, _ = evaluate.load_model(run["ckpt"], "cpu")
     half, _ = evaluate.load_model(str(path), "cpu")
     x = run["splits"]["test"][0]
-    torch.testing.assert_close(evaluate.predict(half, x, 32), evaluate.predict(model, x, 32), rtol=0, atol=2e-2)
+    torch.testing.assert_close(half.predict_logits(x), model.predict_logits(x), rtol=0, atol=2e-2)
 
 
 def test_amp_is_bf16_autocast_close_to_fp32(run, capsys, tmp_path):
     model, _ = evaluate.load_model(run["ckpt"], "cpu")
     x, y = run["splits"]["test"]
-    fp32, bf16 = (evaluate.predict(model.for_inference(), x, 32, amp=amp) for amp in (False, True))
+    fp32, bf16 = (model.for_inference().predict_logits(x, amp=amp) for amp in (False, True))
     assert not torch.equal(fp32, bf16)  # bf16 did run
     torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.1)
     acc, out = run_eval([run["ckpt"], "--tta", "none", "--amp", "--out-dir", str(tmp_path)], capsys)

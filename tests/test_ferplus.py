@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import emonext
 import eval as evaluate
+import predict
 import synthetic
 import train
 from conftest import FER2013_NPZ
@@ -103,7 +105,7 @@ def test_load_dataset_label_modes_and_default_vote_file(tmp_path):
     assert "left out by the label rule: train 0 (soft), val 1 (majority), test 1 (majority)" in description
     assert description.endswith("train 3 / val 1 / test 1")
     assert data.class_names("ferplus-soft") == data.FERPLUS_CLASS_NAMES and len(data.FERPLUS_CLASS_NAMES) == 8
-    assert data.class_names("fer2013") == data.CLASS_NAMES
+    assert data.class_names("fer2013") == emonext.FER2013_CLASS_NAMES
 
 
 def test_ferplus_folder_tree(tmp_path):
@@ -283,7 +285,7 @@ def test_soft_targets_train_with_cross_entropy_against_the_distribution(faces_wi
     assert all(np.isfinite(losses))
     # the self-attention term sees the features only: the same with hard and with soft targets
     run.model.eval()
-    x = data.preprocess(run.train_x[:8], 32)
+    x = emonext.preprocess(run.train_x[:8], 32)
     _, _, (_, sa_soft) = run.model(x, run.train_y[:8], loss_parts=True)
     _, _, (_, sa_hard) = run.model(x, run.train_y[:8].argmax(1), loss_parts=True)
     assert torch.equal(sa_soft, sa_hard)
@@ -316,7 +318,8 @@ def test_ferplus_run_end_to_end_and_eval_shows_8_classes(faces_with_votes, capsy
     log = capsys.readouterr().out
     assert "with FER+ labels (ferplus-soft)" in log
     ckpt = torch.load(out / "best.pt", weights_only=True)
-    assert ckpt["class_names"] == list(data.FERPLUS_CLASS_NAMES) and ckpt["config"]["num_classes"] == 8
+    assert ckpt["class_names"] == ckpt["config"]["class_names"] == list(data.FERPLUS_CLASS_NAMES)
+    assert ckpt["config"]["num_classes"] == 8
     assert ckpt["args"]["labels"] == "ferplus-soft"
 
     # eval.py: the test split with the checkpoint's data, labels and vote file, no flag; majority labels
@@ -334,23 +337,25 @@ def test_ferplus_run_end_to_end_and_eval_shows_8_classes(faces_with_votes, capsy
 
     face = tmp_path / "face.png"
     Image.fromarray(data.load_fer2013(faces_with_votes / "faces.npz")["test"][0][0].numpy()).save(face)
-    probs = evaluate.main([str(out / "best.pt"), "--images", str(face)])
+    probs = predict.main([str(out / "best.pt"), str(face)])
     lines = capsys.readouterr().out.splitlines()
     assert probs.shape == (1, 8) and lines[0].split() == ["file", "top", *data.FERPLUS_CLASS_NAMES]
 
 
-def test_eval_class_names_of_old_and_bad_checkpoints(tmp_path, capsys):
+def test_class_names_of_old_and_bad_checkpoints_in_predict_and_eval(tmp_path, capsys):
     model = EmoNeXt.from_size("atto", img_size=32, in_chans=1)
-    state = {"config": config_dict(model), "ema": model.state_dict(), "args": {"model": "atto"}}
+    config = {k: v for k, v in config_dict(model).items() if k != "class_names"}  # from before the config had them
+    state = {"config": config, "ema": model.state_dict(), "args": {"model": "atto"}}
     face = tmp_path / "face.png"
     Image.fromarray(faces(1)[0]).save(face)
     torch.save(state, tmp_path / "old.pt")  # from before checkpoints stored class names: FER2013's 7
-    probs = evaluate.main([str(tmp_path / "old.pt"), "--images", str(face)])
-    assert probs.shape == (1, 7) and capsys.readouterr().out.split()[2:9] == list(data.CLASS_NAMES)
+    probs = predict.main([str(tmp_path / "old.pt"), str(face)])
+    assert probs.shape == (1, 7) and capsys.readouterr().out.split()[2:9] == list(emonext.FER2013_CLASS_NAMES)
     torch.save({**state, "class_names": list(data.FERPLUS_CLASS_NAMES)}, tmp_path / "bad.pt")
-    with pytest.raises(SystemExit) as e:
-        evaluate.main([str(tmp_path / "bad.pt"), "--images", str(face)])
-    assert str(e.value.code).startswith(f"eval.py: {tmp_path / 'bad.pt'}: 8 class names")
+    for script in (predict, evaluate):
+        with pytest.raises(SystemExit) as e:
+            script.main([str(tmp_path / "bad.pt"), *([str(face)] if script is predict else [])])
+        assert str(e.value.code).startswith(f"{script.__name__}.py: {tmp_path / 'bad.pt'}: 8 class names")
 
 # -----------------------------------------------------------------------------
 # the real FER+ file

@@ -1,16 +1,16 @@
 """EmoNeXt's fast inference path (issue 13): eval mode under inference mode (or no_grad) folds the STN's BatchNorms
 into its convs, pools with elementwise maxima and keeps grey input to an RGB model one channel; `for_inference()`
 returns an eval copy (channels-last or compiled on request). Checked: the same logits as the reference layers within
-1e-4 on weights shaken so that every folded part matters, the original model untouched, predict and eval.py on the
-fast path, and the copied emonext.py alone. Hooks on the STN's BatchNorms tell which path ran."""
+1e-4 on weights shaken so that every folded part matters, the original model untouched, predict, predict_logits and
+eval.py on the fast path, and the copied emonext.py alone. Hooks on the STN's BatchNorms tell which path ran."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import emonext
 import eval as evaluate
+import synthetic
 from conftest import one_graph_code
 from emonext import EmoNeXt
 
@@ -26,7 +26,8 @@ def trained_looking(size="atto", img_size=48, in_chans=1, num_classes=7, seed=0)
     """A model in eval mode whose every folded part matters as in a trained one: all weights shaken, the STN's
     BatchNorm statistics far from (0, 1), a warp that depends on the input, layer scales of 0.5."""
     torch.manual_seed(seed)
-    m = EmoNeXt.from_size(size, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+    names = emonext.FER2013_CLASS_NAMES if num_classes == 7 else tuple(f"class{i}" for i in range(num_classes))
+    m = EmoNeXt.from_size(size, img_size=img_size, in_chans=in_chans, num_classes=num_classes, class_names=names)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
@@ -43,7 +44,7 @@ def trained_looking(size="atto", img_size=48, in_chans=1, num_classes=7, seed=0)
 
 def faces_as_input(n, img_size, channels=1, seed=0):
     """Normalised synthetic faces (n, channels, S, S), as eval.py feeds them; RGB ones tinted per channel."""
-    x = data.preprocess(synthetic.synthetic_faces(n_train=n, n_val=0, n_test=0, seed=seed)["train"][0], img_size)
+    x = emonext.preprocess(synthetic.synthetic_faces(n_train=n, n_val=0, n_test=0, seed=seed)["train"][0], img_size)
     return x if channels == 1 else torch.cat([x, 0.8 * x + 0.1, x.flip(-1)], 1)
 
 
@@ -221,7 +222,7 @@ def test_fast_path_keeps_the_fused_ops():
 
 
 # -----------------------------------------------------------------------------
-# predict and eval.py use it
+# predict, predict_logits and eval.py use it
 
 @pytest.fixture(scope="module")
 def faces():
@@ -243,19 +244,19 @@ def test_predict_runs_the_fast_path(faces):
 
 
 @pytest.mark.parametrize("tta", ("none", "tencrop"))
-def test_eval_predict_runs_the_fast_path_and_folds_nothing_in_place(faces, tta):
-    """train.py scores its EMA model with this function every epoch: the EMA must come out unchanged."""
+def test_predict_logits_runs_the_fast_path_and_folds_nothing_in_place(faces, tta):
+    """train.py scores its EMA model with this method every epoch: the EMA must come out unchanged."""
     m = trained_looking("atto", 48)
     before = state(m)
     calls = BatchNormCalls(m)
-    logits = evaluate.predict(m, faces, 48, tta, batch_size=5)
+    logits = m.predict_logits(faces, tta, batch_size=5)
     assert calls.n == 0
     calls.remove()
     assert_same_state(state(m), before)
     if tta == "none":
-        ref = reference(m, data.preprocess(faces, 48))
+        ref = reference(m, emonext.preprocess(faces, 48))
     else:
-        ref = reference(m, data.ten_crop(faces, 48).flatten(0, 1)).view(len(faces), 10, -1).mean(1)
+        ref = reference(m, emonext.ten_crop(faces, 48).flatten(0, 1)).view(len(faces), 10, -1).mean(1)
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4)
 
 
@@ -272,20 +273,20 @@ def test_eval_main_scores_a_for_inference_copy(tmp_path, monkeypatch, capsys, fl
              private_test_x=d["test"][0].numpy(), private_test_y=d["test"][1].numpy())
     torch.save({"config": emonext.config_dict(m), "model": m.state_dict()}, tmp_path / "model.pt")
     made, scored = [], []
-    for_inference, predict = EmoNeXt.for_inference, evaluate.predict
+    for_inference, predict_logits = EmoNeXt.for_inference, EmoNeXt.predict_logits
 
     def spy_for_inference(self, **kw):
         made.append((kw, for_inference(self, **kw)))
         return made[-1][1]
 
-    def spy_predict(model, *args, **kw):
-        scored.append(model)
-        return predict(model, *args, **kw)
+    def spy_predict_logits(self, *args, **kw):
+        scored.append(self)
+        return predict_logits(self, *args, **kw)
     monkeypatch.setattr(EmoNeXt, "for_inference", spy_for_inference)
-    monkeypatch.setattr(evaluate, "predict", spy_predict)
+    monkeypatch.setattr(EmoNeXt, "predict_logits", spy_predict_logits)
     acc = evaluate.main([str(tmp_path / "model.pt"), "--data", str(npz), "--tta", "none", *flags])
     assert [kw for kw, _ in made] == [kwargs] and scored == [made[0][1]]
-    ref = reference(m, data.preprocess(d["test"][0], 32)).argmax(1)
+    ref = reference(m, emonext.preprocess(d["test"][0], 32)).argmax(1)
     assert acc == (ref == d["test"][1]).double().mean().item()
     assert "test accuracy (none)" in capsys.readouterr().out
 
@@ -298,7 +299,6 @@ import sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import emonext
-import synthetic
 assert emonext.kernels is None, "kernels/ must not be importable here"
 ckpt = torch.load("ckpt.pt", weights_only=True)
 m = emonext.EmoNeXt.from_checkpoint(ckpt)

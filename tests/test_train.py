@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
+import emonext
 import eval as evaluate
+import synthetic
 import train
 from emonext import EmoNeXt
 
@@ -84,7 +87,7 @@ def learned(key):
 def eval_loss(model, x, y):
     model.eval()
     with torch.no_grad():
-        return F.cross_entropy(model(data.preprocess(x, 32)), y).item()
+        return F.cross_entropy(model(emonext.preprocess(x, 32)), y).item()
 
 
 def test_training_lowers_the_loss(trained):
@@ -115,6 +118,7 @@ def test_outputs_and_checkpoint_contents(trained):
     assert ckpt["iter"] == 24 and ckpt["nonfinite_steps"] == 0
     assert ckpt["config"]["dims"] == [40, 80, 160, 320] and ckpt["config"]["img_size"] == 32
     assert ckpt["config"]["in_chans"] == 1 and ckpt["args"]["lr"] == 3e-3
+    assert ckpt["config"]["class_names"] == ckpt["class_names"] == list(emonext.FER2013_CLASS_NAMES)
     assert ckpt["rng_cpu"].dtype == torch.uint8
     assert ckpt["model"].keys() == ckpt["ema"].keys()
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [train.lr_at(23, SimpleNamespace(
@@ -127,10 +131,34 @@ def test_outputs_and_checkpoint_contents(trained):
     assert best["iter"] in (12, 24) and best["best_val_acc"] == pytest.approx(trained.results["best_val_acc"])
     m = EmoNeXt.from_checkpoint(str(out / "ckpt.pt"))
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in m.state_dict().items())
-    from PIL import Image
     with Image.open(out / "stn.png") as im:
         assert im.size == (4 * (2 * 32 + 8), 4 * (32 + 4))  # 16 faces, 4 pairs per row
     assert "val acc (EMA)" in trained.stdout and "test accuracy of" in trained.stdout
+
+
+def test_save_stn_picture(tmp_path):
+    torch.manual_seed(0)
+    model = EmoNeXt.from_size("atto", img_size=48, in_chans=1)  # identity STN at init
+    x = synthetic.synthetic_faces(n_train=5, n_val=0, n_test=0, seed=3)["train"][0]
+    path = str(tmp_path / "stn.png")
+    train.save_stn_picture(model, x, 48, path)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "L" and im.size == (4 * (2 * 48 + 8), 2 * (48 + 4))
+        pixels = np.asarray(im).astype(int)
+    for i in range(5):
+        r, c = divmod(i, 4)
+        top, left = r * 52, c * 104
+        face = x[i].numpy().astype(int)
+        assert np.abs(pixels[top:top + 48, left:left + 48] - face).max() <= 1  # the input as it went in
+        assert np.abs(pixels[top:top + 48, left + 48:left + 96] - face).max() <= 1  # identity warp: the same
+    assert (pixels[52:, 104:] == 255).all()  # the empty slots stay white
+    # a shifted warp moves the picture
+    with torch.no_grad():
+        model.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, 0.5, 0, 1, 0]))
+    train.save_stn_picture(model, x[:1], 48, path)
+    with Image.open(path) as im:
+        pixels = np.asarray(im).astype(int)
+    assert np.abs(pixels[:48, 48:96] - x[0].numpy()).max() > 20
 
 
 def test_tiny_run_learns_well_above_chance(trained):
@@ -446,12 +474,12 @@ def test_val_is_held_out_of_train_when_only_test_exists(tmp_path, monkeypatch, c
     (train_x, train_y), (test_x, test_y) = bright_cells(448, 0), bright_cells(70, 2)
     npz = tmp_path / "train_test.npz"
     np.savez(npz, train_x=train_x, train_y=train_y, private_test_x=test_x, private_test_y=test_y)
-    predict, scored = train.predict, []
+    predict_logits, scored = EmoNeXt.predict_logits, []
 
-    def recording_predict(model, x, *a, **kw):
+    def recording_predict_logits(model, x, *a, **kw):
         scored.append(len(x))
-        return predict(model, x, *a, **kw)
-    monkeypatch.setattr(train, "predict", recording_predict)
+        return predict_logits(model, x, *a, **kw)
+    monkeypatch.setattr(EmoNeXt, "predict_logits", recording_predict_logits)
     results = train.main(tiny_args(str(npz), tmp_path / "out", 4, 2))
     assert "held out of train as val, 406 left to train on; the test split is kept for the final test" in \
         capsys.readouterr().out

@@ -1,5 +1,5 @@
 """The shipped FER2013 model, weights/emonext_atto_fer2013.pt: what the file holds, that a copied emonext.py alone
-loads it, that `eval.py --images` runs on it, and that the README's sha256 and PrivateTest accuracy line are
+loads it, that `predict.py` runs on it, and that the README's sha256 and PrivateTest accuracy line are
 what this very file gives (the accuracy through eval.py on the real FER2013, so that test is slow and needs
 ../shared/data/fer2013.npz)."""
 import hashlib
@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import eval as evaluate
+import predict
 import synthetic
 from conftest import FER2013_NPZ, ROOT
-from emonext import EmoNeXt
+from emonext import FER2013_CLASS_NAMES, EmoNeXt
 
 WEIGHTS = os.path.join(ROOT, "weights", "emonext_atto_fer2013.pt")
 README = open(os.path.join(ROOT, "README.md")).read()
@@ -29,7 +29,9 @@ def model():
 def test_the_file_holds_half_precision_ema_weights_config_and_class_names():
     ckpt = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     assert set(ckpt) <= {"config", "ema", "class_names", "args", "iter", "best_val_acc"}  # no optimizer, no online weights
-    assert ckpt["class_names"] == list(data.CLASS_NAMES)
+    # exported before the config held class names: the model takes the file's top-level ones
+    assert ckpt["class_names"] == list(FER2013_CLASS_NAMES) and "class_names" not in ckpt["config"]
+    assert EmoNeXt.from_checkpoint(WEIGHTS).config.class_names == FER2013_CLASS_NAMES
     floats = [v for v in ckpt["ema"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
     assert os.path.getsize(WEIGHTS) < 10 * 2**20
@@ -51,14 +53,14 @@ def test_a_copied_emonext_alone_loads_it_and_predicts_as_here(model, run_emonext
                                rtol=0, atol=1e-6)
 
 
-def test_eval_images_on_the_shipped_weights(model, tmp_path, capsys):
+def test_predict_on_the_shipped_weights(model, tmp_path, capsys):
     face = synthetic.synthetic_faces(n_train=1, n_val=0, n_test=0, seed=5)["train"][0][0].numpy()
     path = str(tmp_path / "face.jpg")
     Image.fromarray(face).resize((96, 96)).save(path)  # a face photo larger than FER2013's, as a JPEG
-    probs = evaluate.main([WEIGHTS, "--images", path, "--tta", "none", "--detect", "off"])
+    probs = predict.main([WEIGHTS, path, "--tta", "none", "--detect", "off"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[2:] == list(data.CLASS_NAMES)
-    assert lines[1].split()[0] == path and lines[1].split()[1] == data.CLASS_NAMES[probs[0].argmax()]
+    assert lines[0].split()[2:] == list(FER2013_CLASS_NAMES)
+    assert lines[1].split()[0] == path and lines[1].split()[1] == FER2013_CLASS_NAMES[probs[0].argmax()]
     torch.testing.assert_close(probs, model.predict(np.array(Image.open(path))), rtol=0, atol=1e-6)
 
 
