@@ -111,7 +111,7 @@ def test_outputs_and_checkpoint_contents(trained):
     assert r["nonfinite_steps"] == 0
     for k in ("best_val_acc", "test_acc_none", "test_acc_tencrop"):
         assert abs(r[k] * 70 - round(r[k] * 70)) < 1e-9  # a fraction of 70 faces
-    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "results.json", "stn.png"]  # no .tmp left behind
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "results.json", "stn.png", "train.lock"]  # no .tmp left behind
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     for k in ("config", "model", "ema", "optimizer", "iter", "rng_cpu", "args", "best_val_acc", "nonfinite_steps"):
         assert k in ckpt, k
@@ -458,7 +458,7 @@ def test_train_only_csv_holds_out_val_and_eval_scores_the_same_faces(tmp_path, m
     assert "no val split: 42 faces (0.1 of each class of train, drawn with seed 0) held out of train as val, 406 " \
            "left to train on; there is no test split" in stdout
     assert "4 iterations of 32 (0.3 epochs)" in stdout  # 406 faces: 12 iterations per epoch, not 448's 14
-    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "stn.png"]
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "stn.png", "train.lock"]
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["args"]["data"] == str(tmp_path / "train.csv")
     assert 0 <= best["best_val_acc"] <= 1 and abs(best["best_val_acc"] * 42 - round(best["best_val_acc"] * 42)) < 1e-9
@@ -510,13 +510,15 @@ def test_resume_refuses_changed_run_flags_and_names_them(trained, tmp_path):
 
 def test_resume_of_a_finished_run_says_so_and_writes_nothing(trained, tmp_path):
     out = copy_run(trained, tmp_path / "run")
-    before = {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out)}
+    def files():  # the run's files; train.lock is whoever runs there now
+        return {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out) if name != "train.lock"}
+    before = files()
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", "--out-dir", str(out), "--threads", "1"])
     assert str(e.value.code) == (f"train.py: --resume: the run in {out} is finished (24 of 24 iterations), nothing to "
                                  f"train; give a larger --epochs or --max-iters to train it longer, or test it with "
                                  f"python eval.py {out / 'best.pt'}")
-    assert {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out)} == before
+    assert files() == before
 
 
 def test_resume_with_more_iterations_recomputes_the_cosine(trained, tmp_path, capsys):
