@@ -20,7 +20,10 @@ Usage:
 """
 import contextlib
 import copy
+import errno
+import io
 import os
+import shutil
 import zipfile
 from dataclasses import asdict, dataclass, fields
 
@@ -581,17 +584,41 @@ def config_dict(model: EmoNeXt) -> dict:
 # -----------------------------------------------------------------------------
 # writing files: checkpoints and pictures, atomically
 
-def write_atomically(path, write):
+def write_atomically(path, write, nbytes: int = None):
     """write(tmp) writes a temporary file beside `path`, which then replaces `path` (os.replace): a kill leaves the
-    old file or the new one, never half of one. The temporary name ends in .tmp: name the format when saving."""
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    old file or the new one, never half of one; missing folders are made. The temporary name is this process's own
+    (two writers never share one) and ends in .tmp: name the format when saving. A failed write removes it and
+    raises OSError saying what and where; with nbytes, the size to write, a full disk says how much was needed."""
+    tmp, folder = f"{path}.{os.getpid()}.tmp", os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.exists(folder) and not os.path.isdir(folder):  # makedirs would say "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        os.makedirs(folder, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
+        room = ""
+        if e.errno == errno.ENOSPC and nbytes is not None:
+            free = shutil.disk_usage(folder).free
+            room = f": {nbytes / 2**20:.1f} MiB to write, {free / 2**20:.1f} MiB free there"
+        raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}{room})") from None
 
 
 def save_checkpoint(state: dict, path):
-    """torch.save through a temporary file (write_atomically)."""
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    """torch.save through a temporary file (write_atomically). The bytes are made in memory first, so a full disk
+    is an OSError from the write (ENOSPC, with the size) rather than an error inside torch's zip writer."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    write_atomically(path, write, nbytes=len(data))
 
 
 def export_checkpoint(model: EmoNeXt, path, extra: dict = None):
@@ -601,7 +628,6 @@ def export_checkpoint(model: EmoNeXt, path, extra: dict = None):
     torch.load(weights_only=True) and EmoNeXt.from_checkpoint (weights back in fp32)."""
     state = {k: v.cpu().half() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
     slim = {"config": config_dict(model), "ema": state, "class_names": list(model.config.class_names), **(extra or {})}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_checkpoint({k: v for k, v in slim.items() if v is not None}, path)
 
 
@@ -612,14 +638,17 @@ def _batch_of_faces(faces) -> torch.Tensor:
     """uint8 faces -> a tensor with the batch dimension, (N, H, W) grey or (N, H, W, 3) RGB.
 
     Arrays (numpy's, OpenCV's and PIL's layout), any strides: (H, W) or (N, H, W) grey, (H, W, 1) or (N, H, W, 1) grey,
-    (H, W, 3) or (N, H, W, 3) RGB. Tensors read the same way, and channels-first as torch holds images: (3, H, W) is
-    one RGB face (torchvision's read_image), (N, 3, H, W) and (N, 1, H, W) are batches; a shape that reads both ways
-    (its last side 1 or 3) reads as an array does. Three grey faces in one tensor: (3, 1, H, W)."""
+    (H, W, 3) or (N, H, W, 3) RGB. Tensors read the same way, and channels-first as torch holds images: (N, 3, H, W)
+    and (N, 1, H, W) are batches. A (3, H, W) tensor reads two ways (torchvision's read_image gives one RGB face so;
+    three grey faces look the same), so it is refused with what to pass instead; a shape whose last side is 1 or 3
+    reads as an array does."""
     if isinstance(faces, torch.Tensor):
         x = faces
-        channels_first = x.shape[-3:-2] == (3,) if x.ndim == 3 else x.ndim == 4 and x.shape[1] in (1, 3)
-        if channels_first and x.shape[-1] not in (1, 3):
-            x = x.movedim(-3, -1)  # -> channels-last
+        if x.ndim == 3 and x.shape[0] == 3 and x.shape[-1] not in (1, 3) and x.shape[1] > 0:
+            raise ValueError(f"faces of shape {tuple(x.shape)} read two ways: pass x[None] for one channels-first RGB "
+                             f"face (torchvision's read_image layout) or x[:, None] for three grey faces")
+        if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+            x = x.movedim(1, -1)  # (N, C, H, W) -> (N, H, W, C)
     elif hasattr(faces, "__array__"):
         x = torch.from_numpy(faces.__array__().copy())  # a C-ordered copy: flipped views, read-only arrays
     else:

@@ -15,6 +15,7 @@ import sys
 import torch
 from PIL import Image, ImageDraw
 
+import cli
 import data
 from emonext import EmoNeXt, export_checkpoint, read_checkpoint, write_atomically
 
@@ -108,6 +109,10 @@ def build_parser():
     return p
 
 
+# what each numeric flag accepts: (test, what to tell the user)
+LIMITS = {"batch_size": (lambda v: v >= 1, "at least 1")}
+
+
 def export(model, ckpt, path):
     """--export: the checkpoint to ship at path (emonext.export_checkpoint), with the train.py arguments and the
     iteration that made it. Prints and returns its sha256."""
@@ -115,7 +120,7 @@ def export(model, ckpt, path):
         export_checkpoint(model, path, extra={"args": ckpt.get("args", {}), "iter": ckpt.get("iter"),
                                               "best_val_acc": ckpt.get("best_val_acc")})
     except OSError as e:
-        sys.exit(f"eval.py: --export {path}: {e.strerror or e}")
+        sys.exit(f"eval.py: --export: {e.strerror}")
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     print(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, sha256 {digest}")
@@ -129,7 +134,7 @@ def split_to_score(args, ckpt_args):
         spec, skip_bad_rows = data_to_score(args, ckpt_args)
         splits, description = data.load_dataset(spec, skip_bad_rows, labels=ckpt_args.get("labels", "fer2013"),
                                                  ferplus=None if args.data else ckpt_args.get("ferplus"))
-        if len(splits["val"][1]) == 0 and "val_fraction" in ckpt_args:  # the val split train.py held out of train
+        if args.split == "val" and len(splits["val"][1]) == 0 and "val_fraction" in ckpt_args:  # held out of train
             splits = data.hold_out(splits, ckpt_args["val_fraction"], ckpt_args["seed"])
     except ValueError as e:
         sys.exit(f"eval.py: {e}")
@@ -141,6 +146,8 @@ def split_to_score(args, ckpt_args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    cli.check_limits("eval.py", args, LIMITS)
+    cli.check_device("eval.py", args.device)
     try:
         ckpt = read_checkpoint(args.checkpoint)
         model, ckpt_args = load_model(ckpt, args.device, name=args.checkpoint)
@@ -163,7 +170,10 @@ def main(argv=None):
     print(f"{description}\n{args.split} accuracy ({args.tta}): {100 * acc:.2f}% of {len(y)}\n")
     print(report(cm, names))
     png = os.path.join(out_dir, f"confusion_{args.split}.png")
-    save_confusion_png(cm, names, png)
+    try:
+        save_confusion_png(cm, names, png)
+    except OSError as e:
+        sys.exit(f"eval.py: the confusion matrix picture: {e.strerror}")
     print(f"\nconfusion matrix picture: {png}")
     return acc
 

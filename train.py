@@ -43,6 +43,7 @@ from PIL import Image
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cli
 import data
 import emonext
 from emonext import SIZES, BatchSelfAttention, EmoNeXt, config_dict, load_weights, read_checkpoint, save_checkpoint
@@ -136,27 +137,14 @@ LIMITS = {
 }
 
 
-def flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
 def check_args(args):
     """Ends the run with one line naming the flag and what it expects, for a value that cannot work."""
-    for dest, (ok, expected) in LIMITS.items():
-        value = getattr(args, dest)
-        if value is not None and not ok(value):
-            sys.exit(f"train.py: {flag(dest)}: expected {expected}, got {value}")
+    cli.check_limits("train.py", args, LIMITS)
     if args.pretrained and not args.pretrained.startswith(("http://", "https://")) \
             and not os.path.isfile(args.pretrained):
         sys.exit(f"train.py: --pretrained: no such file {args.pretrained} (expected a checkpoint file or an "
                  "http(s):// URL)")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        sys.exit(f"train.py: --device: expected cpu, cuda or cuda:N, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"train.py: --device {args.device}: no CUDA GPU is usable here (torch.cuda.is_available() is "
-                 "False); use --device cpu")
+    cli.check_device("train.py", args.device)
 
 
 def parse_args(argv=None):
@@ -546,25 +534,53 @@ def save_stn_picture(model, x, img_size, path):
 
 
 def evaluate_and_save(run):
-    """Scores the EMA weights on the validation split, writes stn.png, ckpt.pt and (if improved) best.pt."""
+    """Scores the EMA weights on the validation split, writes stn.png, ckpt.pt and (if improved) best.pt. A write
+    that fails (a full disk, a read-only out-dir) stops the run in one line; the files written before stay whole."""
     t_eval = time.time()
     val_acc = ema_accuracy(run, *run.val)
-    if run.rank == 0:
-        save_stn_picture(run.ema_model, run.val[0][:16], run.args.img_size, os.path.join(run.args.out_dir, "stn.png"))
     if not all_processes(run, all_finite(run.model)):
         stop(run, f"train.py: non-finite weights at iteration {run.it}; not saving over {run.ckpt_path}")
     improved = val_acc > run.best_acc
     run.best_acc = max(run.best_acc, val_acc)
+    failed = ""
     if run.rank == 0:  # the other processes hold the same weights
-        state = checkpoint_state(run)
-        if improved:  # best.pt before ckpt.pt: a kill between the two then resumes from the older ckpt.pt
-            save_checkpoint(state, run.best_path)
-        save_checkpoint(state, run.ckpt_path)
+        try:
+            save_stn_picture(run.ema_model, run.val[0][:16], run.args.img_size,
+                             os.path.join(run.args.out_dir, "stn.png"))
+            state = checkpoint_state(run)
+            if improved:  # best.pt before ckpt.pt: a kill between the two then resumes from the older ckpt.pt
+                save_checkpoint(state, run.best_path)
+            save_checkpoint(state, run.ckpt_path)
+        except OSError as e:
+            failed = e.strerror
+    if not all_processes(run, not failed):
+        stop(run, f"train.py: {failed}; stopped at iteration {run.it}, the files saved before are as they were")
     print(f"epoch {run.it / run.iters_per_epoch:.2f} | iter {run.it} | val acc (EMA) {100 * val_acc:.2f}% | "
           f"best {100 * run.best_acc:.2f}%{' (saved)' if improved else ''} | eval "
           f"{time.time() - t_eval:.1f}s", flush=True)
     run.model.train()
     return time.time() - t_eval
+
+
+def load_best(run):
+    """Puts best.pt's EMA weights into run.ema_model for the final test; returns what it tests. If best.pt is gone,
+    the EMA weights in hand are tested (and it says so); a best.pt of another run (another config or run flags:
+    someone else's file in this out-dir) is refused by name. Rank 0 alone runs the final test."""
+    if not os.path.exists(run.best_path):
+        print(f"train.py: {run.best_path} is gone (removed during the run?); testing the EMA weights in hand "
+              f"instead", file=sys.stderr)
+        return "the last EMA weights"
+    try:
+        best = read_checkpoint(run.best_path)
+    except ValueError as e:
+        sys.exit(f"train.py: final test: {e}")
+    saved = best.get("args", {})
+    differ = [cli.flag(k) for k in RUN_ARGS if k not in RESUME_MAY_CHANGE and saved.get(k) != getattr(run.args, k)]
+    if differ or best.get("config") != config_dict(run.model):
+        sys.exit(f"train.py: {run.best_path} is not this run's: its {' '.join(differ) or 'model config'} differ from "
+                 f"this run's; not testing it (python eval.py {run.best_path} tests it as it is)")
+    run.ema_model.load_state_dict(best["ema"])
+    return run.best_path
 
 
 def final_test(run):
@@ -574,13 +590,18 @@ def final_test(run):
         print(f"done; no test split. best val accuracy {100 * run.best_acc:.2f}%, checkpoint {run.best_path}")
         return None
     args = run.args
-    run.ema_model.load_state_dict(torch.load(run.best_path, map_location=run.device, weights_only=True)["ema"])
+    tested = load_best(run)
     results = {"best_val_acc": run.best_acc, "nonfinite_steps": run.nonfinite_total}
     for tta in ("none", "tencrop"):
         results[f"test_acc_{tta}"] = accuracy(run.ema_model.predict_logits(test_x, tta, amp=args.amp), test_y)
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"test accuracy of {run.best_path} (EMA): {100 * results['test_acc_none']:.2f}% plain, "
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+    try:
+        emonext.write_atomically(os.path.join(args.out_dir, "results.json"), write)
+    except OSError as e:
+        sys.exit(f"train.py: {e.strerror}")
+    print(f"test accuracy of {tested} (EMA): {100 * results['test_acc_none']:.2f}% plain, "
           f"{100 * results['test_acc_tencrop']:.2f}% ten-crop (best val {100 * run.best_acc:.2f}%)")
     return results
 
@@ -630,17 +651,17 @@ def read_resume(args, argv=None):
     except ValueError as e:
         sys.exit(f"train.py: --resume: {e}")
     saved = resume.get("args", {})
-    missing = [flag(k) for k in RUN_ARGS if k not in saved]
+    missing = [cli.flag(k) for k in RUN_ARGS if k not in saved]
     if missing:
         sys.exit(f"train.py: --resume: {path} lacks the run flags {' '.join(missing)} (written by another version of "
                  f"train.py?), so its run cannot be continued; start a new run in another --out-dir (--pretrained "
                  f"{path} starts it from these weights)")
     given = given_flags(argv) & set(RUN_ARGS)
-    changed = [f"{flag(k)} {getattr(args, k)} (the run has {saved[k]})" for k in sorted(given)
+    changed = [f"{cli.flag(k)} {getattr(args, k)} (the run has {saved[k]})" for k in sorted(given)
                if k not in RESUME_MAY_CHANGE and getattr(args, k) != saved[k]]
     if changed:
         sys.exit(f"train.py: --resume: {', '.join(changed)}: a resumed run keeps the flags of {path}; only "
-                 f"{', '.join(map(flag, RESUME_MAY_CHANGE))} may change (start a new --out-dir to change others)")
+                 f"{', '.join(map(cli.flag, RESUME_MAY_CHANGE))} may change (start a new --out-dir to change others)")
     if "epochs" in given and "max_iters" not in given and saved["max_iters"] and args.epochs != saved["epochs"]:
         sys.exit(f"train.py: --resume: --epochs: the length of this run is --max-iters {saved['max_iters']}, which "
                  "overrides --epochs; change --max-iters, or add --max-iters 0 to count in epochs")

@@ -6,9 +6,12 @@ Runs on one CPU thread: on a busy 2-core machine two OpenMP threads fight each o
 The big sizes (tiny ... xlarge) are built and run on the meta device: shapes and parameter counts, no arithmetic.
 """
 import ast
+import errno
 import os
 import re
+import struct
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -712,6 +715,60 @@ def test_save_and_export_checkpoint(tmp_path):
         torch.testing.assert_close(EmoNeXt.from_checkpoint(str(shipped)).eval()(x), m(x), rtol=0, atol=5e-2)
 
 
+def test_a_checkpoint_with_changed_bytes_is_refused_naming_the_damaged_record(tmp_path):
+    m = scramble(model("atto", 32, in_chans=1))
+    path = tmp_path / "ckpt.pt"
+    emonext.save_checkpoint({"config": emonext.config_dict(m), "model": m.state_dict()}, path)
+    blob = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:  # 64 bytes inside the largest tensor's record, as a bad disk or copy does
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", blob[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    blob[start:start + 64] = bytes(64)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(blob)
+    torch.load(damaged, weights_only=True)  # torch alone loads it, changed weights and all
+    for read in (emonext.read_checkpoint, EmoNeXt.from_checkpoint, lambda p: load_weights(model("atto", 32, in_chans=1), p)):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(damaged))}: damaged: its record "
+                                             rf"{re.escape(info.filename)} fails the CRC-32 check"):
+            read(str(damaged))
+    EmoNeXt.from_checkpoint(str(path))  # the original is fine
+
+
+def test_save_checkpoint_on_a_full_disk_says_how_much_and_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    emonext.save_checkpoint({"x": torch.zeros(3)}, path)
+    real_open = open
+
+    def full_disk(file, mode="r", *a, **kw):
+        f = real_open(file, mode, *a, **kw)
+        if "w" in mode:
+            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return f
+    monkeypatch.setattr(emonext, "open", full_disk, raising=False)
+    with pytest.raises(OSError) as e:
+        emonext.save_checkpoint({"x": torch.zeros(1000, 1000)}, path)
+    assert e.value.errno == errno.ENOSPC
+    assert re.fullmatch(rf"cannot write {re.escape(str(path))} \(No space left on device: 3\.8 MiB to write, "
+                        r"[\d.]+ MiB free there\)", e.value.strerror)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.equal(torch.load(path)["x"], torch.zeros(3))  # intact
+
+
+def test_write_atomically_uses_a_temporary_name_of_its_own_process(tmp_path):
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        open(tmp, "w").close()
+    emonext.write_atomically(str(tmp_path / "a.txt"), write)
+    assert seen == [f"{tmp_path / 'a.txt'}.{os.getpid()}.tmp"] and os.listdir(tmp_path) == ["a.txt"]
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OSError) as e:
+        emonext.write_atomically(str(tmp_path / "folder"), write)  # onto a folder: os.replace fails
+    assert e.value.strerror.startswith(f"cannot write {tmp_path / 'folder'} (")
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "folder"]  # its temporary file is removed
+
+
 # -----------------------------------------------------------------------------
 # faces in: preprocess, ten_crop, predict_logits (the one inference path) and predict
 
@@ -774,15 +831,15 @@ def test_predict_is_predict_logits_softmax(shaken, faces):
 
 
 def test_predict_input_forms(shaken, faces):
-    ref = shaken.predict(faces[:3])
+    ref = shaken.predict(faces[:4])
     torch.testing.assert_close(shaken.predict(faces[0]), ref[:1], rtol=0, atol=1e-6)  # (H, W): one face
-    torch.testing.assert_close(shaken.predict(faces[:3].numpy()), ref, rtol=0, atol=1e-6)  # numpy
-    read_only = faces[:3].numpy().copy()
+    torch.testing.assert_close(shaken.predict(faces[:4].numpy()), ref, rtol=0, atol=1e-6)  # numpy
+    read_only = faces[:4].numpy().copy()
     read_only.setflags(write=False)
     torch.testing.assert_close(shaken.predict(read_only), ref, rtol=0, atol=1e-6)
-    rgb = faces[:3, :, :, None].expand(-1, -1, -1, 3)  # grey stored as RGB: the same faces
+    rgb = faces[:4, :, :, None].expand(-1, -1, -1, 3)  # grey stored as RGB: the same faces
     torch.testing.assert_close(shaken.predict(rgb), ref, rtol=0, atol=1e-6)
-    torch.testing.assert_close(shaken.predict(rgb[1]), ref[1:2], rtol=0, atol=1e-6)  # (H, W, 3): one face
+    torch.testing.assert_close(shaken.predict(rgb[1]), ref[1:2], rtol=0, atol=1e-5)  # (H, W, 3): one face
     mixed = [faces[0], np.zeros((90, 60, 3), np.uint8), faces[1:3].numpy()]  # a list: faces of any sizes
     out = shaken.predict(mixed)
     assert out.shape == (4, 7)
@@ -790,7 +847,7 @@ def test_predict_input_forms(shaken, faces):
     torch.testing.assert_close(out[1:2], shaken.predict(np.zeros((90, 60), np.uint8)), rtol=0, atol=1e-6)
     assert shaken.predict(faces[:0]).shape == (0, 7) and shaken.predict([]).shape == (0, 7)
     shaken.train()
-    torch.testing.assert_close(shaken.predict(faces[:3]), ref, rtol=0, atol=1e-6)  # eval mode inside (BatchNorm)
+    torch.testing.assert_close(shaken.predict(faces[:4]), ref, rtol=0, atol=1e-6)  # eval mode inside (BatchNorm)
     assert shaken.training  # and the caller's mode is back
     shaken.eval()
 
@@ -800,7 +857,7 @@ def test_predict_errors(shaken):
         shaken.predict(torch.rand(2, 48, 48))
     with pytest.raises(ValueError, match="got torch.int64"):
         shaken.predict(np.zeros((48, 48), dtype=np.int64))
-    for shape in [(48,), (2, 1, 48, 48), (2, 2, 48, 48, 3), (0, 48), (3, 0, 48)]:
+    for shape in [(48,), (2, 2, 48, 48), (2, 2, 48, 48, 3), (0, 48), (3, 0, 48)]:
         with pytest.raises(ValueError, match=r"\(H, W\) or \(N, H, W\) grey or .* RGB, got shape"):
             shaken.predict(torch.zeros(shape, dtype=torch.uint8))
     shaken.train()
@@ -811,6 +868,34 @@ def test_predict_errors(shaken):
     for shape in [(48, 48, 4), (2, 48, 48, 4)]:  # not H faces 4 pixels wide
         with pytest.raises(ValueError, match=r"look RGBA: pass faces\[\.\.\., :3\]"):
             shaken.predict(np.zeros(shape, np.uint8))
+
+
+def test_predict_reads_channel_axes_any_strides_and_channels_first_tensors(shaken, faces):
+    ref = shaken.predict(faces[:4])
+    same = lambda got, rows=slice(0, 4): torch.testing.assert_close(got, ref[rows], rtol=0, atol=1e-5)  # other batches
+    same(shaken.predict(faces[0, :, :, None]), slice(0, 1))  # (H, W, 1): one grey face, not 48 faces 48x1
+    same(shaken.predict(faces[:4, :, :, None].numpy()))  # (N, H, W, 1)
+    same(shaken.predict(faces[:4, None]))  # (N, 1, H, W) tensor: channels-first grey
+    same(shaken.predict(faces[:3].numpy()), slice(0, 3))  # an array (3, H, W): three grey faces
+    flipped = faces[:4].numpy()[:, :, ::-1]  # a negative-stride view
+    torch.testing.assert_close(shaken.predict(flipped), shaken.predict(flipped.copy()), rtol=0, atol=0)
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
+    want = shaken.predict(rgb)
+    chw = torch.from_numpy(rgb).permute(0, 3, 1, 2)  # (N, 3, H, W): how torch holds images
+    torch.testing.assert_close(shaken.predict(chw), want, rtol=0, atol=0)
+    torch.testing.assert_close(shaken.predict(chw[1][None]), want[1:], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"^faces of shape \(3, 40, 50\) read two ways: pass x\[None\] for one "
+                                         r"channels-first RGB face .* or x\[:, None\] for three grey faces$"):
+        shaken.predict(chw[1])  # (3, H, W), as read_image returns it
+    same(shaken.predict(faces[:3, None]), slice(0, 3))  # ... and the three grey faces it could be
+    assert shaken.predict(faces[:3, :, :3]).shape == (1, 7)  # (3, H, 3) reads as an array does: one RGB face
+
+
+@pytest.mark.parametrize("what", ["face.png", None, {"face": 1}, 3])
+def test_predict_of_what_is_not_pixels_says_what_it_takes(shaken, what):
+    with pytest.raises(ValueError, match=rf"^faces must be uint8 pixels \(numpy arrays or tensors, or a list of them\), "
+                                         rf"got {type(what).__name__}; to classify image files use python predict.py"):
+        shaken.predict(what)
 
 
 def test_grey_faces_rgb_as_pil_and_centre_square():

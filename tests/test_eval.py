@@ -1,6 +1,7 @@
 """eval.py: scores of a fresh checkpoint (they must agree with train.py's own), the confusion PNG, --export and
 --amp, clear errors for foreign or damaged checkpoints, and the helpers on hand-made input.
 One tiny checkpoint is trained once for the module (atto, 32 px, 12 iterations, one CPU thread)."""
+import errno
 import hashlib
 import io
 import os
@@ -96,6 +97,50 @@ def test_eval_creates_the_out_dir(run, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         evaluate.main([run["ckpt"], "--out-dir", str(a_file / "sub")])
     assert str(e.value.code).startswith(f"eval.py: --out-dir {a_file / 'sub'}: cannot create it")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--batch-size", "0"], "eval.py: --batch-size: expected at least 1, got 0"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "cuda:99x"],
+     "eval.py: --device cuda:0: no CUDA GPU is usable here" if not torch.cuda.is_available() else
+     "eval.py: --device: expected cpu, cuda or cuda:N, got 'cuda:99x'"),
+])
+def test_flags_that_cannot_work_end_in_one_line_before_anything_loads(run, argv, says, monkeypatch):
+    monkeypatch.setattr(evaluate, "read_checkpoint", lambda *a: pytest.fail("loaded before the flags were checked"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([run["ckpt"], *argv])
+    assert str(e.value.code).startswith(says) and "\n" not in str(e.value.code)
+
+
+def test_test_only_data_is_scored(run, capsys, tmp_path):
+    """A file with only PrivateTest faces: nothing to hold out of train, and only the test split is scored."""
+    x, y = run["splits"]["test"]
+    npz = tmp_path / "test_only.npz"
+    np.savez(npz, private_test_x=x.numpy(), private_test_y=y.numpy())
+    acc, out = run_eval([run["ckpt"], "--data", str(npz), "--tta", "none", "--out-dir", str(tmp_path)], capsys)
+    assert acc == pytest.approx(run["results"]["test_acc_none"], abs=1e-12) and f"of {len(y)}" in out
+
+
+def test_pictures_and_exports_that_cannot_be_written_end_in_one_line_and_leave_no_temporary_file(run, tmp_path,
+                                                                                               monkeypatch):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([run["ckpt"], "--export", str(folder)])  # onto a folder
+    assert str(e.value.code).startswith(f"eval.py: --export: cannot write {folder} (")
+    assert os.listdir(tmp_path) == ["a_folder"] and os.listdir(folder) == []  # no temporary file left
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([run["ckpt"], "--export", "/etc/passwd/x.pt"])  # under a file: nothing can be made there
+    assert str(e.value.code) == "eval.py: --export: cannot write /etc/passwd/x.pt (Not a directory)"
+
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(Image.Image, "save", read_only)  # a read-only mount under --out-dir
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([run["ckpt"], "--tta", "none", "--out-dir", str(folder)])
+    assert str(e.value.code) == (f"eval.py: the confusion matrix picture: cannot write {folder / 'confusion_test.png'} "
+                                 "(Read-only file system)")
+    assert os.listdir(folder) == []
 
 
 def with_args(run, tmp_path, **changes):

@@ -5,6 +5,7 @@ Runs train.main in-process (and train.py as a subprocess for the kill test) on a
 class a few steps can learn, atto at 32 px, one CPU thread (deterministic, and on a busy 2-core machine much faster
 than two).
 """
+import errno
 import os
 import random
 import re
@@ -406,6 +407,64 @@ def test_a_second_run_on_the_same_out_dir_stops_at_once_naming_the_first(faces_n
         first.wait()
     with train.out_dir_lock(str(out)):  # the kernel dropped the killed run's lock
         assert f"pid {os.getpid()} " in _read(out / "train.lock")
+
+
+def test_a_full_disk_while_saving_stops_in_one_line_and_leaves_the_earlier_files_whole(faces_npz, tmp_path,
+                                                                                      monkeypatch):
+    out = tmp_path / "out"
+    real_open, saves = open, []
+
+    def open_on_a_disk_that_fills(file, mode="r", *a, **kw):  # the third checkpoint write finds the disk full
+        f = real_open(file, mode, *a, **kw)
+        if "wb" in mode and str(file).endswith(".tmp"):
+            saves.append(file)
+            if len(saves) == 3:
+                f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return f
+    monkeypatch.setattr(emonext, "open", open_on_a_disk_that_fills, raising=False)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(faces_npz, out, 24, 12, "--seed", "1"))
+    msg = str(e.value.code)
+    assert re.fullmatch(rf"train.py: cannot write {re.escape(str(out))}/(best|ckpt)\.pt \(No space left on device: "
+                        r"[\d.]+ MiB to write, [\d.]+ MiB free there\); stopped at iteration 24, the files saved "
+                        r"before are as they were", msg), msg
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # the partial file is gone
+    assert torch.load(out / "best.pt", weights_only=True)["iter"] == 12  # the first evaluation's files, whole
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 12
+
+
+def test_final_test_without_best_pt_tests_the_ema_in_hand_and_says_so(faces_npz, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    evaluate_and_save = train.evaluate_and_save
+
+    def and_lose_best_pt(run):  # best.pt removed during the run, after the last evaluation
+        seconds = evaluate_and_save(run)
+        if run.it == run.max_iters:
+            os.remove(run.best_path)
+        return seconds
+    monkeypatch.setattr(train, "evaluate_and_save", and_lose_best_pt)
+    results = train.main(tiny_args(faces_npz, out, 12, 6))
+    captured = capsys.readouterr()
+    assert f"train.py: {out / 'best.pt'} is gone (removed during the run?); testing the EMA weights in hand " \
+           "instead" in captured.err
+    assert "test accuracy of the last EMA weights (EMA): " in captured.out and 0 <= results["test_acc_none"] <= 1
+
+
+def test_final_test_refuses_a_best_pt_of_another_run_by_name(faces_npz, trained, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    evaluate_and_save = train.evaluate_and_save
+
+    def and_swap_best_pt(run):  # someone copies another run's best.pt into this out-dir
+        seconds = evaluate_and_save(run)
+        if run.it == run.max_iters:
+            shutil.copy(trained.out / "best.pt", run.best_path)
+        return seconds
+    monkeypatch.setattr(train, "evaluate_and_save", and_swap_best_pt)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(faces_npz, out, 12, 6))
+    assert str(e.value.code) == (f"train.py: {out / 'best.pt'} is not this run's: its --lr --min-lr differ from this "
+                                 f"run's; not testing it (python eval.py {out / 'best.pt'} tests it as it is)")
+    assert not os.path.exists(out / "results.json")
 
 
 def _read(path):
