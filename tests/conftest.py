@@ -53,6 +53,15 @@ def run_emonext_alone(tmp_path):
     return run
 
 
+def check_splits(splits, sizes):
+    """splits is {"train", "val", "test"} -> (uint8 (N, 48, 48) faces, int64 (N,) labels) with these N."""
+    assert set(splits) == {"train", "val", "test"}
+    for name, n in zip(("train", "val", "test"), sizes):
+        x, y = splits[name]
+        assert x.shape == (n, 48, 48) and x.dtype == torch.uint8
+        assert y.shape == (n,) and y.dtype == torch.int64
+
+
 def one_graph_code(fn, *args):
     """The code of the one graph torch.compile would make of fn(*args), asserting that it traces without graph
     breaks (dynamo only: no inductor, seconds)."""

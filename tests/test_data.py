@@ -1,3 +1,6 @@
+"""data.py: the FER2013 readers (Kaggle's csv files, image folders, .npz, single images of any mode), their errors,
+the default data and load_dataset, batches and the batched augmentation (its warp moves a dot where its pose says),
+and the real ../shared/data/fer2013.npz when it is there."""
 import math
 import os
 import warnings
@@ -9,8 +12,7 @@ from PIL import Image
 
 import data
 import emonext
-import synthetic
-from conftest import FER2013_NPZ
+from conftest import FER2013_NPZ, check_splits
 
 USAGES = ["Training", "Training", "Training", "PublicTest", "PrivateTest", "PrivateTest"]
 
@@ -34,14 +36,6 @@ def fer_csv(tmp_path, rows=None):
     y = np.arange(len(USAGES)) % 7
     default = [f"{c},{pixel_string(f)},{u}" for c, f, u in zip(y, x, USAGES)]
     return write_csv(tmp_path / "fer2013.csv", "emotion,pixels,Usage", default if rows is None else rows), x, y
-
-
-def check_splits(splits, sizes):
-    assert set(splits) == {"train", "val", "test"}
-    for name, n in zip(("train", "val", "test"), sizes):
-        x, y = splits[name]
-        assert x.shape == (n, 48, 48) and x.dtype == torch.uint8
-        assert y.shape == (n,) and y.dtype == torch.int64
 
 
 def assert_error(path, where, **kwargs):
@@ -348,18 +342,7 @@ def test_load_image_palette_cmyk_and_exif_rotation(tmp_path):
     assert np.abs(img[2:20] - 30).max() <= 6 and np.abs(img[28:46] - 200).max() <= 6
 
 # -----------------------------------------------------------------------------
-# synthetic set and load_dataset
-
-
-def test_synthetic_faces():
-    a = synthetic.synthetic_faces(n_train=140, n_val=14, n_test=70, seed=1)
-    check_splits(a, (140, 14, 70))
-    assert torch.bincount(a["train"][1], minlength=7).tolist() == [20] * 7
-    b = synthetic.synthetic_faces(n_train=70, n_val=14, n_test=70, seed=1)
-    assert torch.equal(a["test"][0], b["test"][0])  # each split has its own stream
-    c = synthetic.synthetic_faces(n_train=140, n_val=14, n_test=70, seed=2)
-    assert not torch.equal(a["train"][0], c["train"][0])
-    assert a["train"][0].float().std() > 30  # real contrast, not a blank canvas
+# the default data and load_dataset
 
 
 def test_load_dataset(tmp_path, monkeypatch):
