@@ -37,6 +37,13 @@ def shaken():
     return m.eval()
 
 
+@pytest.fixture(scope="module")
+def faces():
+    """12 synthetic faces, uint8 (12, 48, 48)."""
+    import synthetic  # not at the top: synthetic imports emonext, so triton, after TRITON_INTERPRET is set
+    return synthetic.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=4)["train"][0]
+
+
 @pytest.fixture
 def run_emonext_alone(tmp_path):
     """run(script) runs a Python script in tmp_path beside a copy of emonext.py and nothing else of the repo (no
