@@ -1,11 +1,13 @@
 """train.py: it learns, its checkpoints, kill-and-resume, the non-finite guard, the lr schedule (issue 3); data
-without a val split, resume with changed flags, flags that cannot work, --amp / --compile / --pretrained (issue 11).
+without a val split, resume with changed flags, flags that cannot work, --amp / --compile / --pretrained (issue 11);
+FER+ labels: soft targets and drawn labels (issue 10).
 
 Runs train.main in-process (and train.py as a subprocess for the kill test) on a small .npz of grey images whose
 class a few steps can learn, atto at 32 px, one CPU thread (deterministic, and on a busy 2-core machine much faster
 than two).
 """
 import errno
+import io
 import os
 import random
 import re
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import redirect_stdout
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,6 +30,7 @@ import emonext
 import eval as evaluate
 import synthetic
 import train
+from conftest import ferplus_args
 from emonext import EmoNeXt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,8 +76,6 @@ LOG = re.compile(r"iter (\d+)/(\d+) \| loss ([\d.]+) \(ce ([\d.]+) sa ([\d.e+-]+
 def trained(faces_npz, tmp_path_factory):
     """One short run shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("run")
-    import io
-    from contextlib import redirect_stdout
     buf = io.StringIO()
     with redirect_stdout(buf):
         results = train.main(tiny_args(faces_npz, out, 24, 12, "--lr", "3e-3", "--min-lr", "1e-4"))
@@ -749,3 +751,57 @@ def test_readme_states_the_defaults_and_where_the_official_code_differs():
                      "horizontal flip, vertical flip", "`--vflip` adds it"):
         assert official in text, official
     assert "not the official recipe" in text and "official one where it is sound" not in text
+
+
+# =============================================================================
+# FER+ labels (issue 10; was tests/test_ferplus.py): training on vote distributions (soft targets) and on labels
+# drawn from the votes, and the accuracy of soft targets. atto at 32 px on conftest's faces_with_votes.
+# =============================================================================
+
+def smoothed_cross_entropy(logits, target, smoothing):
+    """Cross-entropy against a distribution, label smoothing mixed in, written out by hand."""
+    target = (1 - smoothing) * target + smoothing / target.shape[1]
+    return -(target * F.log_softmax(logits.double(), -1)).sum(1).mean()
+
+
+def test_soft_targets_train_with_cross_entropy_against_the_distribution(faces_with_votes):
+    args = train.parse_args(ferplus_args(faces_with_votes, "ferplus-soft", 8, "--label-smoothing", "0.1"))
+    with redirect_stdout(io.StringIO()):
+        run = train.setup(args, None)
+    torch.set_num_threads(1)
+    assert run.model.config.num_classes == 8 and run.train_y.dtype == torch.float32
+    run.model.train()
+    losses = []
+    for idx in list(train.epoch_batches(run))[:3]:
+        logits, yb, loss, ce, sa, _ = train.train_step(run, idx)
+        assert torch.equal(yb, run.train_y[idx]) and yb.shape == (32, 8)
+        torch.testing.assert_close(ce.double(), smoothed_cross_entropy(logits.detach(), yb, 0.1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(loss, ce + sa)  # --sa-weight 1
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    # the self-attention term sees the features only: the same with hard and with soft targets
+    run.model.eval()
+    x = emonext.preprocess(run.train_x[:8], 32)
+    _, _, (_, sa_soft) = run.model(x, run.train_y[:8], loss_parts=True)
+    _, _, (_, sa_hard) = run.model(x, run.train_y[:8].argmax(1), loss_parts=True)
+    assert torch.equal(sa_soft, sa_hard)
+
+
+def test_draw_mode_trains_on_labels_drawn_from_the_votes(faces_with_votes):
+    args = train.parse_args(ferplus_args(faces_with_votes, "ferplus-draw"))
+    with redirect_stdout(io.StringIO()):
+        run = train.setup(args, None)
+    torch.set_num_threads(1)
+    idx = next(train.epoch_batches(run))
+    logits, yb, loss, ce, _, _ = train.train_step(run, idx)
+    assert yb.dtype == torch.int64 and yb.shape == (32,)
+    assert (run.train_y[idx].gather(1, yb[:, None]) > 0).all()  # each drawn class has votes
+    torch.testing.assert_close(ce.double(), smoothed_cross_entropy(logits.detach(), F.one_hot(yb, 8).double(), 0.2))
+    run.it = 0  # the same iteration draws the same labels (resume sees the same batches)
+    assert torch.equal(train.train_step(run, idx)[1], yb)
+
+
+def test_accuracy_of_soft_targets_is_against_their_most_voted_class():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    assert train.accuracy(logits, torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.6, 0.3]])) == 0.5
+    assert train.accuracy(logits, torch.tensor([1, 0])) == 1.0
