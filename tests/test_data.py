@@ -13,6 +13,7 @@ from PIL import Image
 
 import data
 import emonext
+import synthetic
 from conftest import FER2013_NPZ, FERPLUS_HEADER, check_splits, random_faces
 
 USAGES = ["Training", "Training", "Training", "PublicTest", "PrivateTest", "PrivateTest"]
@@ -388,6 +389,14 @@ def test_augment_shape_determinism_and_identity():
     mirrored = torch.tensor([torch.allclose(f, r.flip(-1), atol=1e-5) for f, r in zip(flipped, ref)])
     unchanged = torch.tensor([torch.allclose(f, r, atol=1e-5) for f, r in zip(flipped, ref)])
     assert (mirrored | unchanged).all() and mirrored.any() and unchanged.any()
+
+
+def test_augment_draws_the_whole_batch_for_any_split():
+    x = synthetic.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=0)["train"][0]
+    whole = data.augment(x, 32, torch.Generator().manual_seed(5))
+    parts = [data.augment(x[i:i + 4], 32, torch.Generator().manual_seed(5), rows=(i, 12)) for i in (0, 4, 8)]
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(parts[1], data.augment(x[4:8], 32, torch.Generator().manual_seed(5)))
 
 
 def marker(cx, cy, sigma=1.0):
