@@ -1,8 +1,12 @@
+"""What more than one test file uses: the real data's place, one torch thread per module, conftest's models and
+faces (`shaken`, `faces`, `random_faces`, FER+'s `faces_with_votes` and `ferplus_args`), `run_emonext_alone` (a
+script beside a copy of emonext.py alone), `check_splits` and `one_graph_code`."""
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,8 +14,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# only now: these import emonext, which imports kernels/ and so triton
+import data  # noqa: E402
+import synthetic  # noqa: E402
+from emonext import EmoNeXt  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FER2013_NPZ = os.path.join(ROOT, "..", "shared", "data", "fer2013.npz")
+FERPLUS_HEADER = "Usage,Image name," + ",".join(data.FERPLUS_COLUMNS)  # fer2013new.csv's first line
+FER2013_TO_FERPLUS = np.array([4, 5, 6, 1, 3, 2, 0])  # angry, disgust, fear, happy, sad, surprise, neutral
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,13 +39,18 @@ def one_thread():
 def shaken():
     """An untrained EmoNeXt-atto (64 px, grey) in eval mode whose weights are shaken so that different faces get
     clearly different probabilities: two inference paths compare without training a model."""
-    from emonext import EmoNeXt  # not at the top: emonext imports kernels/, so triton, after TRITON_INTERPRET is set
     torch.manual_seed(0)
     m = EmoNeXt.from_size("atto", img_size=64, in_chans=1)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def faces():
+    """12 synthetic faces, uint8 (12, 48, 48)."""
+    return synthetic.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=4)["train"][0]
 
 
 @pytest.fixture
@@ -51,6 +67,50 @@ def run_emonext_alone(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
     return run
+
+
+def random_faces(n, seed=0):
+    """n faces of uniform random grey levels, uint8 (n, 48, 48) numpy."""
+    return np.random.default_rng(seed).integers(0, 256, (n, 48, 48), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def faces_with_votes(tmp_path_factory):
+    """Synthetic faces in the fer2013.npz layout (csv_index included) and a fer2013new.csv of synthetic votes:
+    7 for the face's expression and 3 spread at random, so some faces have soft targets and no majority."""
+    root = tmp_path_factory.mktemp("ferplus")
+    d = synthetic.synthetic_faces(n_train=256, n_val=48, n_test=48, seed=3)
+    y = torch.cat([d[name][1] for name in ("train", "val", "test")]).numpy()
+    rng = np.random.default_rng(0)
+    votes = rng.multinomial(3, np.full(10, 0.1), len(y))
+    votes[np.arange(len(y)), FER2013_TO_FERPLUS[y]] += 7
+    usage = ["Training"] * 256 + ["PublicTest"] * 48 + ["PrivateTest"] * 48
+    (root / "fer2013new.csv").write_text("\n".join([FERPLUS_HEADER] + [
+        f"{u},fer{i:07d}.png,{','.join(map(str, v))}" for i, (u, v) in enumerate(zip(usage, votes))]))
+    arrays, start = {}, 0
+    for name, prefix in (("train", "train"), ("val", "public_test"), ("test", "private_test")):
+        x, yy = d[name]
+        arrays.update({f"{prefix}_x": x.numpy(), f"{prefix}_y": yy.numpy(),
+                       f"{prefix}_csv_index": np.arange(start, start + len(yy))})
+        start += len(yy)
+    np.savez(root / "faces.npz", **arrays)
+    return root
+
+
+def ferplus_args(root, labels, max_iters=8, *extra):
+    """train.py's flags for a short run of atto at 32 px on faces_with_votes with these FER+ labels."""
+    return ["--data", str(root / "faces.npz"), "--labels", labels, "--model", "atto", "--img-size", "32",
+            "--batch-size", "32", "--max-iters", str(max_iters), "--eval-interval", str(max_iters), "--warmup", "2",
+            "--log-interval", "4", "--out-dir", str(root / f"out-{labels}"), "--threads", "1", *extra]
+
+
+def check_splits(splits, sizes):
+    """splits is {"train", "val", "test"} -> (uint8 (N, 48, 48) faces, int64 (N,) labels) with these N."""
+    assert set(splits) == {"train", "val", "test"}
+    for name, n in zip(("train", "val", "test"), sizes):
+        x, y = splits[name]
+        assert x.shape == (n, 48, 48) and x.dtype == torch.uint8
+        assert y.shape == (n,) and y.dtype == torch.int64
 
 
 def one_graph_code(fn, *args):

@@ -1,3 +1,7 @@
+"""data.py: the FER2013 readers (Kaggle's csv files, image folders, .npz, single images of any mode), their errors,
+the default data and load_dataset, batches and the batched augmentation (its warp moves a dot where its pose says),
+the real ../shared/data/fer2013.npz when it is there; and FER+ (issue 10): the vote loaders and their joins to
+FER2013, the label modes, and the real fer2013new.csv."""
 import math
 import os
 import warnings
@@ -10,13 +14,9 @@ from PIL import Image
 import data
 import emonext
 import synthetic
-from conftest import FER2013_NPZ
+from conftest import FER2013_NPZ, FERPLUS_HEADER, check_splits, random_faces
 
 USAGES = ["Training", "Training", "Training", "PublicTest", "PrivateTest", "PrivateTest"]
-
-
-def faces(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, 48, 48), dtype=np.uint8)
 
 
 def pixel_string(face):
@@ -30,26 +30,23 @@ def write_csv(path, header, rows):
 
 def fer_csv(tmp_path, rows=None):
     """A fer2013.csv in Kaggle's layout; `rows` replaces its data lines."""
-    x = faces(len(USAGES))
+    x = random_faces(len(USAGES))
     y = np.arange(len(USAGES)) % 7
     default = [f"{c},{pixel_string(f)},{u}" for c, f, u in zip(y, x, USAGES)]
     return write_csv(tmp_path / "fer2013.csv", "emotion,pixels,Usage", default if rows is None else rows), x, y
 
 
-def check_splits(splits, sizes):
-    assert set(splits) == {"train", "val", "test"}
-    for name, n in zip(("train", "val", "test"), sizes):
-        x, y = splits[name]
-        assert x.shape == (n, 48, 48) and x.dtype == torch.uint8
-        assert y.shape == (n,) and y.dtype == torch.int64
+def assert_error_of(fn, where, *args, **kwargs):
+    """fn(*args, **kwargs) raises one ValueError whose message starts with the file (and line) it is about."""
+    with pytest.raises(ValueError) as e:
+        fn(*args, **kwargs)
+    assert str(e.value).startswith(str(where)), str(e.value)
+    return str(e.value)
 
 
 def assert_error(path, where, **kwargs):
     """The loader raises one ValueError whose message names the file and the place in it."""
-    with pytest.raises(ValueError) as e:
-        data.load_fer2013(path, **kwargs)
-    assert str(e.value).startswith(str(where)), str(e.value)
-    return str(e.value)
+    return assert_error_of(data.load_fer2013, where, path, **kwargs)
 
 # -----------------------------------------------------------------------------
 # csv files
@@ -66,7 +63,7 @@ def test_fer2013_csv(tmp_path):
 
 
 def test_icml_csv_other_order_and_spaced_names(tmp_path):
-    x = faces(3)
+    x = random_faces(3)
     rows = [f'{c},{u},"{pixel_string(f)}"' for c, f, u in zip((3, 0, 6), x, ("Training", "PublicTest", "PrivateTest"))]
     splits = data.load_fer2013(write_csv(tmp_path / "icml_face_data.csv", "emotion, Usage, pixels", rows))
     check_splits(splits, (1, 1, 1))
@@ -75,12 +72,12 @@ def test_icml_csv_other_order_and_spaced_names(tmp_path):
 
 
 def test_competition_train_csv_is_all_train(tmp_path):
-    rows = [f"{c},{pixel_string(f)}" for c, f in zip((1, 2, 5), faces(3))]
+    rows = [f"{c},{pixel_string(f)}" for c, f in zip((1, 2, 5), random_faces(3))]
     check_splits(data.load_fer2013(write_csv(tmp_path / "train.csv", "emotion,pixels", rows)), (3, 0, 0))
 
 
 def test_competition_test_csv_is_refused(tmp_path):
-    path = write_csv(tmp_path / "test.csv", "pixels", [pixel_string(f) for f in faces(2)])
+    path = write_csv(tmp_path / "test.csv", "pixels", [pixel_string(f) for f in random_faces(2)])
     assert "unlabelled" in assert_error(path, path)
 
 
@@ -98,7 +95,7 @@ def test_competition_test_csv_is_refused(tmp_path):
     ("3,{pixels}", "expected 3 fields, got 2"),
 ])
 def test_bad_csv_row_names_file_and_line(tmp_path, row, reason):
-    face = faces(1)[0]
+    face = random_faces(1)[0]
     good = pixel_string(face)
     row = row.format(pixels=good, short=good.rsplit(" ", 1)[0], pixels_256="256" + good[good.index(" "):],
                      pixels_neg="-1" + good[good.index(" "):], pixels_text=good.replace(" ", " a", 1))
@@ -124,7 +121,7 @@ def test_bad_csv_files(tmp_path):
 
 
 def test_skip_bad_rows_counts(tmp_path, capsys):
-    good = pixel_string(faces(1)[0])
+    good = pixel_string(random_faces(1)[0])
     rows = [f"0,{good},Training", f"9,{good},Training", f"1,{good},PublicTest", "2,1 2 3,Training",
             f"3,{good},PrivateTest"]
     path, _, _ = fer_csv(tmp_path, rows)
@@ -149,7 +146,7 @@ def test_unparsed_pixel_text_is_an_error_where_numpy_only_warns(tmp_path, monkey
             numbers.append(int(token))
         return np.array(numbers, dtype=dtype)
     monkeypatch.setattr(np, "fromstring", warn_only_fromstring)
-    good = pixel_string(faces(1)[0])
+    good = pixel_string(random_faces(1)[0])
     path, _, _ = fer_csv(tmp_path, [f"0,{good},Training", f"1,{good} 7x,Training", f"2,{good},PublicTest"])
     assert "other text" in assert_error(path, f"{path}, line 3:")
     check_splits(data.load_fer2013(path, skip_bad_rows=True), (1, 1, 0))  # the good rows still parse
@@ -203,7 +200,7 @@ def test_bad_image_folders(tmp_path):
 def save_npz(path, **splits):
     arrays = {}
     for prefix, n in splits.items():
-        arrays[f"{prefix}_x"], arrays[f"{prefix}_y"] = faces(n), (np.arange(n) % 7).astype(np.uint8)
+        arrays[f"{prefix}_x"], arrays[f"{prefix}_y"] = random_faces(n), (np.arange(n) % 7).astype(np.uint8)
     np.savez(path, **arrays)
     return path
 
@@ -223,7 +220,7 @@ def test_bad_npz(tmp_path):
     np.savez(other, votes=np.zeros(3))
     assert "none of the arrays" in assert_error(other, other)
     half = tmp_path / "half.npz"
-    np.savez(half, train_x=faces(2))
+    np.savez(half, train_x=random_faces(2))
     assert_error(half, half)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"PK not really a zip")
@@ -348,18 +345,7 @@ def test_load_image_palette_cmyk_and_exif_rotation(tmp_path):
     assert np.abs(img[2:20] - 30).max() <= 6 and np.abs(img[28:46] - 200).max() <= 6
 
 # -----------------------------------------------------------------------------
-# synthetic set and load_dataset
-
-
-def test_synthetic_faces():
-    a = synthetic.synthetic_faces(n_train=140, n_val=14, n_test=70, seed=1)
-    check_splits(a, (140, 14, 70))
-    assert torch.bincount(a["train"][1], minlength=7).tolist() == [20] * 7
-    b = synthetic.synthetic_faces(n_train=70, n_val=14, n_test=70, seed=1)
-    assert torch.equal(a["test"][0], b["test"][0])  # each split has its own stream
-    c = synthetic.synthetic_faces(n_train=140, n_val=14, n_test=70, seed=2)
-    assert not torch.equal(a["train"][0], c["train"][0])
-    assert a["train"][0].float().std() > 30  # real contrast, not a blank canvas
+# the default data and load_dataset
 
 
 def test_load_dataset(tmp_path, monkeypatch):
@@ -387,7 +373,7 @@ def test_iterate_batches():
 
 
 def test_augment_shape_determinism_and_identity():
-    x = torch.from_numpy(faces(8))
+    x = torch.from_numpy(random_faces(8))
     out = data.augment(x, 64, generator=torch.Generator().manual_seed(0))
     assert out.shape == (8, 1, 64, 64) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert torch.equal(out, data.augment(x, 64, generator=torch.Generator().manual_seed(0)))
@@ -403,6 +389,14 @@ def test_augment_shape_determinism_and_identity():
     mirrored = torch.tensor([torch.allclose(f, r.flip(-1), atol=1e-5) for f, r in zip(flipped, ref)])
     unchanged = torch.tensor([torch.allclose(f, r, atol=1e-5) for f, r in zip(flipped, ref)])
     assert (mirrored | unchanged).all() and mirrored.any() and unchanged.any()
+
+
+def test_augment_draws_the_whole_batch_for_any_split():
+    x = synthetic.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=0)["train"][0]
+    whole = data.augment(x, 32, torch.Generator().manual_seed(5))
+    parts = [data.augment(x[i:i + 4], 32, torch.Generator().manual_seed(5), rows=(i, 12)) for i in (0, 4, 8)]
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(parts[1], data.augment(x[4:8], 32, torch.Generator().manual_seed(5)))
 
 
 def marker(cx, cy, sigma=1.0):
@@ -471,7 +465,7 @@ def test_random_pose_ranges_and_augment_is_its_warp():
     assert set(data.random_pose(64, gen, vflip=True)["flip_y"].tolist()) == {-1.0, 1.0}
     fixed = data.random_pose(64, gen, rotate=0, scale=(1, 1), translate=0, hflip=False)
     assert (fixed["angle"] == 0).all() and (fixed["zoom"] == 1).all() and (fixed["shift"] == 0).all()
-    x = torch.from_numpy(faces(5))
+    x = torch.from_numpy(random_faces(5))
     kw = dict(rotate=7, scale=(0.75, 1.25), translate=0.03, vflip=True)
     torch.testing.assert_close(data.augment(x, 64, torch.Generator().manual_seed(3), **kw),
                                data.warp(x, 64, **data.random_pose(5, torch.Generator().manual_seed(3), **kw)),
@@ -510,3 +504,236 @@ def test_real_fer2013_npz():
     mean = splits["train"][0].float().div(255)
     assert mean.mean().item() == pytest.approx(emonext.FER2013_MEAN, abs=1e-3)
     assert mean.std().item() == pytest.approx(emonext.FER2013_STD, abs=1e-3)
+
+
+# =============================================================================
+# FER+ (issue 10; was tests/test_ferplus.py): the vote loaders and their joins, the label modes, the real FER+ file
+# =============================================================================
+
+FERPLUS_CSV = os.path.join(os.path.dirname(FER2013_NPZ), "fer2013new.csv")
+FERPLUS_USAGES = ["Training"] * 4 + ["PublicTest"] * 2 + ["PrivateTest"] * 2
+# one row per face of the fer2013.csv below; row 2 is a face FER+ dropped (no image name)
+VOTES = np.array([[6, 0, 1, 1, 0, 0, 0, 0, 2, 0],
+                  [0, 8, 0, 0, 0, 0, 0, 0, 2, 0],
+                  [0, 0, 0, 0, 0, 0, 0, 0, 0, 10],
+                  [4, 0, 0, 1, 3, 2, 0, 0, 0, 0],
+                  [0, 0, 9, 0, 0, 0, 1, 0, 0, 0],
+                  [5, 5, 0, 0, 0, 0, 0, 0, 0, 0],
+                  [0, 0, 0, 0, 0, 0, 0, 7, 3, 0],
+                  [2, 0, 0, 0, 0, 0, 0, 0, 8, 0]])
+DROPPED = 2
+
+
+def write_pair(tmp_path, votes=VOTES, usages=FERPLUS_USAGES, extra_lines=()):
+    """A fer2013.csv of random faces and its fer2013.csv-ordered fer2013new.csv; returns (csv, new csv, faces)."""
+    x = random_faces(len(usages))
+    rows = [f"{i % 7},{' '.join(map(str, f.ravel().tolist()))},{u}" for i, (f, u) in enumerate(zip(x, usages))]
+    fer = tmp_path / "fer2013.csv"
+    fer.write_text("\n".join(["emotion,pixels,Usage"] + rows) + "\n")
+    new = [f"{u},{'' if i == DROPPED else f'fer{i:07d}.png'},{','.join(map(str, v))}"
+           for i, (u, v) in enumerate(zip(usages, votes))]
+    ferplus = tmp_path / "fer2013new.csv"
+    ferplus.write_text("\n".join([FERPLUS_HEADER] + new + list(extra_lines)) + "\n")
+    return fer, ferplus, x
+
+
+# -----------------------------------------------------------------------------
+# loaders and joins
+
+
+def test_csv_pair_loads_the_exact_votes(tmp_path):
+    fer, ferplus, x = write_pair(tmp_path)
+    splits = data.load_fer2013(fer, ferplus=ferplus)
+    kept = {"train": [0, 1, 3], "val": [4, 5], "test": [6, 7]}  # row 2 (train) was dropped by FER+
+    for name, rows in kept.items():
+        sx, votes = splits[name]
+        assert votes.dtype == torch.int64 and votes.shape == (len(rows), 10)
+        assert torch.equal(votes, torch.from_numpy(VOTES[rows]))
+        assert torch.equal(sx, torch.from_numpy(x[rows]))  # the pixels stay FER2013's, row for row
+
+
+def test_npz_joins_by_csv_index(tmp_path):
+    fer, ferplus, x = write_pair(tmp_path)
+    # npz rows in another order than fer2013.csv (as the real one, sorted by class), one face of unknown row
+    train_rows, test_rows = np.array([3, -1, 2, 0, 1]), np.array([7, 6])
+    unknown = random_faces(1, seed=5)[0]
+    train_x = np.stack([x[r] if r >= 0 else unknown for r in train_rows])
+    npz = tmp_path / "faces.npz"
+    np.savez(npz, train_x=train_x, train_y=np.zeros(5, np.int64), train_csv_index=train_rows.astype(np.int32),
+             private_test_x=x[test_rows], private_test_y=np.zeros(2, np.int64), private_test_csv_index=test_rows)
+    splits, description = data.load_dataset(str(npz), labels="ferplus-majority", ferplus=str(ferplus))
+    votes = data.load_fer2013(npz, ferplus=ferplus)
+    assert torch.equal(votes["train"][1], torch.from_numpy(VOTES[[3, 0, 1]]))
+    assert torch.equal(votes["train"][0], torch.from_numpy(x[[3, 0, 1]]))
+    assert torch.equal(votes["test"][1], torch.from_numpy(VOTES[[7, 6]]))
+    assert votes["val"][1].shape == (0, 10)
+    assert "train 1 + 1" in description and "test 0 + 0" in description  # 1 dropped by FER+, 1 of unknown row
+    # majority labels: row 3 has none (4 of 9 remaining votes), row 7's winner is unknown
+    assert splits["train"][1].tolist() == [0, 1] and splits["test"][1].tolist() == [7]
+
+
+def test_load_dataset_label_modes_and_default_vote_file(tmp_path):
+    fer, _, x = write_pair(tmp_path)  # fer2013new.csv lies beside fer2013.csv: found without ferplus=
+    splits, description = data.load_dataset(str(fer), labels="ferplus-soft")
+    train_x, train_y = splits["train"]
+    assert train_y.dtype == torch.float32 and train_y.shape == (3, 8)
+    assert torch.equal(train_x, torch.from_numpy(x[[0, 1, 3]]))
+    assert torch.allclose(train_y.sum(1), torch.ones(3))
+    # val and test keep the majority protocol whatever the training labels
+    assert splits["val"][1].tolist() == [2] and splits["test"][1].tolist() == [7]
+    assert "left out by the label rule: train 0 (soft), val 1 (majority), test 1 (majority)" in description
+    assert description.endswith("train 3 / val 1 / test 1")
+    assert data.class_names("ferplus-soft") == data.FERPLUS_CLASS_NAMES and len(data.FERPLUS_CLASS_NAMES) == 8
+    assert data.class_names("fer2013") == emonext.FER2013_CLASS_NAMES
+
+
+def test_ferplus_folder_tree(tmp_path):
+    x = random_faces(5, seed=3)
+    layout = {"FER2013Train": [0, 1, 2], "FER2013Test": [3, 4]}  # no FER2013Valid: an empty val split
+    for folder, rows in layout.items():
+        (tmp_path / folder).mkdir()
+        lines = []
+        for i in rows:
+            Image.fromarray(x[i]).save(tmp_path / folder / f"fer{i:07d}.png")
+            lines.append(f'fer{i:07d}.png,"(0, 0, 48, 48)",{",".join(map(str, VOTES[i]))}')
+        (tmp_path / folder / "label.csv").write_text("\n".join(lines) + "\n")
+    splits = data.load_fer2013(tmp_path)
+    assert torch.equal(splits["train"][0], torch.from_numpy(x[:3]))
+    assert torch.equal(splits["train"][1], torch.from_numpy(VOTES[:3]))
+    assert torch.equal(splits["test"][1], torch.from_numpy(VOTES[3:5]))
+    assert splits["val"][0].shape == (0, 48, 48) and splits["val"][1].shape == (0, 10)
+    splits, _ = data.load_dataset(str(tmp_path), labels="ferplus-majority")
+    assert splits["train"][1].tolist() == [0, 1] and splits["test"][1].tolist() == [2]
+    assert_error_of(data.load_dataset, tmp_path, str(tmp_path))  # FER2013 labels asked of FER+ votes
+
+    label_csv = tmp_path / "FER2013Test" / "label.csv"
+    good = label_csv.read_text()
+    label_csv.write_text(good.replace(",0,0,9,", ",0,0,x,", 1))
+    assert "line 2: surprise vote 'x'" in assert_error_of(data.load_fer2013, label_csv, tmp_path)
+    label_csv.write_text(good.replace('"(0, 0, 48, 48)",', "", 1))
+    assert "line 1: expected 12 fields" in assert_error_of(data.load_fer2013, label_csv, tmp_path)
+    label_csv.write_text(good + 'fer9999999.png,"(0, 0, 48, 48)",10,0,0,0,0,0,0,0,0,0\n')
+    assert_error_of(data.load_fer2013, tmp_path / "FER2013Test" / "fer9999999.png", tmp_path)  # a missing image
+    assert_error_of(data.load_fer2013, tmp_path, tmp_path, ferplus=FERPLUS_CSV)  # votes given twice
+
+
+def test_mismatched_files_are_clear_errors(tmp_path):
+    fer, ferplus, _ = write_pair(tmp_path)
+    good = ferplus.read_text().splitlines()
+
+    def load_with(lines):
+        ferplus.write_text("\n".join(lines) + "\n")
+        return assert_error_of(data.load_fer2013, ferplus, fer, ferplus=ferplus)
+
+    assert "7 data rows, but" in load_with(good[:-1]) and str(fer) in load_with(good[:-1])  # one row short
+    assert "line 3: happiness vote '8.5'" in load_with([good[0], good[1], good[2].replace(",8,", ",8.5,")] + good[3:])
+    assert "line 2: neutral vote '-1'" in load_with([good[0], good[1].replace(",6,", ",-1,")] + good[2:])
+    assert "line 1: not FER+'s header" in load_with(["emotion,pixels,Usage"] + good[1:])
+    assert "line 4: expected 12 fields" in load_with(good[:3] + [good[3] + ",0"] + good[4:])
+    assert "line 2: Usage 'Train'" in load_with([good[0], good[1].replace("Training", "Train")] + good[2:])
+    swapped = good[:4] + [good[5], good[4]] + good[6:]  # a train row and a val row swapped
+    assert "line 5: a val row, but it is the row of train face 3" in load_with(swapped)
+    assert "line 1: not FER+'s header" in load_with([])
+    assert_error_of(data.load_fer2013, tmp_path / "nothing.csv", fer, ferplus=tmp_path / "nothing.csv")
+    assert_error_of(data.load_dataset, "synthetic", "synthetic", labels="ferplus-majority")
+    assert_error_of(data.load_dataset, "labels 'ferplus'", str(fer), labels="ferplus")
+    assert_error_of(data.load_dataset, ferplus, str(fer), ferplus=str(ferplus))  # votes given without FER+ labels
+
+
+def test_npz_without_or_with_bad_csv_index(tmp_path):
+    _, ferplus, x = write_pair(tmp_path)
+    npz = tmp_path / "a.npz"
+    np.savez(npz, train_x=x[:2], train_y=np.zeros(2, np.int64))
+    assert "no csv_index array for its train split" in assert_error_of(data.load_fer2013, npz, npz, ferplus=ferplus)
+    np.savez(npz, train_x=x[:2], train_y=np.zeros(2, np.int64), train_csv_index=np.array([0, 8]))
+    assert "beyond the 8 rows" in assert_error_of(data.load_fer2013, npz, npz, ferplus=ferplus)
+    np.savez(npz, train_x=x[:2], train_y=np.zeros(2, np.int64), train_csv_index=np.array([0.0, 1.0]))
+    assert_error_of(data.load_fer2013, npz, npz)
+
+# -----------------------------------------------------------------------------
+# label modes
+
+
+@pytest.mark.parametrize("votes, majority, soft", [
+    ([6, 0, 1, 1, 0, 0, 0, 0, 2, 0], 0, [1, 0, 0, 0, 0, 0, 0, 0]),  # single votes dropped, unknown left out
+    ([4, 0, 0, 1, 3, 2, 0, 0, 0, 0], None, [4 / 9, 0, 0, 0, 3 / 9, 2 / 9, 0, 0]),  # 4 of 9: no majority
+    ([5, 5, 0, 0, 0, 0, 0, 0, 0, 0], None, [0.5, 0.5, 0, 0, 0, 0, 0, 0]),  # a tie between emotions
+    ([0, 0, 0, 0, 0, 0, 0, 6, 4, 0], 7, [0, 0, 0, 0, 0, 0, 0, 1]),  # contempt beats unknown
+    ([3, 0, 0, 0, 0, 0, 0, 0, 7, 0], None, None),  # unknown wins
+    ([0, 0, 0, 0, 0, 0, 0, 0, 0, 10], None, None),  # not a face
+    ([4, 2, 0, 0, 0, 0, 0, 0, 4, 0], None, None),  # an emotion tied with unknown is no winner
+    ([2, 0, 0, 0, 0, 0, 0, 0, 0, 2], None, None),  # ... nor one tied with not-a-face
+    ([4, 0, 0, 3, 0, 0, 0, 0, 3, 0], None, [4 / 7, 0, 0, 3 / 7, 0, 0, 0, 0]),  # beats unknown, no majority
+    ([1, 1, 1, 1, 1, 1, 1, 1, 1, 1], None, None),  # every vote single: nothing left
+    ([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], None, None),  # a single vote in all
+    ([0, 2, 0, 0, 0, 0, 0, 0, 0, 0], 1, [0, 1, 0, 0, 0, 0, 0, 0]),  # two votes are enough
+])
+def test_label_modes(votes, majority, soft):
+    v = torch.tensor([votes])
+    keep, y = data.ferplus_targets(v, "majority")
+    assert keep.tolist() == [majority is not None] and y.dtype == torch.int64
+    assert y.tolist() == ([] if majority is None else [majority])
+    keep, y = data.ferplus_targets(v, "soft")
+    assert keep.tolist() == [soft is not None] and y.dtype == torch.float32 and y.shape == (int(keep.sum()), 8)
+    if soft is not None:
+        assert torch.allclose(y[0], torch.tensor(soft, dtype=torch.float32))
+
+
+def test_label_modes_on_many_rows_match_the_rules_one_by_one():
+    votes = torch.from_numpy(np.random.default_rng(0).multinomial(10, np.full(10, 0.1), 500))
+    keep_m, y_m = data.ferplus_targets(votes, "majority")
+    keep_s, y_s = data.ferplus_targets(votes, "soft")
+    expected_m, expected_s = [], []
+    for row in votes.tolist():
+        left = [v if v > 1 else 0 for v in row]
+        top = max(left)
+        if 2 * top > sum(left) and left.index(top) < 8:
+            expected_m.append(left.index(top))
+        if max(left[:8]) > max(left[8:]):
+            expected_s.append([v / sum(left[:8]) for v in left[:8]])
+    assert y_m.tolist() == expected_m and int(keep_m.sum()) == len(expected_m)
+    assert torch.allclose(y_s, torch.tensor(expected_s)) and int(keep_s.sum()) == len(expected_s)
+    assert 0 < len(expected_m) < len(expected_s) < 500  # the rows exercise every branch
+    with pytest.raises(ValueError, match="label mode 'probability'"):
+        data.ferplus_targets(votes, "probability")
+
+
+def test_draw_labels_follow_the_distribution():
+    dist = torch.tensor([[0.0, 0.75, 0.25, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1.0]]).repeat(2000, 1)
+    drawn = data.draw_labels(dist, torch.Generator().manual_seed(0))
+    assert drawn.dtype == torch.int64 and set(drawn[1::2].tolist()) == {7}
+    share = (drawn[0::2] == 1).double().mean().item()
+    assert set(drawn[0::2].tolist()) == {1, 2} and 0.72 < share < 0.78, share
+    assert torch.equal(drawn, data.draw_labels(dist, torch.Generator().manual_seed(0)))  # seeded: reproducible
+
+# -----------------------------------------------------------------------------
+# the real FER+ file
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(FERPLUS_CSV), reason="needs ../shared/data/fer2013new.csv")
+def test_real_ferplus_privatetest_majority():
+    fp = data.load_ferplus_votes(FERPLUS_CSV)
+    assert fp.votes.shape == (35887, 10) and int(fp.dropped.sum()) == 173
+    private = (fp.split == "test") & ~fp.dropped
+    keep, y = data.ferplus_targets(torch.from_numpy(fp.votes[private]), "majority")
+    assert len(y) == 3153
+    counts = dict(zip(data.FERPLUS_CLASS_NAMES, torch.bincount(y, minlength=8).tolist()))
+    assert counts == {"neutral": 1090, "happiness": 893, "surprise": 396, "sadness": 384, "anger": 273,
+                      "fear": 83, "disgust": 18, "contempt": 16}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(FER2013_NPZ) or not os.path.exists(FERPLUS_CSV),
+                    reason="needs ../shared/data/fer2013.npz and fer2013new.csv")
+def test_real_npz_join_matches_the_aligned_votes():
+    splits = data.load_fer2013(FER2013_NPZ, ferplus=FERPLUS_CSV)
+    with np.load(FER2013_NPZ) as npz, np.load(os.path.join(os.path.dirname(FER2013_NPZ), "ferplus_votes.npz")) as ref:
+        for name, prefix in (("train", "train"), ("val", "public_test"), ("test", "private_test")):
+            aligned = ref[f"{prefix}_ferplus_votes"]
+            joined = aligned[:, 0] >= 0
+            assert torch.equal(splits[name][1], torch.from_numpy(aligned[joined].astype(np.int64)))
+            assert torch.equal(splits[name][0], torch.from_numpy(npz[f"{prefix}_x"][joined]))
+    # one PrivateTest face FER+ kept has no known fer2013.csv row in the npz: 3,152 of the file's 3,153
+    _, y = data.ferplus_targets(splits["test"][1], "majority")
+    assert len(y) == 3152

@@ -322,3 +322,61 @@ def test_amp_is_bf16_autocast_close_to_fp32(run, capsys, tmp_path):
     torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.1)
     acc, out = run_eval([run["ckpt"], "--tta", "none", "--amp", "--out-dir", str(tmp_path)], capsys)
     assert acc == (bf16.argmax(-1) == y).double().mean().item()
+
+
+# =============================================================================
+# FER+ (issue 10; was tests/test_ferplus.py): a run with FER+ labels scored by eval.py (and predict.py) with its 8
+# classes; the class names of old and bad checkpoints in eval.py and predict.py
+# =============================================================================
+
+import data  # noqa: E402
+import predict  # noqa: E402
+from conftest import ferplus_args, random_faces  # noqa: E402
+from emonext import config_dict  # noqa: E402
+
+
+def test_ferplus_run_end_to_end_and_eval_shows_8_classes(faces_with_votes, capsys, tmp_path):
+    out = faces_with_votes / "out-ferplus-soft"
+    results = train.main(ferplus_args(faces_with_votes, "ferplus-soft", 16))
+    torch.set_num_threads(1)
+    log = capsys.readouterr().out
+    assert "with FER+ labels (ferplus-soft)" in log
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["class_names"] == ckpt["config"]["class_names"] == list(data.FERPLUS_CLASS_NAMES)
+    assert ckpt["config"]["num_classes"] == 8
+    assert ckpt["args"]["labels"] == "ferplus-soft"
+
+    # eval.py: the test split with the checkpoint's data, labels and vote file, no flag; majority labels
+    acc = evaluate.main([str(out / "best.pt"), "--tta", "none"])
+    report = capsys.readouterr().out
+    assert acc == pytest.approx(results["test_acc_none"], abs=1e-12)
+    _, test_majority = data.ferplus_targets(data.load_fer2013(faces_with_votes / "faces.npz",
+                                                              ferplus=faces_with_votes / "fer2013new.csv")["test"][1],
+                                            "majority")
+    assert f"of {len(test_majority)}" in report
+    for name in data.FERPLUS_CLASS_NAMES:
+        assert any(line.split()[:1] == [name] for line in report.split("confusion matrix")[0].splitlines())
+    assert report.split("confusion matrix")[1].splitlines()[1].split() == [n[:5] for n in data.FERPLUS_CLASS_NAMES]
+    assert os.path.exists(out / "confusion_test.png")
+
+    face = tmp_path / "face.png"
+    Image.fromarray(data.load_fer2013(faces_with_votes / "faces.npz")["test"][0][0].numpy()).save(face)
+    probs = predict.main([str(out / "best.pt"), str(face)])
+    lines = capsys.readouterr().out.splitlines()
+    assert probs.shape == (1, 8) and lines[0].split() == ["file", "top", *data.FERPLUS_CLASS_NAMES]
+
+
+def test_class_names_of_old_and_bad_checkpoints_in_predict_and_eval(tmp_path, capsys):
+    model = EmoNeXt.from_size("atto", img_size=32, in_chans=1)
+    config = {k: v for k, v in config_dict(model).items() if k != "class_names"}  # from before the config had them
+    state = {"config": config, "ema": model.state_dict(), "args": {"model": "atto"}}
+    face = tmp_path / "face.png"
+    Image.fromarray(random_faces(1)[0]).save(face)
+    torch.save(state, tmp_path / "old.pt")  # from before checkpoints stored class names: FER2013's 7
+    probs = predict.main([str(tmp_path / "old.pt"), str(face)])
+    assert probs.shape == (1, 7) and capsys.readouterr().out.split()[2:9] == list(FER2013_CLASS_NAMES)
+    torch.save({**state, "class_names": list(data.FERPLUS_CLASS_NAMES)}, tmp_path / "bad.pt")
+    for script in (predict, evaluate):
+        with pytest.raises(SystemExit) as e:
+            script.main([str(tmp_path / "bad.pt"), *([str(face)] if script is predict else [])])
+        assert str(e.value.code).startswith(f"{script.__name__}.py: {tmp_path / 'bad.pt'}: 8 class names")

@@ -35,11 +35,6 @@ def checkpoint(shaken, tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def faces():
-    return synthetic.synthetic_faces(n_train=12, n_val=0, n_test=0, seed=4)["train"][0]  # uint8 (12, 48, 48)
-
-
 def test_predict_py_equals_predict_on_files_of_any_size(shaken, checkpoint, faces, tmp_path, capsys):
     """The arrays a user holds vs the same pictures as files through `predict.py --tta none`."""
     rng = np.random.default_rng(1)
