@@ -25,6 +25,7 @@ The defaults (EmoNeXt-atto from scratch at 64 px on a CPU), why they were chosen
 import argparse
 import contextlib
 import copy
+import csv
 import fcntl
 import json
 import math
@@ -33,13 +34,13 @@ import pickle
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol  # collectives with autograd that torch.compile traces
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -341,6 +342,10 @@ class Run:
     best_acc: float = -1.0  # best val accuracy of the EMA so far (evaluate_and_save)
     nonfinite_total: int = 0  # steps skipped for a non-finite loss or gradient (train_step)
     bad_in_a_row: int = 0  # of those, how many in a row up to now (train_step; not saved: 0 on resume)
+    rows: list = field(default_factory=list)  # metrics.csv's rows so far, one per evaluation (record_row)
+    elapsed: float = 0.0  # seconds the run took before this process started it (restore), for elapsed_s
+    started: float = field(default_factory=time.time)  # when this process started the run
+    window: dict = field(default_factory=dict)  # sums since the last row: loss, steps, correct, faces (add_to_window)
 
 
 def load_data(args):
@@ -499,7 +504,7 @@ def checkpoint_state(run):
     state = {"config": config_dict(run.model), "model": run.model.state_dict(), "ema": run.ema_model.state_dict(),
              "optimizer": run.optimizer.state_dict(), "iter": run.it, "best_val_acc": run.best_acc,
              "nonfinite_steps": run.nonfinite_total, "args": vars(run.args), "class_names": list(run.class_names),
-             "rng_cpu": torch.get_rng_state()}
+             "rng_cpu": torch.get_rng_state(), "metrics": run.rows, "elapsed_s": elapsed_s(run)}
     if run.device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state()
     return state
@@ -542,11 +547,13 @@ def evaluate_and_save(run):
         stop(run, f"train.py: non-finite weights at iteration {run.it}; not saving over {run.ckpt_path}")
     improved = val_acc > run.best_acc
     run.best_acc = max(run.best_acc, val_acc)
+    record_row(run, val_acc, t_eval)
     failed = ""
     if run.rank == 0:  # the other processes hold the same weights
         try:
             save_stn_picture(run.ema_model, run.val[0][:16], run.args.img_size,
                              os.path.join(run.args.out_dir, "stn.png"))
+            write_record(run)
             state = checkpoint_state(run)
             if improved:  # best.pt before ckpt.pt: a kill between the two then resumes from the older ckpt.pt
                 save_checkpoint(state, run.best_path)
@@ -559,6 +566,7 @@ def evaluate_and_save(run):
           f"best {100 * run.best_acc:.2f}%{' (saved)' if improved else ''} | eval "
           f"{time.time() - t_eval:.1f}s", flush=True)
     run.model.train()
+    run.window = {"since": time.time()}  # the next row's images/s leaves this evaluation out
     return time.time() - t_eval
 
 
@@ -616,6 +624,100 @@ def log_progress(run, logits, yb, loss, ce, sa, lr, seconds, iters):
     per_process = f" ({speed / world:.0f} per process)" if world > 1 else ""
     print(f"iter {run.it}/{run.max_iters} | loss {loss:.4f} (ce {ce:.4f} sa {sa.item():.2e}) | acc {100 * acc:.1f}% | "
           f"lr {lr:.2e} | {speed:.0f} img/s{per_process} | eta {fmt_time(eta)}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the run's record: OUT_DIR/metrics.csv (a row per evaluation) and curves.png, rewritten whole at each evaluation
+# from the rows the checkpoint carries, so a resumed run goes on with the rows of the checkpoint it resumes
+
+METRICS = ("iteration", "epoch", "lr", "train_loss", "train_acc", "val_acc", "images_per_s", "elapsed_s")
+
+
+def add_to_window(run, logits, yb, loss):
+    """Adds a step's loss and correct predictions to the sums since the last row; kept as tensors (no wait for the
+    device each step), and a skipped step (non-finite loss) adds nothing."""
+    w, ok = run.window, torch.isfinite(loss.detach())
+    correct = (logits.detach().argmax(-1) == data.target_classes(yb)).sum()
+    for key, value in (("loss", torch.where(ok, loss.detach().float(), 0.0)), ("steps", ok.float()),
+                       ("correct", correct * ok), ("faces", len(yb) * ok)):
+        w[key] = w.get(key, 0) + value
+    w["iters"] = w.get("iters", 0) + 1
+
+
+def elapsed_s(run):
+    return run.elapsed + time.time() - run.started
+
+
+def record_row(run, val_acc, t_eval):
+    """Appends this evaluation's row to run.rows: the training loss and accuracy over the steps since the last row
+    (all processes), the lr of the last step, val accuracy, images/s over those steps without the evaluations."""
+    w = run.window
+    loss, steps, correct, faces = sum_over_processes(run, [float(w.get(k, 0)) for k in
+                                                           ("loss", "steps", "correct", "faces")])
+    seconds = t_eval - w.get("since", run.started)
+    run.rows.append({"iteration": run.it, "epoch": round(run.it / run.iters_per_epoch, 4),
+                     "lr": float(f"{lr_at(run.it - 1, run.args, run.max_iters):.4e}"),
+                     "train_loss": round(loss / steps, 5) if steps else math.nan,
+                     "train_acc": round(correct / faces, 5) if faces else math.nan, "val_acc": round(val_acc, 5),
+                     "images_per_s": round(w.get("iters", 0) * run.args.batch_size / max(seconds, 1e-9), 1),
+                     "elapsed_s": round(elapsed_s(run), 1)})
+
+
+def write_record(run):
+    """metrics.csv and curves.png of run.rows, each through a temporary file."""
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, METRICS)
+            writer.writeheader()
+            writer.writerows(run.rows)
+    emonext.write_atomically(os.path.join(run.args.out_dir, "metrics.csv"), write_csv)
+    img = draw_curves(run.rows)
+    emonext.write_atomically(os.path.join(run.args.out_dir, "curves.png"), lambda tmp: img.save(tmp, format="PNG"))
+
+
+CURVES = (("train loss", (("train", "train_loss"),)), ("accuracy", (("train", "train_acc"), ("val", "val_acc"))),
+          ("learning rate", (("lr", "lr"),)))
+COLOURS = {"train": (214, 39, 40), "val": (31, 119, 180), "lr": (44, 160, 44)}
+
+
+def draw_curves(rows, w=320, h=240):
+    """A picture of the rows against epochs, made with pillow: the train loss, train and val accuracy, the lr."""
+    img = Image.new("RGB", (len(CURVES) * w, h), "white")
+    draw = ImageDraw.Draw(img)
+    xs = [r["epoch"] for r in rows]
+    for i, (title, series) in enumerate(CURVES):
+        draw_panel(draw, i * w, w, h, title, xs, [(name, [r[key] for r in rows]) for name, key in series])
+    return img
+
+
+def draw_panel(draw, left, w, h, title, xs, series):
+    """One panel of draw_curves: the title with a legend in the series' colours, axes with their ranges written at
+    the ends, a line per series."""
+    x0, y0, x1, y1 = left + 56, 24, left + w - 16, h - 30  # the plot area
+    draw.text((x0, 6), title, fill="black")
+    at = x0 + draw.textlength(title) + 12
+    for name, _ in series if len(series) > 1 else ():
+        draw.text((at, 6), name, fill=COLOURS[name])
+        at += draw.textlength(name) + 8
+    draw.rectangle((x0, y0, x1, y1), outline=(160, 160, 160))
+    values = [v for _, ys in series for v in ys if math.isfinite(v)]
+    if not xs or not values:
+        return
+    lo, hi = min(values), max(values)
+    hi, x_hi = (hi if hi > lo else lo + 1), max(max(xs), 1e-9)
+    for y, v in ((y0, hi), (y1, lo)):
+        label = f"{v:.3g}"
+        draw.text((x0 - 4 - draw.textlength(label), y - 5), label, fill="black")
+    draw.text((x0, y1 + 4), "0", fill="black")
+    label = f"epoch {x_hi:.3g}"
+    draw.text((x1 - draw.textlength(label), y1 + 4), label, fill="black")
+    for name, ys in series:
+        points = [(x0 + (x1 - x0) * x / x_hi, y1 - (y1 - y0) * (y - lo) / (hi - lo))
+                  for x, y in zip(xs, ys) if math.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=COLOURS[name], width=2)
+        for px, py in points[-1:]:  # the last value, also when it is the only one
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=COLOURS[name])
 
 
 # -----------------------------------------------------------------------------
@@ -691,6 +793,7 @@ def restore(run, resume):
     run.ema_model.load_state_dict(resume["ema"])
     run.optimizer.load_state_dict(resume["optimizer"])
     run.it, run.best_acc, run.nonfinite_total = resume["iter"], resume["best_val_acc"], resume["nonfinite_steps"]
+    run.rows, run.elapsed = resume.get("metrics", []), resume.get("elapsed_s", 0.0)  # none before metrics.csv
     torch.set_rng_state(resume["rng_cpu"])
     if run.device.type == "cuda" and "rng_cuda" in resume:
         torch.cuda.set_rng_state(resume["rng_cuda"])
@@ -739,6 +842,7 @@ def main(argv=None):
         while run.it < run.max_iters:
             for idx in epoch_batches(run):
                 step = train_step(run, idx)
+                add_to_window(run, *step[:3])
                 it = run.it
                 if it % args.log_interval == 0 or it == run.max_iters:
                     log_progress(run, *step, time.time() - t_log, it - it_log)

@@ -166,7 +166,8 @@ def test_two_processes_train_as_one(faces_npz, reference, tmp_path):
     r = torchrun(run_args(faces_npz, out), tmp_path)
     assert r.returncode == 0, r.output[-3000:] + r.ranks[0]["stderr"][-3000:]
     ckpt = assert_same_run(tmp_path, out, reference)
-    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "results.json", "stn.png", "train.lock"]
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "curves.png", "metrics.csv", "results.json", "stn.png",
+                                       "train.lock"]
     assert r.ranks[1]["stdout"] == ""
     log = r.ranks[0]["stdout"]
     assert "32 (0.6 epochs), 2 processes of 16 (DDP, gloo)" in log
