@@ -96,6 +96,15 @@ def build_parser():
     p.add_argument("--zoom", type=float, default=0.1, help="augmentation: zoom by a factor in [1 - zoom, 1 + zoom]")
     p.add_argument("--shift", type=float, default=0.05, help="augmentation: shift up to this fraction of the side")
     p.add_argument("--vflip", action="store_true", help="also flip faces vertically in augmentation")
+    p.add_argument("--mixup", type=float, default=0.0,
+                   help="mixup: mix each batch with itself reversed, by a weight drawn from Beta(A, A) (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0,
+                   help="cutmix: paste a box of the reversed batch, its area 1 - Beta(A, A) (0: off)")
+    p.add_argument("--mix-prob", type=float, default=1.0, help="the probability that a batch is mixed at all")
+    p.add_argument("--switch-prob", type=float, default=0.5,
+                   help="with --mixup and --cutmix: the probability that a mixed batch is cut-mixed")
+    p.add_argument("--random-erase", type=float, default=0.0,
+                   help="the probability that a face gets a box (2-33%% of it) of noise (timm's RandomErasing)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed csv rows (counted) instead of failing")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="when the data has no val split: this fraction of each class of train is held out as val "
@@ -130,6 +139,11 @@ LIMITS = {
     "rotate": (lambda v: v >= 0, "0 or more degrees"),
     "zoom": (lambda v: 0 <= v < 1, "in [0, 1) (faces are scaled by a factor in [1 - zoom, 1 + zoom])"),
     "shift": (lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the side)"),
+    "mixup": (lambda v: v >= 0, "0 (off) or a Beta parameter above 0"),
+    "cutmix": (lambda v: v >= 0, "0 (off) or a Beta parameter above 0"),
+    "mix_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "switch_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "random_erase": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
     "eval_interval": (lambda v: v >= 0, "0 (each epoch) or more iterations"),
     "log_interval": (lambda v: v >= 1, "at least 1 iteration"),
@@ -456,6 +470,41 @@ def epoch_batches(run):
         yield order[start:start + bs].to(run.device)
 
 
+def training_batch(run, idx, first, share):
+    """This process's rows first..first+share of the global batch idx: augmented faces (b, 1, S, S) channels-last and
+    their targets: classes (b,), or distributions (b, C) for ferplus-soft and for mixed batches. Everything random
+    is drawn for the global batch from (seed, iteration), so any number of processes draws alike and a resumed run
+    draws what it would have. Mixing pairs each face with the global batch reversed (timm's pairing), whose rows
+    this process augments too when they are another process's."""
+    args, total = run.args, len(idx)
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + run.it)  # augmentation stream from (seed, iteration)
+    pose = dict(rotate=args.rotate, scale=(1 - args.zoom, 1 + args.zoom), translate=args.shift, vflip=args.vflip)
+    start = gen.get_state()  # the partner rows' augmentation draws the same poses
+    xb = data.augment(run.train_x[idx[first:first + share]], args.img_size, gen, rows=(first, total), **pose)
+    yb = run.train_y[idx]  # (B,) classes, or (B, C) distributions for ferplus-soft / ferplus-draw
+    if args.labels == "ferplus-draw":  # drawn for the global batch, so any number of processes draws alike
+        yb = data.draw_labels(yb, gen)
+    erase = gen.get_state()  # ... and the same boxes to erase
+    if args.random_erase:
+        xb = data.random_erase(xb, args.random_erase, gen, rows=(first, total))
+    mix = data.draw_mix(gen, args.img_size, args.mixup, args.cutmix, args.mix_prob, args.switch_prob)
+    if mix is None:
+        return xb.contiguous(memory_format=torch.channels_last), yb[first:first + share]
+    p0 = total - first - share  # the partner rows: the global batch reversed
+    if run.world == 1:
+        partner = xb.flip(0)
+    else:
+        partner = data.augment(run.train_x[idx[p0:p0 + share]], args.img_size, torch.Generator().set_state(start),
+                               rows=(p0, total), **pose)
+        if args.random_erase:
+            partner = data.random_erase(partner, args.random_erase, torch.Generator().set_state(erase),
+                                        rows=(p0, total))
+        partner = partner.flip(0)
+    soft = data.soft_targets(yb, len(run.class_names))
+    xb, yb = data.mix(xb, soft[first:first + share], partner, soft[p0:p0 + share].flip(0), *mix)
+    return xb.contiguous(memory_format=torch.channels_last), yb
+
+
 def train_step(run, idx):
     """One optimizer step on the faces `idx`, or none if the loss or the gradient is not finite (the STN's
     BatchNorm statistics are then restored, and the run stops after --max-bad-steps such steps in a row).
@@ -464,13 +513,7 @@ def train_step(run, idx):
     share = len(idx) // run.world
     first = run.rank * share
     mine = idx[first:first + share]  # this process's rows of the global batch
-    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + run.it)  # augmentation stream from (seed, iteration)
-    xb = data.augment(run.train_x[mine], args.img_size, gen, rotate=args.rotate, scale=(1 - args.zoom, 1 + args.zoom),
-                      translate=args.shift, vflip=args.vflip, rows=(first, len(idx)))
-    xb = xb.contiguous(memory_format=torch.channels_last)
-    yb = run.train_y[mine]  # (b,) classes, or (b, C) distributions for ferplus-soft / ferplus-draw
-    if args.labels == "ferplus-draw":  # drawn for the global batch, so any number of processes draws alike
-        yb = data.draw_labels(run.train_y[idx], gen)[first:first + share]
+    xb, yb = training_batch(run, idx, first, share)
     lr = lr_at(run.it, args, run.max_iters)
     for group in run.optimizer.param_groups:
         group["lr"] = lr

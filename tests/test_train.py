@@ -802,3 +802,54 @@ def test_metrics_rows_go_on_after_a_resume_without_duplicates_or_gaps(faces_npz,
     assert [r["iteration"] for r in rows] == ["4", "8", "12", "16", "20"]
     assert rows[:3] == first  # the rows before the resume, exactly
     assert float(rows[3]["elapsed_s"]) > float(first[-1]["elapsed_s"])  # the clock goes on from the checkpoint's
+
+
+# -----------------------------------------------------------------------------
+# mixup, cutmix and random erasing in training
+
+def batches_of(run, idx, world):
+    """training_batch's faces and targets of the global batch idx, as `world` processes make them, joined."""
+    parts = [train.training_batch(SimpleNamespace(**{**vars(run), "world": world, "rank": r}), idx,
+                                  r * len(idx) // world, len(idx) // world) for r in range(world)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+@pytest.mark.parametrize("flags", [["--mixup", "0.8"], ["--cutmix", "1.0"], ["--mixup", "0.5", "--cutmix", "1.0",
+                                   "--random-erase", "0.5"], ["--random-erase", "1.0", "--labels", "fer2013"]])
+def test_mixed_batches_are_drawn_alike_for_any_number_of_processes(faces_npz, flags):
+    args = train.parse_args(tiny_args(faces_npz, "unused", 24, 12, *flags))
+    x, y = (torch.from_numpy(np.load(faces_npz)[k]) for k in ("train_x", "train_y"))
+    run = SimpleNamespace(args=args, train_x=x, train_y=y, class_names=emonext.FER2013_CLASS_NAMES, it=0)
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:32]
+    for it in range(6):
+        run.it = it
+        one, targets = batches_of(run, idx, 1)
+        for world in (2, 4):
+            many, many_targets = batches_of(run, idx, world)
+            assert torch.equal(many, one) and torch.equal(many_targets, targets), (world, it)
+    mixed = "--mixup" in flags or "--cutmix" in flags
+    assert targets.shape == ((32, 7) if mixed else (32,))
+    if mixed:
+        assert torch.allclose(targets.sum(1), torch.ones(32)) and (targets.max(1).values < 1).any()
+
+
+def test_a_run_with_mixing_resumes_bit_exact(faces_npz, tmp_path, monkeypatch):
+    flags = ["--mixup", "0.5", "--cutmix", "1.0", "--random-erase", "0.5", "--seed", "4"]
+    train.main(tiny_args(faces_npz, tmp_path / "whole", 16, 8, *flags))
+    evaluate_and_save = train.evaluate_and_save
+
+    def then_die(run):  # the process dies right after the first checkpoint
+        seconds = evaluate_and_save(run)
+        if run.it == 8:
+            raise KeyboardInterrupt
+        return seconds
+    monkeypatch.setattr(train, "evaluate_and_save", then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_args(faces_npz, tmp_path / "killed", 16, 8, *flags))
+    monkeypatch.setattr(train, "evaluate_and_save", evaluate_and_save)
+    train.main(["--resume", "--out-dir", str(tmp_path / "killed"), "--threads", "1"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "killed"))
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert [r["val_acc"] for r in a["metrics"]] == [r["val_acc"] for r in b["metrics"]]
