@@ -57,6 +57,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows this file's docstring as it is written, then each flag with its default."""
 
 
+def add_augmentation_flags(p):
+    """The pose augmentation and timm's regularisers (build_parser's, apart for length)."""
+    p.add_argument("--rotate", type=float, default=10.0, help="augmentation: rotation up to this many degrees")
+    p.add_argument("--zoom", type=float, default=0.1, help="augmentation: zoom by a factor in [1 - zoom, 1 + zoom]")
+    p.add_argument("--shift", type=float, default=0.05, help="augmentation: shift up to this fraction of the side")
+    p.add_argument("--vflip", action="store_true", help="also flip faces vertically in augmentation")
+    p.add_argument("--mixup", type=float, default=0.0,
+                   help="mixup: mix each batch with itself reversed, by a weight drawn from Beta(A, A) (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0,
+                   help="cutmix: paste a box of the reversed batch, its area 1 - Beta(A, A) (0: off)")
+    p.add_argument("--mix-prob", type=float, default=1.0, help="the probability that a batch is mixed at all")
+    p.add_argument("--switch-prob", type=float, default=0.5,
+                   help="with --mixup and --cutmix: the probability that a mixed batch is cut-mixed")
+    p.add_argument("--random-erase", type=float, default=0.0,
+                   help="the probability that a face gets a box (2-33%% of it) of noise (timm's RandomErasing)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=None,
@@ -92,24 +109,13 @@ def build_parser():
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "fused"),
                    help="fused kernels: auto (on CUDA when available), torch, fused")
     p.add_argument("--pretrained", default=None, help="ConvNeXt ImageNet or EmoNeXt weights: path or URL")
-    p.add_argument("--rotate", type=float, default=10.0, help="augmentation: rotation up to this many degrees")
-    p.add_argument("--zoom", type=float, default=0.1, help="augmentation: zoom by a factor in [1 - zoom, 1 + zoom]")
-    p.add_argument("--shift", type=float, default=0.05, help="augmentation: shift up to this fraction of the side")
-    p.add_argument("--vflip", action="store_true", help="also flip faces vertically in augmentation")
-    p.add_argument("--mixup", type=float, default=0.0,
-                   help="mixup: mix each batch with itself reversed, by a weight drawn from Beta(A, A) (0: off)")
-    p.add_argument("--cutmix", type=float, default=0.0,
-                   help="cutmix: paste a box of the reversed batch, its area 1 - Beta(A, A) (0: off)")
-    p.add_argument("--mix-prob", type=float, default=1.0, help="the probability that a batch is mixed at all")
-    p.add_argument("--switch-prob", type=float, default=0.5,
-                   help="with --mixup and --cutmix: the probability that a mixed batch is cut-mixed")
-    p.add_argument("--random-erase", type=float, default=0.0,
-                   help="the probability that a face gets a box (2-33%% of it) of noise (timm's RandomErasing)")
+    add_augmentation_flags(p)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed csv rows (counted) instead of failing")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="when the data has no val split: this fraction of each class of train is held out as val "
                         "(drawn with --seed), so the best checkpoint is never chosen on the test split")
-    p.add_argument("--out-dir", default="out", help="ckpt.pt, best.pt, stn.png, results.json")
+    p.add_argument("--out-dir", default="out",
+                   help="ckpt.pt, best.pt, stn.png, metrics.csv, curves.png, results.json")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT_DIR/ckpt.pt, with its run flags (see --epochs)")
     p.add_argument("--seed", type=int, default=0,
