@@ -526,6 +526,64 @@ def augment(x, img_size, generator=None, rotate=20.0, scale=(0.8, 1.2), translat
     return warp(x, img_size, **{k: v[start:start + x.shape[0]] for k, v in pose.items()}, mean=mean, std=std)
 
 
+def random_erase(x, p, generator=None, rows=None):
+    """timm's RandomErasing (mode "pixel", one box): each normalised face of x (B, 1, S, S), with probability p, gets
+    a box of 2% to 1/3 of its area, aspect ratio 0.3 to 3.3, filled with N(0, 1) noise. rows=(start, total) as in
+    `augment`: the boxes and the noise of all `total` faces are drawn and x takes its rows'."""
+    start, total = rows or (0, x.shape[0])
+    b, s = x.shape[0], x.shape[-1]
+    r = torch.rand(total, 5, generator=generator)[start:start + b]
+    noise = torch.randn(total, 1, s, s, generator=generator)[start:start + b]
+    area = (0.02 + (1 / 3 - 0.02) * r[:, 1]) * s * s
+    aspect = torch.exp(math.log(0.3) + 2 * math.log(1 / 0.3) * r[:, 2])  # log-uniform in [0.3, 1 / 0.3]
+    h, w = ((area * aspect).sqrt().round().clamp(1, s), (area / aspect).sqrt().round().clamp(1, s))
+    top, left = ((s - h) * r[:, 3]).floor(), ((s - w) * r[:, 4]).floor()
+    ys, xs = torch.arange(s)[None, :, None], torch.arange(s)[None, None, :]
+    inside = (ys >= top[:, None, None]) & (ys < (top + h)[:, None, None]) & (xs >= left[:, None, None]) \
+        & (xs < (left + w)[:, None, None])
+    erase = (inside & (r[:, 0] < p)[:, None, None])[:, None]  # (b, 1, S, S)
+    return torch.where(erase.to(x.device), noise.to(x.device, x.dtype), x)
+
+
+def draw_mix(generator, side, mixup=0.0, cutmix=0.0, prob=1.0, switch_prob=0.5):
+    """How a batch is mixed (timm's Mixup in "batch" mode): None (not mixed) or (lam, box). box None: mixup, each face
+    lam * itself + (1 - lam) * its partner, lam ~ Beta(mixup, mixup); else cutmix: the partner's box (top, left, h,
+    w) pasted into every face, of area about 1 - lam for lam ~ Beta(cutmix, cutmix), and lam the share of the face
+    left (the box clipped to the face). With both on, a mixed batch is cut-mixed with probability switch_prob."""
+    if not (mixup or cutmix):
+        return None
+    r = torch.rand(2, generator=generator)
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))  # for the Beta draw
+    if r[0] >= prob:
+        return None
+    use_cutmix = cutmix > 0 and (mixup == 0 or r[1] < switch_prob)
+    lam = float(rng.beta(*(2 * [cutmix if use_cutmix else mixup])))
+    if not use_cutmix:
+        return lam, None
+    cut = side * math.sqrt(1 - lam)
+    cy, cx = (torch.rand(2, generator=generator) * side).tolist()
+    top, bottom = int(max(cy - cut / 2, 0)), int(min(cy + cut / 2, side))
+    left, right = int(max(cx - cut / 2, 0)), int(min(cx + cut / 2, side))
+    return 1 - (bottom - top) * (right - left) / side ** 2, (top, left, bottom - top, right - left)
+
+
+def soft_targets(y, num_classes):
+    """Targets as distributions (N, C): classes one-hot, distributions as they are."""
+    return y.float() if y.ndim == 2 else F.one_hot(y, num_classes).float()
+
+
+def mix(x, y, partner_x, partner_y, lam, box=None):
+    """Faces x (b, 1, S, S) and their targets y (b, C) mixed with their partners' as draw_mix says: mixup
+    x * lam + partner_x * (1 - lam), or cutmix with the partner's box pasted in; y * lam + partner_y * (1 - lam)."""
+    if box is None:
+        x = x * lam + partner_x * (1 - lam)
+    else:
+        top, left, h, w = box
+        x = x.clone()
+        x[..., top:top + h, left:left + w] = partner_x[..., top:top + h, left:left + w]
+    return x, y * lam + partner_y * (1 - lam)
+
+
 def random_pose(b, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False):
     """`augment`'s random parameters of b faces, drawn on the CPU generator so that CPU and GPU runs draw the same:
     angle (radians, counter-clockwise on screen), zoom (> 1 enlarges), shift (b, 2) (x right, y down, as fractions

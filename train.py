@@ -25,6 +25,7 @@ The defaults (EmoNeXt-atto from scratch at 64 px on a CPU), why they were chosen
 import argparse
 import contextlib
 import copy
+import csv
 import fcntl
 import json
 import math
@@ -33,13 +34,13 @@ import pickle
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol  # collectives with autograd that torch.compile traces
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -54,6 +55,23 @@ from emonext import SIZES, BatchSelfAttention, EmoNeXt, config_dict, load_weight
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows this file's docstring as it is written, then each flag with its default."""
+
+
+def add_augmentation_flags(p):
+    """The pose augmentation and timm's regularisers (build_parser's, apart for length)."""
+    p.add_argument("--rotate", type=float, default=10.0, help="augmentation: rotation up to this many degrees")
+    p.add_argument("--zoom", type=float, default=0.1, help="augmentation: zoom by a factor in [1 - zoom, 1 + zoom]")
+    p.add_argument("--shift", type=float, default=0.05, help="augmentation: shift up to this fraction of the side")
+    p.add_argument("--vflip", action="store_true", help="also flip faces vertically in augmentation")
+    p.add_argument("--mixup", type=float, default=0.0,
+                   help="mixup: mix each batch with itself reversed, by a weight drawn from Beta(A, A) (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0,
+                   help="cutmix: paste a box of the reversed batch, its area 1 - Beta(A, A) (0: off)")
+    p.add_argument("--mix-prob", type=float, default=1.0, help="the probability that a batch is mixed at all")
+    p.add_argument("--switch-prob", type=float, default=0.5,
+                   help="with --mixup and --cutmix: the probability that a mixed batch is cut-mixed")
+    p.add_argument("--random-erase", type=float, default=0.0,
+                   help="the probability that a face gets a box (2-33%% of it) of noise (timm's RandomErasing)")
 
 
 def build_parser():
@@ -91,15 +109,13 @@ def build_parser():
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "fused"),
                    help="fused kernels: auto (on CUDA when available), torch, fused")
     p.add_argument("--pretrained", default=None, help="ConvNeXt ImageNet or EmoNeXt weights: path or URL")
-    p.add_argument("--rotate", type=float, default=10.0, help="augmentation: rotation up to this many degrees")
-    p.add_argument("--zoom", type=float, default=0.1, help="augmentation: zoom by a factor in [1 - zoom, 1 + zoom]")
-    p.add_argument("--shift", type=float, default=0.05, help="augmentation: shift up to this fraction of the side")
-    p.add_argument("--vflip", action="store_true", help="also flip faces vertically in augmentation")
+    add_augmentation_flags(p)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed csv rows (counted) instead of failing")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="when the data has no val split: this fraction of each class of train is held out as val "
                         "(drawn with --seed), so the best checkpoint is never chosen on the test split")
-    p.add_argument("--out-dir", default="out", help="ckpt.pt, best.pt, stn.png, results.json")
+    p.add_argument("--out-dir", default="out",
+                   help="ckpt.pt, best.pt, stn.png, metrics.csv, curves.png, results.json")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT_DIR/ckpt.pt, with its run flags (see --epochs)")
     p.add_argument("--seed", type=int, default=0,
@@ -129,6 +145,11 @@ LIMITS = {
     "rotate": (lambda v: v >= 0, "0 or more degrees"),
     "zoom": (lambda v: 0 <= v < 1, "in [0, 1) (faces are scaled by a factor in [1 - zoom, 1 + zoom])"),
     "shift": (lambda v: 0 <= v < 1, "in [0, 1) (a fraction of the side)"),
+    "mixup": (lambda v: v >= 0, "0 (off) or a Beta parameter above 0"),
+    "cutmix": (lambda v: v >= 0, "0 (off) or a Beta parameter above 0"),
+    "mix_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "switch_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "random_erase": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
     "eval_interval": (lambda v: v >= 0, "0 (each epoch) or more iterations"),
     "log_interval": (lambda v: v >= 1, "at least 1 iteration"),
@@ -341,6 +362,10 @@ class Run:
     best_acc: float = -1.0  # best val accuracy of the EMA so far (evaluate_and_save)
     nonfinite_total: int = 0  # steps skipped for a non-finite loss or gradient (train_step)
     bad_in_a_row: int = 0  # of those, how many in a row up to now (train_step; not saved: 0 on resume)
+    rows: list = field(default_factory=list)  # metrics.csv's rows so far, one per evaluation (record_row)
+    elapsed: float = 0.0  # seconds the run took before this process started it (restore), for elapsed_s
+    started: float = field(default_factory=time.time)  # when this process started the run
+    window: dict = field(default_factory=dict)  # sums since the last row: loss, steps, correct, faces (add_to_window)
 
 
 def load_data(args):
@@ -451,6 +476,41 @@ def epoch_batches(run):
         yield order[start:start + bs].to(run.device)
 
 
+def training_batch(run, idx, first, share):
+    """This process's rows first..first+share of the global batch idx: augmented faces (b, 1, S, S) channels-last and
+    their targets: classes (b,), or distributions (b, C) for ferplus-soft and for mixed batches. Everything random
+    is drawn for the global batch from (seed, iteration), so any number of processes draws alike and a resumed run
+    draws what it would have. Mixing pairs each face with the global batch reversed (timm's pairing), whose rows
+    this process augments too when they are another process's."""
+    args, total = run.args, len(idx)
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + run.it)  # augmentation stream from (seed, iteration)
+    pose = dict(rotate=args.rotate, scale=(1 - args.zoom, 1 + args.zoom), translate=args.shift, vflip=args.vflip)
+    start = gen.get_state()  # the partner rows' augmentation draws the same poses
+    xb = data.augment(run.train_x[idx[first:first + share]], args.img_size, gen, rows=(first, total), **pose)
+    yb = run.train_y[idx]  # (B,) classes, or (B, C) distributions for ferplus-soft / ferplus-draw
+    if args.labels == "ferplus-draw":  # drawn for the global batch, so any number of processes draws alike
+        yb = data.draw_labels(yb, gen)
+    erase = gen.get_state()  # ... and the same boxes to erase
+    if args.random_erase:
+        xb = data.random_erase(xb, args.random_erase, gen, rows=(first, total))
+    mix = data.draw_mix(gen, args.img_size, args.mixup, args.cutmix, args.mix_prob, args.switch_prob)
+    if mix is None:
+        return xb.contiguous(memory_format=torch.channels_last), yb[first:first + share]
+    p0 = total - first - share  # the partner rows: the global batch reversed
+    if run.world == 1:
+        partner = xb.flip(0)
+    else:
+        partner = data.augment(run.train_x[idx[p0:p0 + share]], args.img_size, torch.Generator().set_state(start),
+                               rows=(p0, total), **pose)
+        if args.random_erase:
+            partner = data.random_erase(partner, args.random_erase, torch.Generator().set_state(erase),
+                                        rows=(p0, total))
+        partner = partner.flip(0)
+    soft = data.soft_targets(yb, len(run.class_names))
+    xb, yb = data.mix(xb, soft[first:first + share], partner, soft[p0:p0 + share].flip(0), *mix)
+    return xb.contiguous(memory_format=torch.channels_last), yb
+
+
 def train_step(run, idx):
     """One optimizer step on the faces `idx`, or none if the loss or the gradient is not finite (the STN's
     BatchNorm statistics are then restored, and the run stops after --max-bad-steps such steps in a row).
@@ -459,13 +519,7 @@ def train_step(run, idx):
     share = len(idx) // run.world
     first = run.rank * share
     mine = idx[first:first + share]  # this process's rows of the global batch
-    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + run.it)  # augmentation stream from (seed, iteration)
-    xb = data.augment(run.train_x[mine], args.img_size, gen, rotate=args.rotate, scale=(1 - args.zoom, 1 + args.zoom),
-                      translate=args.shift, vflip=args.vflip, rows=(first, len(idx)))
-    xb = xb.contiguous(memory_format=torch.channels_last)
-    yb = run.train_y[mine]  # (b,) classes, or (b, C) distributions for ferplus-soft / ferplus-draw
-    if args.labels == "ferplus-draw":  # drawn for the global batch, so any number of processes draws alike
-        yb = data.draw_labels(run.train_y[idx], gen)[first:first + share]
+    xb, yb = training_batch(run, idx, first, share)
     lr = lr_at(run.it, args, run.max_iters)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -499,7 +553,7 @@ def checkpoint_state(run):
     state = {"config": config_dict(run.model), "model": run.model.state_dict(), "ema": run.ema_model.state_dict(),
              "optimizer": run.optimizer.state_dict(), "iter": run.it, "best_val_acc": run.best_acc,
              "nonfinite_steps": run.nonfinite_total, "args": vars(run.args), "class_names": list(run.class_names),
-             "rng_cpu": torch.get_rng_state()}
+             "rng_cpu": torch.get_rng_state(), "metrics": run.rows, "elapsed_s": elapsed_s(run)}
     if run.device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state()
     return state
@@ -542,11 +596,13 @@ def evaluate_and_save(run):
         stop(run, f"train.py: non-finite weights at iteration {run.it}; not saving over {run.ckpt_path}")
     improved = val_acc > run.best_acc
     run.best_acc = max(run.best_acc, val_acc)
+    record_row(run, val_acc, t_eval)
     failed = ""
     if run.rank == 0:  # the other processes hold the same weights
         try:
             save_stn_picture(run.ema_model, run.val[0][:16], run.args.img_size,
                              os.path.join(run.args.out_dir, "stn.png"))
+            write_record(run)
             state = checkpoint_state(run)
             if improved:  # best.pt before ckpt.pt: a kill between the two then resumes from the older ckpt.pt
                 save_checkpoint(state, run.best_path)
@@ -559,6 +615,7 @@ def evaluate_and_save(run):
           f"best {100 * run.best_acc:.2f}%{' (saved)' if improved else ''} | eval "
           f"{time.time() - t_eval:.1f}s", flush=True)
     run.model.train()
+    run.window = {"since": time.time()}  # the next row's images/s leaves this evaluation out
     return time.time() - t_eval
 
 
@@ -616,6 +673,100 @@ def log_progress(run, logits, yb, loss, ce, sa, lr, seconds, iters):
     per_process = f" ({speed / world:.0f} per process)" if world > 1 else ""
     print(f"iter {run.it}/{run.max_iters} | loss {loss:.4f} (ce {ce:.4f} sa {sa.item():.2e}) | acc {100 * acc:.1f}% | "
           f"lr {lr:.2e} | {speed:.0f} img/s{per_process} | eta {fmt_time(eta)}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the run's record: OUT_DIR/metrics.csv (a row per evaluation) and curves.png, rewritten whole at each evaluation
+# from the rows the checkpoint carries, so a resumed run goes on with the rows of the checkpoint it resumes
+
+METRICS = ("iteration", "epoch", "lr", "train_loss", "train_acc", "val_acc", "images_per_s", "elapsed_s")
+
+
+def add_to_window(run, logits, yb, loss):
+    """Adds a step's loss and correct predictions to the sums since the last row; kept as tensors (no wait for the
+    device each step), and a skipped step (non-finite loss) adds nothing."""
+    w, ok = run.window, torch.isfinite(loss.detach())
+    correct = (logits.detach().argmax(-1) == data.target_classes(yb)).sum()
+    for key, value in (("loss", torch.where(ok, loss.detach().float(), 0.0)), ("steps", ok.float()),
+                       ("correct", correct * ok), ("faces", len(yb) * ok)):
+        w[key] = w.get(key, 0) + value
+    w["iters"] = w.get("iters", 0) + 1
+
+
+def elapsed_s(run):
+    return run.elapsed + time.time() - run.started
+
+
+def record_row(run, val_acc, t_eval):
+    """Appends this evaluation's row to run.rows: the training loss and accuracy over the steps since the last row
+    (all processes), the lr of the last step, val accuracy, images/s over those steps without the evaluations."""
+    w = run.window
+    loss, steps, correct, faces = sum_over_processes(run, [float(w.get(k, 0)) for k in
+                                                           ("loss", "steps", "correct", "faces")])
+    seconds = t_eval - w.get("since", run.started)
+    run.rows.append({"iteration": run.it, "epoch": round(run.it / run.iters_per_epoch, 4),
+                     "lr": float(f"{lr_at(run.it - 1, run.args, run.max_iters):.4e}"),
+                     "train_loss": round(loss / steps, 5) if steps else math.nan,
+                     "train_acc": round(correct / faces, 5) if faces else math.nan, "val_acc": round(val_acc, 5),
+                     "images_per_s": round(w.get("iters", 0) * run.args.batch_size / max(seconds, 1e-9), 1),
+                     "elapsed_s": round(elapsed_s(run), 1)})
+
+
+def write_record(run):
+    """metrics.csv and curves.png of run.rows, each through a temporary file."""
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, METRICS)
+            writer.writeheader()
+            writer.writerows(run.rows)
+    emonext.write_atomically(os.path.join(run.args.out_dir, "metrics.csv"), write_csv)
+    img = draw_curves(run.rows)
+    emonext.write_atomically(os.path.join(run.args.out_dir, "curves.png"), lambda tmp: img.save(tmp, format="PNG"))
+
+
+CURVES = (("train loss", (("train", "train_loss"),)), ("accuracy", (("train", "train_acc"), ("val", "val_acc"))),
+          ("learning rate", (("lr", "lr"),)))
+COLOURS = {"train": (214, 39, 40), "val": (31, 119, 180), "lr": (44, 160, 44)}
+
+
+def draw_curves(rows, w=320, h=240):
+    """A picture of the rows against epochs, made with pillow: the train loss, train and val accuracy, the lr."""
+    img = Image.new("RGB", (len(CURVES) * w, h), "white")
+    draw = ImageDraw.Draw(img)
+    xs = [r["epoch"] for r in rows]
+    for i, (title, series) in enumerate(CURVES):
+        draw_panel(draw, i * w, w, h, title, xs, [(name, [r[key] for r in rows]) for name, key in series])
+    return img
+
+
+def draw_panel(draw, left, w, h, title, xs, series):
+    """One panel of draw_curves: the title with a legend in the series' colours, axes with their ranges written at
+    the ends, a line per series."""
+    x0, y0, x1, y1 = left + 56, 24, left + w - 16, h - 30  # the plot area
+    draw.text((x0, 6), title, fill="black")
+    at = x0 + draw.textlength(title) + 12
+    for name, _ in series if len(series) > 1 else ():
+        draw.text((at, 6), name, fill=COLOURS[name])
+        at += draw.textlength(name) + 8
+    draw.rectangle((x0, y0, x1, y1), outline=(160, 160, 160))
+    values = [v for _, ys in series for v in ys if math.isfinite(v)]
+    if not xs or not values:
+        return
+    lo, hi = min(values), max(values)
+    hi, x_hi = (hi if hi > lo else lo + 1), max(max(xs), 1e-9)
+    for y, v in ((y0, hi), (y1, lo)):
+        label = f"{v:.3g}"
+        draw.text((x0 - 4 - draw.textlength(label), y - 5), label, fill="black")
+    draw.text((x0, y1 + 4), "0", fill="black")
+    label = f"epoch {x_hi:.3g}"
+    draw.text((x1 - draw.textlength(label), y1 + 4), label, fill="black")
+    for name, ys in series:
+        points = [(x0 + (x1 - x0) * x / x_hi, y1 - (y1 - y0) * (y - lo) / (hi - lo))
+                  for x, y in zip(xs, ys) if math.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=COLOURS[name], width=2)
+        for px, py in points[-1:]:  # the last value, also when it is the only one
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=COLOURS[name])
 
 
 # -----------------------------------------------------------------------------
@@ -691,6 +842,7 @@ def restore(run, resume):
     run.ema_model.load_state_dict(resume["ema"])
     run.optimizer.load_state_dict(resume["optimizer"])
     run.it, run.best_acc, run.nonfinite_total = resume["iter"], resume["best_val_acc"], resume["nonfinite_steps"]
+    run.rows, run.elapsed = resume.get("metrics", []), resume.get("elapsed_s", 0.0)  # none before metrics.csv
     torch.set_rng_state(resume["rng_cpu"])
     if run.device.type == "cuda" and "rng_cuda" in resume:
         torch.cuda.set_rng_state(resume["rng_cuda"])
@@ -739,6 +891,7 @@ def main(argv=None):
         while run.it < run.max_iters:
             for idx in epoch_batches(run):
                 step = train_step(run, idx)
+                add_to_window(run, *step[:3])
                 it = run.it
                 if it % args.log_interval == 0 or it == run.max_iters:
                     log_progress(run, *step, time.time() - t_log, it - it_log)

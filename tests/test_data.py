@@ -737,3 +737,54 @@ def test_real_npz_join_matches_the_aligned_votes():
     # one PrivateTest face FER+ kept has no known fer2013.csv row in the npz: 3,152 of the file's 3,153
     _, y = data.ferplus_targets(splits["test"][1], "majority")
     assert len(y) == 3152
+
+
+# -----------------------------------------------------------------------------
+# mixup, cutmix, random erasing
+
+def test_mix_is_the_stated_mix_of_two_faces_and_two_targets():
+    g = torch.Generator().manual_seed(0)
+    x, partner = torch.randn(4, 1, 16, 16, generator=g), torch.randn(4, 1, 16, 16, generator=g)
+    y, partner_y = data.soft_targets(torch.tensor([0, 1, 2, 3]), 7), data.soft_targets(torch.tensor([3, 3, 1, 0]), 7)
+    mixed, targets = data.mix(x, y, partner, partner_y, 0.7)
+    assert torch.equal(mixed, x * 0.7 + partner * 0.3) and torch.equal(targets, y * 0.7 + partner_y * 0.3)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    cut, targets = data.mix(x, y, partner, partner_y, 0.75, (2, 4, 8, 4))  # an 8x4 box: a quarter... of 16x16: 1/8
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[2:10, 4:8] = True
+    assert torch.equal(cut[..., inside], partner[..., inside]) and torch.equal(cut[..., ~inside], x[..., ~inside])
+    assert torch.equal(targets, y * 0.75 + partner_y * 0.25)
+    soft = torch.tensor([[0.5, 0.5, 0, 0, 0, 0, 0, 0]])  # FER+ distributions stay as they are
+    assert torch.equal(data.soft_targets(soft, 8), soft)
+
+
+def test_draw_mix_follows_its_flags():
+    def draws(n=400, **kw):
+        g = torch.Generator().manual_seed(1)
+        return [data.draw_mix(g, 32, **kw) for _ in range(n)]
+    assert draws(5) == [None] * 5  # both off
+    mixups = draws(mixup=0.4)
+    assert all(box is None for _, box in mixups) and abs(np.mean([lam for lam, _ in mixups]) - 0.5) < 0.05
+    assert np.mean([min(lam, 1 - lam) < 0.1 for lam, _ in mixups]) > 0.4  # Beta(0.4, 0.4): mostly near 0 or 1
+    for lam, (top, left, h, w) in draws(cutmix=1.0):
+        assert 0 <= top and top + h <= 32 and 0 <= left and left + w <= 32
+        assert lam == 1 - h * w / 32 ** 2  # the share of the face left, the box clipped to it
+    both = draws(mixup=1.0, cutmix=1.0, switch_prob=0.25)
+    assert abs(np.mean([box is not None for _, box in both]) - 0.25) < 0.06
+    assert abs(np.mean([d is None for d in draws(mixup=1.0, prob=0.3)]) - 0.7) < 0.06
+    assert draws(7, mixup=1.0, cutmix=1.0) == draws(7, mixup=1.0, cutmix=1.0)  # from the generator alone
+
+
+def test_random_erase_puts_one_box_of_noise_in_the_chosen_faces_and_draws_for_the_whole_batch():
+    x = torch.full((64, 1, 24, 24), 7.0)
+    assert torch.equal(data.random_erase(x, 0.0, torch.Generator().manual_seed(2)), x)
+    out = data.random_erase(x, 1.0, torch.Generator().manual_seed(2))
+    for face in (out != 7.0)[:, 0]:
+        rows, cols = face.any(1).nonzero()[:, 0], face.any(0).nonzero()[:, 0]
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1  # one box: its bounding box is all noise
+        assert face[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all() and face.sum() == h * w
+        assert 0.3 * 0.02 * 24 ** 2 <= h * w <= 1.2 * 24 ** 2 / 3 and 1 / 3.4 <= h / w <= 3.4
+    half = data.random_erase(x, 0.5, torch.Generator().manual_seed(3))
+    assert 16 < (half != 7.0).flatten(1).any(1).sum() < 48
+    part = data.random_erase(x[10:20], 0.5, torch.Generator().manual_seed(3), rows=(10, 64))
+    assert torch.equal(part, half[10:20])  # a process's rows of the global batch get the global draws

@@ -7,6 +7,7 @@ Runs train.main in-process (and train.py as a subprocess for the kill test) on a
 class a few steps can learn, atto at 32 px, one CPU thread (deterministic, and on a busy 2-core machine much faster
 than two).
 """
+import csv
 import errno
 import glob
 import io
@@ -118,7 +119,8 @@ def test_outputs_and_checkpoint_contents(trained):
     assert r["nonfinite_steps"] == 0
     for k in ("best_val_acc", "test_acc_none", "test_acc_tencrop"):
         assert abs(r[k] * 70 - round(r[k] * 70)) < 1e-9  # a fraction of 70 faces
-    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "results.json", "stn.png", "train.lock"]  # no .tmp left behind
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "curves.png", "metrics.csv", "results.json", "stn.png",
+                                       "train.lock"]  # no .tmp left behind
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     for k in ("config", "model", "ema", "optimizer", "iter", "rng_cpu", "args", "best_val_acc", "nonfinite_steps"):
         assert k in ckpt, k
@@ -523,7 +525,8 @@ def test_train_only_csv_holds_out_val_and_eval_scores_the_same_faces(tmp_path, m
     assert "no val split: 42 faces (0.1 of each class of train, drawn with seed 0) held out of train as val, 406 " \
            "left to train on; there is no test split" in stdout
     assert "4 iterations of 32 (0.3 epochs)" in stdout  # 406 faces: 12 iterations per epoch, not 448's 14
-    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "stn.png", "train.lock"]
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "curves.png", "metrics.csv", "stn.png",
+                                       "train.lock"]
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["args"]["data"] == str(tmp_path / "train.csv")
     assert 0 <= best["best_val_acc"] <= 1 and abs(best["best_val_acc"] * 42 - round(best["best_val_acc"] * 42)) < 1e-9
@@ -959,7 +962,8 @@ def test_two_processes_train_as_one(faces_npz, reference, tmp_path):
     r = torchrun(run_args(faces_npz, out), tmp_path)
     assert r.returncode == 0, r.output[-3000:] + r.ranks[0]["stderr"][-3000:]
     ckpt = assert_same_run(tmp_path, out, reference)
-    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "results.json", "stn.png", "train.lock"]
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "curves.png", "metrics.csv", "results.json", "stn.png",
+                                       "train.lock"]
     assert r.ranks[1]["stdout"] == ""
     log = r.ranks[0]["stdout"]
     assert "32 (0.6 epochs), 2 processes of 16 (DDP, gloo)" in log
@@ -1039,6 +1043,107 @@ def test_flags_that_cannot_work_under_torchrun_are_refused_before_it_starts(face
         train.main(run_args(faces_npz, tmp_path, "--device", "cuda:1"))
     assert not dist.is_initialized()
 
+
+
+# -----------------------------------------------------------------------------
+# the run's record: metrics.csv and curves.png
+
+def read_metrics(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_csv_has_a_row_per_evaluation_and_curves_png_draws_them(trained):
+    rows = read_metrics(trained.out)
+    assert list(rows[0]) == ["iteration", "epoch", "lr", "train_loss", "train_acc", "val_acc", "images_per_s",
+                             "elapsed_s"]
+    assert [int(r["iteration"]) for r in rows] == [12, 24]  # --eval-interval 12 of 24 iterations
+    ckpt = torch.load(trained.out / "ckpt.pt", weights_only=True)
+    args = SimpleNamespace(**ckpt["args"])
+    for r in rows:
+        it = int(r["iteration"])
+        assert float(r["epoch"]) == pytest.approx(it / 14, abs=1e-4)  # 448 faces: 14 batches of 32 an epoch
+        assert float(r["lr"]) == pytest.approx(train.lr_at(it - 1, args, 24), rel=1e-3)  # the row's last step
+        assert 0 <= float(r["train_acc"]) <= 1 and float(r["images_per_s"]) > 0
+    assert float(rows[0]["elapsed_s"]) < float(rows[1]["elapsed_s"])
+    assert max(float(r["val_acc"]) for r in rows) == pytest.approx(ckpt["best_val_acc"], abs=1e-5)
+    with Image.open(trained.out / "curves.png") as im:
+        assert im.format == "PNG" and im.size == (960, 240)
+        assert len(im.convert("RGB").getcolors(1 << 16)) > 3  # lines in colour, not a blank page
+
+
+def test_metrics_rows_go_on_after_a_resume_without_duplicates_or_gaps(faces_npz, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train_step, losses = train.train_step, []
+
+    def recording_step(run, idx):
+        step = train_step(run, idx)
+        losses.append(step[2].item())
+        return step
+    monkeypatch.setattr(train, "train_step", recording_step)
+    train.main(tiny_args(faces_npz, out, 12, 4))
+    first = read_metrics(out)
+    assert [r["iteration"] for r in first] == ["4", "8", "12"]
+    for i, r in enumerate(first):  # a row's train loss is the mean over its steps
+        assert float(r["train_loss"]) == pytest.approx(sum(losses[4 * i:4 * i + 4]) / 4, abs=1e-5)
+    with open(out / "metrics.csv", "a") as f:  # a row the checkpoint does not know (killed between the writes)
+        f.write("16,1.1,0.001,2.0,0.5,0.5,100,99\n")
+    train.main(["--resume", "--out-dir", str(out), "--threads", "1", "--max-iters", "20"])
+    rows = read_metrics(out)
+    assert [r["iteration"] for r in rows] == ["4", "8", "12", "16", "20"]
+    assert rows[:3] == first  # the rows before the resume, exactly
+    assert float(rows[3]["elapsed_s"]) > float(first[-1]["elapsed_s"])  # the clock goes on from the checkpoint's
+
+
+# -----------------------------------------------------------------------------
+# mixup, cutmix and random erasing in training
+
+def batches_of(run, idx, world):
+    """training_batch's faces and targets of the global batch idx, as `world` processes make them, joined."""
+    parts = [train.training_batch(SimpleNamespace(**{**vars(run), "world": world, "rank": r}), idx,
+                                  r * len(idx) // world, len(idx) // world) for r in range(world)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+@pytest.mark.parametrize("flags", [["--mixup", "0.8"], ["--cutmix", "1.0"], ["--mixup", "0.5", "--cutmix", "1.0",
+                                   "--random-erase", "0.5"], ["--random-erase", "1.0", "--labels", "fer2013"]])
+def test_mixed_batches_are_drawn_alike_for_any_number_of_processes(faces_npz, flags):
+    args = train.parse_args(tiny_args(faces_npz, "unused", 24, 12, *flags))
+    x, y = (torch.from_numpy(np.load(faces_npz)[k]) for k in ("train_x", "train_y"))
+    run = SimpleNamespace(args=args, train_x=x, train_y=y, class_names=emonext.FER2013_CLASS_NAMES, it=0)
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:32]
+    for it in range(6):
+        run.it = it
+        one, targets = batches_of(run, idx, 1)
+        for world in (2, 4):
+            many, many_targets = batches_of(run, idx, world)
+            assert torch.equal(many, one) and torch.equal(many_targets, targets), (world, it)
+    mixed = "--mixup" in flags or "--cutmix" in flags
+    assert targets.shape == ((32, 7) if mixed else (32,))
+    if mixed:
+        assert torch.allclose(targets.sum(1), torch.ones(32)) and (targets.max(1).values < 1).any()
+
+
+def test_a_run_with_mixing_resumes_bit_exact(faces_npz, tmp_path, monkeypatch):
+    flags = ["--mixup", "0.5", "--cutmix", "1.0", "--random-erase", "0.5", "--seed", "4"]
+    train.main(tiny_args(faces_npz, tmp_path / "whole", 16, 8, *flags))
+    evaluate_and_save = train.evaluate_and_save
+
+    def then_die(run):  # the process dies right after the first checkpoint
+        seconds = evaluate_and_save(run)
+        if run.it == 8:
+            raise KeyboardInterrupt
+        return seconds
+    monkeypatch.setattr(train, "evaluate_and_save", then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_args(faces_npz, tmp_path / "killed", 16, 8, *flags))
+    monkeypatch.setattr(train, "evaluate_and_save", evaluate_and_save)
+    train.main(["--resume", "--out-dir", str(tmp_path / "killed"), "--threads", "1"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "killed"))
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert [r["val_acc"] for r in a["metrics"]] == [r["val_acc"] for r in b["metrics"]]
 
 if __name__ == "__main__":
     worker()
