@@ -551,10 +551,16 @@ def bench_video(args, table):
     """frames/s of predict.video_faces over the clip (every frame: detect on a copy at VIDEO_MAX_SIDE, one
     EmoNeXt.predict call per frame, plain, the shipped model), each --threads for torch and OpenCV; a first pass of
     a few frames warms up."""
-    import cv2
+    try:
+        import cv2
+    except ImportError:
+        raise SystemExit(f"bench.py: the video section needs OpenCV: {predict.INSTALL_HINT}") from None
+    try:
+        detector = predict.face_detector()
+    except RuntimeError as e:
+        raise SystemExit(f"bench.py: the video section: {e}") from None
     frames = 8 if args.dry_run else 300
     model = EmoNeXt.from_checkpoint(SHIPPED).for_inference()
-    detector = predict.face_detector()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "clip.mp4")
         face = video_clip(cv2, path, frames)
