@@ -319,7 +319,8 @@ def classify_images(model, paths, args, report, detector):
     for i, path in enumerate(paths):
         found = image_faces(path, args, report, detector)
         pending += [found] if found else []
-        if pending and (i == len(paths) - 1 or sum(len(f[3]) for f in pending) >= args.batch_size):
+        last = i == len(paths) - 1 or args.strict  # strict: each image's lines before the next file is read
+        if pending and (last or sum(len(f[3]) for f in pending) >= args.batch_size):
             probs = model.predict([c for f in pending for c in f[3]], args.batch_size, args.tta or "tencrop", args.amp)
             for path, boxes, scores, crops, searched in pending:
                 face_probs, probs = probs[:len(crops)], probs[len(crops):]
