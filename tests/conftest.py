@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,14 @@ if not torch.cuda.is_available():
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FER2013_NPZ = os.path.join(ROOT, "..", "shared", "data", "fer2013.npz")
+
+
+def save_npz(path, splits):
+    """Writes splits as synthetic.synthetic_faces gives them ({"train" | "val" | "test": (faces, labels)}) as a
+    FER2013 .npz (Training, PublicTest, PrivateTest)."""
+    np.savez(path, **{f"{name}_{xy}": t.numpy() for split, name in (("train", "train"), ("val", "public_test"),
+                                                                   ("test", "private_test"))
+                      for xy, t in zip("xy", splits[split])})
 
 
 @pytest.fixture(autouse=True, scope="module")
