@@ -75,3 +75,30 @@ def test_dry_run_runs_every_variant_at_tiny_shapes():
     args = bench.parse_args(["--dry-run", "--only", "train"])
     assert args.variants == list(bench.VARIANTS) and args.compile_backend == "aot_eager"
     assert (args.sizes, args.img_sizes, args.batch, args.steps) == (["atto"], [32], 2, 2)
+
+
+@pytest.mark.parametrize("argv", [["--only", "onnx"], ["--only", "infer", "--onnx", "model.onnx"]])
+def test_onnx_section_and_files_go_together(argv):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+
+
+def test_onnx_section_times_the_same_path_of_the_same_weights(shaken, tmp_path, capsys):
+    """A tiny run of the onnx section on an export of the shaken atto: a row per variant, and the official layout,
+    the project's predict and the ONNX file agree on the probabilities (the times are not judged)."""
+    pytest.importorskip("onnxruntime"), pytest.importorskip("onnxscript")
+    import export
+    from emonext import config_dict
+    ckpt, onnx_file = tmp_path / "shaken.pt", tmp_path / "shaken.onnx"
+    torch.save({"config": config_dict(shaken), "ema": shaken.state_dict()}, ckpt)
+    export.main([str(ckpt), str(onnx_file)])
+    capsys.readouterr()
+    bench.main(["--only", "onnx", "--onnx", str(onnx_file), "--weights", str(ckpt), "--threads", "1", "--batch", "3",
+                "--steps", "1"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| shaken.pt")]
+    assert [r[3] for r in rows] == ["official", "eager", "shaken.onnx"] and {r[2] for r in rows} == {"1"}
+    assert all(float(r[-1].rstrip(" |")) <= 1e-4 for r in rows)  # max prob diff vs eager
+    other = tmp_path / "other.pt"  # another config (normalisation): the file was not exported from it
+    torch.save({"config": {**config_dict(shaken), "pixel_mean": 0.4}, "ema": shaken.state_dict()}, other)
+    with pytest.raises(SystemExit, match="was not exported from these weights"):
+        bench.main(["--only", "onnx", "--onnx", str(onnx_file), "--weights", str(other), "--steps", "1"])
