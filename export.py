@@ -5,7 +5,7 @@ model -> softmax -> probabilities (N, num_classes), class names and config in it
 
     python export.py out/best.pt weights/emonext_atto_fer2013.pt       # EMA weights in fp16, config, class names
     python export.py weights/emonext_atto_fer2013.pt model.onnx        # ONNX, fp32
-    python export.py weights/emonext_atto_fer2013.pt weights/emonext_atto_fer2013_int8.onnx \
+    python export.py weights/emonext_atto_fer2013.pt weights/emonext_atto_fer2013_int8.onnx \\
         --int8 ../shared/data/fer2013.npz                               # static int8, calibrated on 1,000 train faces
 
 Each file written is checked (ONNX: onnxruntime against EmoNeXt.predict on 64 faces) and its size and sha256 printed.
