@@ -5,6 +5,7 @@
     python -m bench --only train --only infer --sizes atto,tiny --img-sizes 64,224 --threads 1,2 --batch 64
     python -m bench --floors                 # the performance model's table; times nothing
     python -m bench --only video --threads 1,2   # predict.py's frames/s on a 640x360 clip with one face
+    python -m bench --only onnx --onnx model.onnx model_int8.onnx --threads 1,2 --batch 64 --steps 20
 
 Sections (--only, in the order given):
     env          device, versions and two measured ceilings: a 1 GiB device copy (GB/s, bytes read + written) and
@@ -16,6 +17,10 @@ Sections (--only, in the order given):
                  below) and this project's EmoNeXt eager, with the fused kernels, compiled, compiled with them
     video        predict.py's video path (decode, find the faces, frame, classify with the shipped model, track):
                  frames/s on a synthetic 640x360 clip with one face, at each --threads (needs requirements-extra.txt)
+    onnx         the whole inference path of one checkpoint's weights (--weights), uint8 grey faces (N, 48, 48) in,
+                 probabilities out, on a CPU: the official layout (emonext.preprocess, grey repeated to RGB, forward,
+                 softmax), this project's for_inference() copy (predict_logits + softmax: EmoNeXt.predict of 48x48
+                 grey faces), and each --onnx file of export.py (the same path in one graph) in onnxruntime
 Kernel rows carry the performance model's floor: the minimum bytes at the copy bandwidth or the FMAs at the fp32
 FMA rate, whichever takes longer, and the fused time as % of it (100% = at the floor). The rates are the device's
 measured copy and its FMA rate (SMs x fp32 lanes x max clock) on CUDA, the H100 figures below for --floors. Times
@@ -41,7 +46,7 @@ import data
 import kernels
 import predict
 import synthetic
-from emonext import SIZES, EmoNeXt, stn_feature_side, load_weights
+from emonext import SIZES, EmoNeXt, config_dict, load_weights, preprocess, stn_feature_side
 from kernels import dwconv_ln, sampler
 
 # The performance model's rates for an H100 SXM5, used by --floors (a CUDA run uses its own device's):
@@ -578,12 +583,65 @@ def bench_video(args, table):
                        "frames with the face %": 100 * found / n})
 
 
+# --- the shipped path: uint8 faces -> probabilities, eager PyTorch against onnxruntime ---
+
+
+def official_from(model: EmoNeXt) -> OfficialEmoNeXt:
+    """The official-layout model with a project model's weights: its input convs get a third of the grey ones on
+    each RGB channel, so a grey face repeated over RGB gives the same logits."""
+    c = model.config
+    official = OfficialEmoNeXt(c.depths, c.dims, c.img_size, c.num_classes, drop_path_rate=0.0)
+    load_weights(official, model.state_dict(), verbose=False)
+    return official.eval()
+
+
+def onnx_path(path, threads: int, model: EmoNeXt, faces):
+    """() -> probabilities of an export.py file on faces, in an onnxruntime session of `threads` threads (intra-op;
+    one inter-op, sequential), after checking that the file was exported from `model`'s config."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    config = json.loads(session.get_modelmeta().custom_metadata_map.get("emonext.config", "null"))
+    if config != config_dict(model):
+        raise SystemExit(f"bench.py: {path} was not exported from these weights (its config: {config})")
+    return lambda: torch.from_numpy(session.run(["probs"], {"faces": faces.numpy()})[0])
+
+
+def bench_onnx(args, table):
+    """Rows of the shipped path at each thread count: official layout, this project's eager model, the --onnx files
+    (one onnxruntime session per thread count).
+    All variants take the same uint8 faces and give probabilities; "max prob diff vs eager" says they agree."""
+    model = EmoNeXt.from_checkpoint(args.weights).eval()
+    c, name = model.config, os.path.basename(args.weights)
+    fast, official = model.for_inference(channels_last=args.channels_last), official_from(model)
+    faces = torch.randint(0, 256, (args.batch, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    @torch.inference_mode()
+    def official_path():
+        return official(preprocess(faces, c.img_size, c.pixel_mean, c.pixel_std).repeat(1, 3, 1, 1)).softmax(-1)
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        variants = {"official": official_path, "eager": lambda: fast.predict_logits(faces).softmax(-1)}
+        variants.update({os.path.basename(path): onnx_path(path, threads, model, faces) for path in args.onnx})
+        reference = variants["eager"]()
+        for variant, run in variants.items():
+            r = time_variant(run, args.steps, cuda=False)
+            faces_s = 1e3 * args.batch / r["ms"]
+            base = faces_s if variant == "official" else base
+            table.add({"model": name, "batch": args.batch, "threads": threads, "variant": variant,
+                       "first call s": r["first s"], "ms": r["ms"], "faces/s": faces_s, "vs official": faces_s / base,
+                       "max prob diff vs eager": (run() - reference).abs().max().item()})
+
+
 # --- main ---
 
 SECTIONS = {"env": bench_env, "dwconv": bench_dwconv, "sampler": bench_sampler,
             "dwconv_fp32": lambda args, table: bench_dwconv(args, table, torch.float32),
             "train": lambda args, table: bench_models(args, table, train=True),
-            "infer": lambda args, table: bench_models(args, table, train=False), "video": bench_video}
+            "infer": lambda args, table: bench_models(args, table, train=False), "video": bench_video,
+            "onnx": bench_onnx}
 
 
 def parse_args(argv=None):
@@ -607,8 +665,12 @@ def parse_args(argv=None):
                    "official,eager on a CPU, all with --dry-run)")
     m.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     m.add_argument("--amp", action="store_true", help="bf16 autocast on a CPU too (always on CUDA)")
-    m.add_argument("--channels-last", action="store_true", help="infer: the project's model via "
+    m.add_argument("--channels-last", action="store_true", help="infer, onnx: the project's model via "
                    "for_inference(channels_last=True)")
+    o = p.add_argument_group("onnx")
+    o.add_argument("--onnx", nargs="+", default=[], metavar="FILE", help="ONNX files of export.py to time")
+    o.add_argument("--weights", default="weights/emonext_atto_fer2013.pt",
+                   help="the checkpoint they were exported from: the eager variants run its weights")
     args = p.parse_args(argv)
     models = bool(set(args.only or ()) & {"train", "infer"})
     args.batch = args.batch or (2 if args.dry_run else 128 if cuda or args.floors else 16 if models else 2)
@@ -623,6 +685,8 @@ def parse_args(argv=None):
     bad = [v for v in args.variants if v not in VARIANTS] + [s for s in args.sizes if s not in SIZES]
     if bad:
         p.error(f"unknown variant or size: {', '.join(bad)}")
+    if bool(args.onnx) != ("onnx" in (args.only or ())):
+        p.error("--only onnx times the files given with --onnx FILE...; --onnx is for that section only")
     return args
 
 

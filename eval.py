@@ -1,14 +1,14 @@
 """
-Evaluates an EmoNeXt checkpoint on a dataset: accuracy, per-class precision/recall/F1 and the confusion matrix (text
-+ PNG), with the checkpoint's classes (FER2013's 7 or FER+'s 8); or writes the checkpoint to ship (--export).
-Emotions of face images and photos: predict.py.
+Evaluates an EmoNeXt checkpoint, or an ONNX file of export.py, on a dataset: accuracy, per-class precision/recall/F1
+and the confusion matrix (text + PNG), with the model's classes (FER2013's 7 or FER+'s 8). The files to ship:
+export.py. Emotions of face images and photos: predict.py.
 
     python eval.py out/best.pt                          # the test split of the data it was trained on, ten-crop
     python eval.py out/best.pt --data ../shared/data/fer2013.npz --split val --tta none
-    python eval.py out/best.pt --export weights/emonext_atto_fer2013.pt   # EMA weights in fp16, config, class names
+    python eval.py weights/emonext_atto_fer2013_int8.onnx --data ../shared/data/fer2013.npz   # onnxruntime, plain
 """
 import argparse
-import hashlib
+import json
 import os
 import sys
 
@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 import cli
 import data
-from emonext import EmoNeXt, export_checkpoint, read_checkpoint, write_atomically
+from emonext import EmoNeXt, read_checkpoint, write_atomically
 
 
 def confusion_matrix(preds, targets, num_classes):
@@ -72,6 +72,59 @@ def load_model(src, device, name=None):
     return EmoNeXt.from_checkpoint(ckpt, name=name).to(device).eval(), ckpt.get("args", {})
 
 
+def onnx_scorer(path, batch_size):
+    """(faces -> probabilities (N, C), class names, the train.py arguments) of an ONNX file of export.py: onnxruntime
+    on the CPU, uint8 grey faces (N, 48, 48) in, batch_size at a time; names and arguments from its metadata."""
+    try:
+        import onnxruntime
+    except ImportError:
+        sys.exit("eval.py: an .onnx file is scored by onnxruntime: pip install -r requirements-extra.txt")
+    if not os.path.isfile(path):
+        sys.exit(f"eval.py: not found: {path}")
+    try:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # as many threads as a checkpoint gets
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base class but Exception
+        sys.exit(f"eval.py: {path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).splitlines()[0]})")
+    meta = session.get_modelmeta().custom_metadata_map
+    if "emonext.class_names" not in meta:
+        sys.exit(f"eval.py: {path}: not an ONNX file of export.py (no emonext.class_names in its metadata)")
+
+    def probs(x):
+        return torch.cat([torch.from_numpy(session.run(["probs"], {"faces": xb.numpy()})[0])
+                          for xb in x.split(batch_size)])
+    return probs, tuple(json.loads(meta["emonext.class_names"])), json.loads(meta.get("emonext.args", "{}"))
+
+
+def load_scorer(args):
+    """(uint8 faces -> predicted classes, class names, the train.py arguments) of the model file: a checkpoint's
+    weights (EMA when it has them) through EmoNeXt.predict_logits, or an .onnx file through onnxruntime."""
+    if args.checkpoint.endswith(".onnx"):
+        probs, names, ckpt_args = onnx_scorer(args.checkpoint, args.batch_size)
+        return (lambda x: probs(x).argmax(-1)), names, ckpt_args
+    try:
+        model, ckpt_args = load_model(args.checkpoint, args.device)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"eval.py: {e}")
+    model = model.for_inference(channels_last=args.channels_last, compile=args.compile)
+    return (lambda x: model.predict_logits(x, args.tta, args.batch_size, args.amp).argmax(-1),
+            model.config.class_names, ckpt_args)
+
+
+def check_onnx_flags(args):
+    """An .onnx file holds the plain inference path and is run as written: it is scored on --data, without
+    ten-crop and without the options of a torch model."""
+    if not args.data:
+        sys.exit("eval.py: an .onnx file is scored on the data given with --data PATH")
+    if args.tta == "tencrop":
+        sys.exit("eval.py: --tta tencrop: an .onnx file holds the plain path only (export.py); use --tta none")
+    for dest in ("compile", "channels_last", "amp"):
+        if getattr(args, dest):
+            sys.exit(f"eval.py: {cli.flag(dest)}: an option of a checkpoint; an .onnx file runs in onnxruntime as "
+                     "exported")
+
+
 def data_to_score(args, ckpt_args):
     """(dataset spec, skip_bad_rows): --data as given, else the data the checkpoint was trained on, read the way
     its run read it (a run trained with --skip-bad-rows skips the same rows here)."""
@@ -85,11 +138,14 @@ def data_to_score(args, ckpt_args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate an EmoNeXt checkpoint on a dataset.")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
+    p = argparse.ArgumentParser(description="Evaluate an EmoNeXt checkpoint or ONNX file on a dataset.")
+    p.add_argument("checkpoint", help="a checkpoint (.pt) or an ONNX file of export.py (.onnx, run by onnxruntime)")
+    p.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on; "
+                   "required for an .onnx file)")
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--tta", choices=("tencrop", "none"), default="tencrop")
+    p.add_argument("--tta", choices=("tencrop", "none"), default=None,
+                   help="test-time augmentation (default: tencrop for a checkpoint; none, the only choice, for an "
+                        ".onnx file, which holds the plain path)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed csv rows (counted) instead of failing; without --data, on when the run was")
     p.add_argument("--batch-size", type=int, default=256)
@@ -100,10 +156,8 @@ def build_parser():
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast: about twice the faces/s on CPUs with AVX512-BF16 or AMX (and on GPUs), "
                         "logits within bf16 rounding of fp32's")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--export", metavar="PATH",
-                   help="write the checkpoint to ship to PATH instead of evaluating: EMA weights in half precision, "
-                        "config, class names (a few MB for atto), and print its size and sha256")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where a checkpoint runs (an .onnx file runs on the CPU)")
     p.add_argument("--out-dir", default=None,
                    help="where the confusion matrix PNG goes, created if need be (default: beside the checkpoint)")
     return p
@@ -111,20 +165,6 @@ def build_parser():
 
 # what each numeric flag accepts: (test, what to tell the user)
 LIMITS = {"batch_size": (lambda v: v >= 1, "at least 1")}
-
-
-def export(model, ckpt, path):
-    """--export: the checkpoint to ship at path (emonext.export_checkpoint), with the train.py arguments and the
-    iteration that made it. Prints and returns its sha256."""
-    try:
-        export_checkpoint(model, path, extra={"args": ckpt.get("args", {}), "iter": ckpt.get("iter"),
-                                              "best_val_acc": ckpt.get("best_val_acc")})
-    except OSError as e:
-        sys.exit(f"eval.py: --export: {e.strerror}")
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    print(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, sha256 {digest}")
-    return digest
 
 
 def split_to_score(args, ckpt_args):
@@ -148,14 +188,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.check_limits("eval.py", args, LIMITS)
     cli.check_device("eval.py", args.device)
-    try:
-        ckpt = read_checkpoint(args.checkpoint)
-        model, ckpt_args = load_model(ckpt, args.device, name=args.checkpoint)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"eval.py: {e}")
-    if args.export:
-        return export(model, ckpt, args.export)
-    model = model.for_inference(channels_last=args.channels_last, compile=args.compile)
+    if args.checkpoint.endswith(".onnx"):
+        check_onnx_flags(args)
+    args.tta = args.tta or ("none" if args.checkpoint.endswith(".onnx") else "tencrop")
+    predict, names, ckpt_args = load_scorer(args)
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -163,8 +199,7 @@ def main(argv=None):
         sys.exit(f"eval.py: --out-dir {out_dir}: cannot create it ({e.strerror})")
 
     x, y, description = split_to_score(args, ckpt_args)
-    preds = model.predict_logits(x, args.tta, args.batch_size, args.amp).argmax(-1)
-    names = model.config.class_names
+    preds = predict(x)
     cm = confusion_matrix(preds, y, len(names))
     acc = (preds == y).double().mean().item()
     print(f"{description}\n{args.split} accuracy ({args.tta}): {100 * acc:.2f}% of {len(y)}\n")

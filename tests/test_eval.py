@@ -1,8 +1,7 @@
-"""eval.py: scores of a fresh checkpoint (they must agree with train.py's own), the confusion PNG, --export and
---amp, clear errors for foreign or damaged checkpoints, and the helpers on hand-made input.
+"""eval.py: scores of a fresh checkpoint (they must agree with train.py's own), the confusion PNG and --amp, clear
+errors for foreign or damaged checkpoints, and the helpers on hand-made input (ONNX files: test_export.py).
 One tiny checkpoint is trained once for the module (atto, 32 px, 12 iterations, one CPU thread)."""
 import errno
-import hashlib
 import io
 import os
 import re
@@ -16,6 +15,7 @@ from PIL import Image
 import eval as evaluate
 import synthetic
 import train
+from conftest import save_npz
 from emonext import FER2013_CLASS_NAMES, EmoNeXt
 
 K = len(FER2013_CLASS_NAMES)
@@ -27,9 +27,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     d = synthetic.synthetic_faces(n_train=320, n_val=63, n_test=77, seed=2)
     npz = root / "faces.npz"
-    np.savez(npz, train_x=d["train"][0].numpy(), train_y=d["train"][1].numpy(),
-             public_test_x=d["val"][0].numpy(), public_test_y=d["val"][1].numpy(),
-             private_test_x=d["test"][0].numpy(), private_test_y=d["test"][1].numpy())
+    save_npz(npz, d)
     with redirect_stdout(io.StringIO()):
         results = train.main(["--data", str(npz), "--model", "atto", "--img-size", "32", "--batch-size", "32",
                               "--max-iters", "12", "--eval-interval", "6", "--log-interval", "6", "--warmup", "2",
@@ -121,17 +119,9 @@ def test_test_only_data_is_scored(run, capsys, tmp_path):
     assert acc == pytest.approx(run["results"]["test_acc_none"], abs=1e-12) and f"of {len(y)}" in out
 
 
-def test_pictures_and_exports_that_cannot_be_written_end_in_one_line_and_leave_no_temporary_file(run, tmp_path,
-                                                                                               monkeypatch):
+def test_pictures_that_cannot_be_written_end_in_one_line_and_leave_no_temporary_file(run, tmp_path, monkeypatch):
     folder = tmp_path / "a_folder"
     folder.mkdir()
-    with pytest.raises(SystemExit) as e:
-        evaluate.main([run["ckpt"], "--export", str(folder)])  # onto a folder
-    assert str(e.value.code).startswith(f"eval.py: --export: cannot write {folder} (")
-    assert os.listdir(tmp_path) == ["a_folder"] and os.listdir(folder) == []  # no temporary file left
-    with pytest.raises(SystemExit) as e:
-        evaluate.main([run["ckpt"], "--export", "/etc/passwd/x.pt"])  # under a file: nothing can be made there
-    assert str(e.value.code) == "eval.py: --export: cannot write /etc/passwd/x.pt (Not a directory)"
 
     def read_only(*a, **kw):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -293,25 +283,6 @@ def test_save_confusion_png(tmp_path):
         assert rgb.getpixel((80 + 2, 80 + 40 + 2)) == (255, 255, 255)  # row 1, col 0: 0 of 3
         assert rgb.getpixel((80 + 40 + 2, 80 + 40 + 2)) == (0, 0, 255)  # 100% cell: full blue
     assert not [f for f in os.listdir(tmp_path) if f != "cm.png"]  # no temporary file left
-
-
-def test_export_writes_the_half_precision_ema_checkpoint_that_eval_scores(run, capsys, tmp_path):
-    path = tmp_path / "new" / "shipped.pt"
-    digest = evaluate.main([run["ckpt"], "--export", str(path)])
-    assert f"sha256 {digest}" in capsys.readouterr().out
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
-    assert os.listdir(path.parent) == ["shipped.pt"]  # written through a temporary file, which is gone
-    shipped, source = (torch.load(p, weights_only=True) for p in (path, run["ckpt"]))
-    assert not {"model", "optimizer", "rng_cpu"} & set(shipped)
-    assert shipped["config"] == source["config"] and shipped["class_names"] == source["class_names"]
-    assert shipped["ema"].keys() == source["ema"].keys()
-    for k, v in source["ema"].items():  # the EMA weights, rounded to fp16
-        assert shipped["ema"][k].dtype == (torch.float16 if v.is_floating_point() else v.dtype), k
-        assert torch.equal(shipped["ema"][k], v.half() if v.is_floating_point() else v), k
-    model, _ = evaluate.load_model(run["ckpt"], "cpu")
-    half, _ = evaluate.load_model(str(path), "cpu")
-    x = run["splits"]["test"][0]
-    torch.testing.assert_close(half.predict_logits(x), model.predict_logits(x), rtol=0, atol=2e-2)
 
 
 def test_amp_is_bf16_autocast_close_to_fp32(run, capsys, tmp_path):

@@ -1,8 +1,10 @@
-"""The shipped FER2013 model, weights/emonext_atto_fer2013.pt: what the file holds, that a copied emonext.py alone
-loads it, that `predict.py` runs on it, and that the README's sha256 and PrivateTest accuracy line are
-what this very file gives (the accuracy through eval.py on the real FER2013, so that test is slow and needs
-../shared/data/fer2013.npz)."""
+"""The shipped FER2013 model, weights/emonext_atto_fer2013.pt and its int8 ONNX file
+weights/emonext_atto_fer2013_int8.onnx: what the files hold, that a copied emonext.py alone loads the .pt, that
+`predict.py` runs on it, that the README's onnxruntime example runs as written, and that the README's sha256s and
+PrivateTest accuracy lines are what these very files give (the accuracy through eval.py on the real FER2013, so
+those tests are slow and need ../shared/data/fer2013.npz)."""
 import hashlib
+import json
 import os
 import re
 
@@ -15,9 +17,10 @@ import eval as evaluate
 import predict
 import synthetic
 from conftest import FER2013_NPZ, ROOT
-from emonext import FER2013_CLASS_NAMES, EmoNeXt
+from emonext import FER2013_CLASS_NAMES, EmoNeXt, grey_faces
 
 WEIGHTS = os.path.join(ROOT, "weights", "emonext_atto_fer2013.pt")
+ONNX_INT8 = os.path.join(ROOT, "weights", "emonext_atto_fer2013_int8.onnx")
 README = open(os.path.join(ROOT, "README.md")).read()
 
 
@@ -65,9 +68,48 @@ def test_predict_on_the_shipped_weights(model, tmp_path, capsys):
 
 
 def test_readme_gives_the_files_sha256():
-    with open(WEIGHTS, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    assert re.findall(r"sha256 ([0-9a-f]{64})", README) == [digest]
+    digests = {}
+    for path in (WEIGHTS, ONNX_INT8):
+        with open(path, "rb") as f:
+            digests[os.path.relpath(path, ROOT)] = hashlib.sha256(f.read()).hexdigest()
+    named = re.findall(r"`(weights/\S+)` \([\d.]+ MiB, sha256 ([0-9a-f]{64})\)", README)
+    assert dict(named) == digests and len(named) == 2
+    assert sorted(re.findall(r"sha256 ([0-9a-f]{64})", README)) == sorted(digests.values())  # and no other
+
+
+def test_the_onnx_file_is_the_shipped_models_int8_path():
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(ONNX_INT8, providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    ckpt = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    assert json.loads(meta["emonext.class_names"]) == list(FER2013_CLASS_NAMES) and meta["emonext.precision"] == "int8"
+    assert json.loads(meta["emonext.args"]) == ckpt["args"] and json.loads(meta["emonext.iter"]) == ckpt["iter"]
+    how = json.loads(meta["emonext.quantization"])
+    assert how["calibration"] == {"method": "MinMax", "data": "../shared/data/fer2013.npz", "train faces": 1000,
+                                  "seed": 0}  # what README's export command says
+    assert os.path.getsize(ONNX_INT8) < 5 * 2**20
+
+
+def test_readme_onnx_example_runs_as_written_on_a_face_png(model, tmp_path, capsys, monkeypatch):
+    """The README's onnxruntime + numpy + Pillow lines on a face PNG (RGB, not square, larger than 48): the face they
+    make is grey_faces' to within a grey level, and their probabilities are the shipped model's to int8 precision."""
+    pytest.importorskip("onnxruntime")
+    block = README[README.index("### Deploy with ONNX"):]
+    block = block[block.index("```python\n") + len("```python\n"):]
+    code = block[:block.index("```")]
+    face = synthetic.synthetic_faces(n_train=1, n_val=0, n_test=0, seed=5)["train"][0][0].numpy()
+    photo = np.stack([face, face // 2 + 100, 255 - face], -1)  # colours, so the grey conversion counts
+    Image.fromarray(photo).resize((100, 130)).save(tmp_path / "face.png")
+    monkeypatch.chdir(tmp_path)
+    code = code.replace('"weights/emonext_atto_fer2013_int8.onnx"', repr(ONNX_INT8))
+    scope = {}
+    exec(code, scope)
+    image = np.asarray(Image.open(tmp_path / "face.png"))
+    assert np.abs(scope["face"].astype(int) - grey_faces(image)[0].numpy().astype(int)).max() <= 1
+    probs = torch.from_numpy(scope["probs"])
+    assert probs.shape == (7,) and abs(probs.sum().item() - 1) < 1e-5
+    assert (probs - model.predict(image)[0]).abs().max() < 0.2
+    assert capsys.readouterr().out.split()[0] == FER2013_CLASS_NAMES[probs.argmax()]
 
 
 @pytest.mark.slow
@@ -84,3 +126,14 @@ def test_readme_accuracy_is_what_eval_gives_on_the_shipped_file(tmp_path, capsys
     finally:
         torch.set_num_threads(threads)
     assert "test accuracy (tencrop)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(FER2013_NPZ), reason="needs ../shared/data/fer2013.npz")
+def test_readme_accuracy_is_what_eval_gives_on_the_shipped_onnx_file(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    claimed = re.search(r"`eval.py` on this .onnx file: ([\d.]+)% plain", README)
+    assert claimed, "README: the ONNX file's accuracy line is missing"
+    acc = evaluate.main([ONNX_INT8, "--data", FER2013_NPZ, "--out-dir", str(tmp_path)])
+    assert f"{100 * acc:.2f}" == claimed[1]
+    assert "test accuracy (none)" in capsys.readouterr().out
