@@ -569,15 +569,16 @@ def ema_accuracy(run, x, y):
 
 
 @torch.no_grad()
-def save_stn_picture(model, x, img_size, path):
-    """Faces (uint8 (B, 48, 48)) beside what the STN makes of them at img_size: pairs of columns, input | warped."""
+def save_stn_picture(model, x, path):
+    """Faces (uint8 (B, 48, 48)) beside what the STN makes of them at the model's img_size: pairs of columns,
+    input | warped."""
     model.eval()
     c = model.config
-    inputs = emonext.preprocess(x.to(next(model.parameters()).device), img_size, c.pixel_mean, c.pixel_std)
+    inputs = emonext.preprocess(x.to(next(model.parameters()).device), c.img_size, c.pixel_mean, c.pixel_std)
     warped, _ = model.stn(inputs.expand(-1, c.in_chans, -1, -1))
     pairs = torch.stack([inputs, warped[:, :1].float()], 1)  # (B, 2, 1, S, S), the warp's first channel
     pixels = (pairs * c.pixel_std + c.pixel_mean).clamp(0, 1).mul(255).round().byte().cpu()
-    b, s, cols = len(x), img_size, 4
+    b, s, cols = len(x), c.img_size, 4
     rows = (b + cols - 1) // cols
     img = Image.new("L", (cols * (2 * s + 8), rows * (s + 4)), 255)
     for i in range(b):
@@ -600,8 +601,7 @@ def evaluate_and_save(run):
     failed = ""
     if run.rank == 0:  # the other processes hold the same weights
         try:
-            save_stn_picture(run.ema_model, run.val[0][:16], run.args.img_size,
-                             os.path.join(run.args.out_dir, "stn.png"))
+            save_stn_picture(run.ema_model, run.val[0][:16], os.path.join(run.args.out_dir, "stn.png"))
             write_record(run)
             state = checkpoint_state(run)
             if improved:  # best.pt before ckpt.pt: a kill between the two then resumes from the older ckpt.pt

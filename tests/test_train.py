@@ -150,7 +150,7 @@ def test_save_stn_picture(tmp_path):
     model = EmoNeXt.from_size("atto", img_size=48, in_chans=1)  # identity STN at init
     x = synthetic.synthetic_faces(n_train=5, n_val=0, n_test=0, seed=3)["train"][0]
     path = str(tmp_path / "stn.png")
-    train.save_stn_picture(model, x, 48, path)
+    train.save_stn_picture(model, x, path)
     with Image.open(path) as im:
         assert im.format == "PNG" and im.mode == "L" and im.size == (4 * (2 * 48 + 8), 2 * (48 + 4))
         pixels = np.asarray(im).astype(int)
@@ -164,7 +164,7 @@ def test_save_stn_picture(tmp_path):
     # a shifted warp moves the picture
     with torch.no_grad():
         model.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, 0.5, 0, 1, 0]))
-    train.save_stn_picture(model, x[:1], 48, path)
+    train.save_stn_picture(model, x[:1], path)
     with Image.open(path) as im:
         pixels = np.asarray(im).astype(int)
     assert np.abs(pixels[:48, 48:96] - x[0].numpy()).max() > 20
