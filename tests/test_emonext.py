@@ -299,6 +299,23 @@ def test_drop_path_stochastic_in_train_deterministic_in_eval():
     assert (per_sample[:, 0] == 0).double().mean().item() == pytest.approx(0.25, abs=0.03)
 
 
+
+@pytest.mark.parametrize("side", [1, 2, 3, 4, 6, 7, 9])
+def test_depthwise_conv_on_maps_smaller_than_its_kernel_is_the_7x7_conv(side):
+    """Block.depthwise keeps only the taps that meet a pixel on small maps: the same outputs and the same gradients
+    (the dropped taps' are exactly zero) as the 7x7 conv, at every side and for a 1 x W map too."""
+    torch.manual_seed(side)
+    block = emonext.Block(16, layer_scale_init=1.0).double()
+    for shape in ((3, 16, side, side), (3, 16, 1, side)):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        ours = block.depthwise(x)
+        (g_x, g_w, g_b) = torch.autograd.grad(ours.square().sum(), (x, block.dwconv.weight, block.dwconv.bias))
+        ref = block.dwconv(x)
+        (r_x, r_w, r_b) = torch.autograd.grad(ref.square().sum(), (x, block.dwconv.weight, block.dwconv.bias))
+        for a, b in ((ours, ref), (g_x, r_x), (g_w, r_w), (g_b, r_b)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 # -----------------------------------------------------------------------------
 # inputs
 
