@@ -829,12 +829,13 @@ DDP_ITERS = 8
 
 
 def instrument(set_attr, records, raise_at=None, nan_from=None):
-    """Wraps train.train_step, data.augment and EmoNeXt.forward. Each process appends, per step, the iteration, its
-    rows of the global batch and the sum of each augmented face to records/batches.<rank>.jsonl.
+    """Wraps train.train_step, train.training_batch and EmoNeXt.forward. Each process appends, per step, the
+    iteration, its rows of the global batch, the sum of each face it trains on (augmented, erased, mixed) and its
+    targets to records/batches.<rank>.jsonl.
     raise_at=[rank, iteration]: that process raises there, after writing the time to records/raised.
     nan_from=[rank, iteration]: that process's loss (its own part; the other processes' stay finite) is NaN from
     that iteration on."""
-    step, augment, forward, now = train.train_step, data.augment, EmoNeXt.forward, {}
+    step, training_batch, forward, now = train.train_step, train.training_batch, EmoNeXt.forward, {}
 
     def instrumented_step(run, idx):
         now["it"], now["rank"] = run.it, run.rank
@@ -844,11 +845,12 @@ def instrument(set_attr, records, raise_at=None, nan_from=None):
             raise RuntimeError(f"injected failure in rank {run.rank} at iteration {run.it}")
         return step(run, idx)
 
-    def instrumented_augment(x, *a, rows, **kw):
-        out = augment(x, *a, rows=rows, **kw)
+    def instrumented_training_batch(run, idx, first, share):
+        xb, yb = training_batch(run, idx, first, share)
         with open(os.path.join(records, f"batches.{now['rank']}.jsonl"), "a") as f:
-            f.write(json.dumps({"it": now["it"], "rows": rows, "sums": out.double().sum((1, 2, 3)).tolist()}) + "\n")
-        return out
+            f.write(json.dumps({"it": now["it"], "rows": [first, len(idx)], "sums": xb.double().sum((1, 2, 3)).tolist(),
+                                "targets": yb.double().tolist()}) + "\n")
+        return xb, yb
 
     def instrumented_forward(self, x, targets=None, loss_parts=False):
         poisoned = nan_from and now["rank"] == nan_from[0] and now["it"] >= nan_from[1]
@@ -857,7 +859,7 @@ def instrument(set_attr, records, raise_at=None, nan_from=None):
         logits, loss, parts = forward(self, x, targets, loss_parts=True)  # train_step asks for the parts
         return logits, loss * float("nan"), parts
     set_attr(train, "train_step", instrumented_step)
-    set_attr(data, "augment", instrumented_augment)
+    set_attr(train, "training_batch", instrumented_training_batch)
     set_attr(EmoNeXt, "forward", instrumented_forward)
 
 
@@ -907,13 +909,14 @@ def torchrun(argv, records, timeout=240, **instruments):
 
 
 def batches(records):
-    """{iteration: the sums of the global batch's augmented faces}, from every process's record, rows in place."""
+    """{iteration: (the sum of each face, its target) over the global batch}, from every process's record, rows in
+    place."""
     seen = {}
     for path in sorted(glob.glob(os.path.join(records, "batches.*.jsonl"))):
         for line in open(path):
             r = json.loads(line)
             start, total = r["rows"]
-            seen.setdefault(r["it"], [None] * total)[start:start + len(r["sums"])] = r["sums"]
+            seen.setdefault(r["it"], [None] * total)[start:start + len(r["sums"])] = zip(r["sums"], r["targets"])
     return seen
 
 
@@ -931,7 +934,9 @@ def assert_same_run(records, out, reference):
     seen, expected = batches(records), batches(reference.records)
     assert sorted(seen) == list(range(DDP_ITERS))
     for it in range(DDP_ITERS):
-        assert None not in seen[it] and np.allclose(seen[it], expected[it], rtol=1e-6, atol=1e-6), it
+        assert None not in seen[it], it
+        assert np.allclose([s for s, _ in seen[it]], [s for s, _ in expected[it]], rtol=1e-6, atol=1e-6), it
+        assert [t for _, t in seen[it]] == [t for _, t in expected[it]], it
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter"] == DDP_ITERS
     for part in ("model", "ema"):
@@ -982,6 +987,23 @@ def test_two_processes_train_as_one(faces_npz, reference, tmp_path):
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())
     assert json.load(open(out / "results.json")).keys() == {"best_val_acc", "nonfinite_steps", "test_acc_none",
                                                             "test_acc_tencrop"}
+
+
+def test_two_processes_mix_and_erase_as_one(faces_npz, tmp_path, monkeypatch):
+    """With mixup, cutmix and random erasing on, each step's faces (mixed with partners that are the other
+    process's rows) and soft targets are one process's, and so are the weights."""
+    flags = ["--mixup", "0.5", "--cutmix", "1.0", "--random-erase", "0.5", "--seed", "3"]
+    one = tmp_path / "one"
+    instrument(monkeypatch.setattr, str(one.mkdir() or one))
+    with redirect_stdout(io.StringIO()):
+        train.main(run_args(faces_npz, one / "out", *flags))
+    reference = SimpleNamespace(records=one, ckpt=torch.load(one / "out" / "ckpt.pt", weights_only=True))
+    mixed = [it for it, rows in batches(one).items() if isinstance(rows[0][1], list)]  # (C,) soft targets
+    assert len(mixed) >= DDP_ITERS // 2, "the flags should mix most steps"
+    two = tmp_path / "two"
+    r = torchrun(run_args(faces_npz, two / "out", *flags), two.mkdir() or two)
+    assert r.returncode == 0, r.output[-3000:] + r.ranks[0]["stderr"][-3000:]
+    assert_same_run(two, two / "out", reference)
 
 
 def test_a_crashing_process_ends_the_run_and_one_process_resumes_it(faces_npz, reference, tmp_path, monkeypatch,
