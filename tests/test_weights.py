@@ -32,8 +32,7 @@ def model():
 def test_the_file_holds_half_precision_ema_weights_config_and_class_names():
     ckpt = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     assert set(ckpt) <= {"config", "ema", "class_names", "args", "iter", "best_val_acc"}  # no optimizer, no online weights
-    # exported before the config held class names: the model takes the file's top-level ones
-    assert ckpt["class_names"] == list(FER2013_CLASS_NAMES) and "class_names" not in ckpt["config"]
+    assert list(ckpt["config"]["class_names"]) == ckpt["class_names"] == list(FER2013_CLASS_NAMES)
     assert EmoNeXt.from_checkpoint(WEIGHTS).config.class_names == FER2013_CLASS_NAMES
     floats = [v for v in ckpt["ema"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
