@@ -948,16 +948,22 @@ def assert_same_run(records, out, reference):
 DDP_LOG = re.compile(r"iter (\d+)/\d+ \| loss ([\d.]+) \(ce ([\d.]+) sa ([\d.e+-]+)\) \| acc ([\d.]+)%")
 
 
-@pytest.fixture(scope="module")
-def reference(faces_npz, tmp_path_factory):
-    """The 1-process run every 2-process run is compared with."""
-    records = tmp_path_factory.mktemp("one")
+def one_process_run(npz, records, set_attr, *flags):
+    """train.main in this process, instrumented into `records` (set_attr: how the instruments are put in place):
+    the 1-process run a 2-process run with the same flags is compared with."""
     buf = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, redirect_stdout(buf):
-        instrument(mp.setattr, str(records))
-        train.main(run_args(faces_npz, records / "out"))
+    instrument(set_attr, str(records))
+    with redirect_stdout(buf):
+        train.main(run_args(npz, records / "out", *flags))
     return SimpleNamespace(records=records, out=records / "out", stdout=buf.getvalue(),
                            ckpt=torch.load(records / "out" / "ckpt.pt", weights_only=True))
+
+
+@pytest.fixture(scope="module")
+def reference(faces_npz, tmp_path_factory):
+    """The 1-process run every 2-process run without extra flags is compared with."""
+    with pytest.MonkeyPatch.context() as mp:
+        return one_process_run(faces_npz, tmp_path_factory.mktemp("one"), mp.setattr)
 
 
 def test_two_processes_train_as_one(faces_npz, reference, tmp_path):
@@ -993,15 +999,13 @@ def test_two_processes_mix_and_erase_as_one(faces_npz, tmp_path, monkeypatch):
     """With mixup, cutmix and random erasing on, each step's faces (mixed with partners that are the other
     process's rows) and soft targets are one process's, and so are the weights."""
     flags = ["--mixup", "0.5", "--cutmix", "1.0", "--random-erase", "0.5", "--seed", "3"]
-    one = tmp_path / "one"
-    instrument(monkeypatch.setattr, str(one.mkdir() or one))
-    with redirect_stdout(io.StringIO()):
-        train.main(run_args(faces_npz, one / "out", *flags))
-    reference = SimpleNamespace(records=one, ckpt=torch.load(one / "out" / "ckpt.pt", weights_only=True))
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    reference = one_process_run(faces_npz, one, monkeypatch.setattr, *flags)
     mixed = [it for it, rows in batches(one).items() if isinstance(rows[0][1], list)]  # (C,) soft targets
     assert len(mixed) >= DDP_ITERS // 2, "the flags should mix most steps"
-    two = tmp_path / "two"
-    r = torchrun(run_args(faces_npz, two / "out", *flags), two.mkdir() or two)
+    r = torchrun(run_args(faces_npz, two / "out", *flags), two)
     assert r.returncode == 0, r.output[-3000:] + r.ranks[0]["stderr"][-3000:]
     assert_same_run(two, two / "out", reference)
 
