@@ -1,8 +1,8 @@
-"""The shipped FER2013 model, weights/emonext_atto_fer2013.pt and its int8 ONNX file
-weights/emonext_atto_fer2013_int8.onnx: what the files hold, that a copied emonext.py alone loads the .pt, that
-`predict.py` runs on it, that the README's onnxruntime example runs as written, and that the README's sha256s and
-PrivateTest accuracy lines are what these very files give (the accuracy through eval.py on the real FER2013, so
-those tests are slow and need ../shared/data/fer2013.npz)."""
+"""The shipped models, weights/emonext_atto_fer2013.pt (FER2013's 7 classes), weights/emonext_atto_ferplus.pt
+(FER+'s 8) and the FER2013 model's int8 ONNX file weights/emonext_atto_fer2013_int8.onnx: what the files hold,
+that a copied emonext.py alone loads the .pt, that `predict.py` runs on them, that the README's onnxruntime example
+runs as written, and that the README's sha256s and PrivateTest accuracy lines are what these very files give (the
+accuracy through eval.py on the real FER2013 and FER+ labels, so those tests are slow and need ../shared/data/)."""
 import hashlib
 import json
 import os
@@ -17,9 +17,13 @@ import eval as evaluate
 import predict
 import synthetic
 from conftest import FER2013_NPZ, ROOT
+from data import FERPLUS_CLASS_NAMES
 from emonext import FER2013_CLASS_NAMES, EmoNeXt, grey_faces
 
 WEIGHTS = os.path.join(ROOT, "weights", "emonext_atto_fer2013.pt")
+FERPLUS_WEIGHTS = os.path.join(ROOT, "weights", "emonext_atto_ferplus.pt")
+SHIPPED = [(WEIGHTS, FER2013_CLASS_NAMES), (FERPLUS_WEIGHTS, FERPLUS_CLASS_NAMES)]  # each .pt and its columns
+FERPLUS_CSV = os.path.join(os.path.dirname(FER2013_NPZ), "fer2013new.csv")
 ONNX_INT8 = os.path.join(ROOT, "weights", "emonext_atto_fer2013_int8.onnx")
 README = open(os.path.join(ROOT, "README.md")).read()
 
@@ -29,15 +33,16 @@ def model():
     return EmoNeXt.from_checkpoint(WEIGHTS).eval()
 
 
-def test_the_file_holds_half_precision_ema_weights_config_and_class_names():
-    ckpt = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+@pytest.mark.parametrize("path, class_names", SHIPPED)
+def test_the_file_holds_half_precision_ema_weights_config_and_class_names(path, class_names):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert set(ckpt) <= {"config", "ema", "class_names", "args", "iter", "best_val_acc"}  # no optimizer, no online weights
-    assert list(ckpt["config"]["class_names"]) == ckpt["class_names"] == list(FER2013_CLASS_NAMES)
-    assert EmoNeXt.from_checkpoint(WEIGHTS).config.class_names == FER2013_CLASS_NAMES
+    assert list(ckpt["config"]["class_names"]) == ckpt["class_names"] == list(class_names)
+    assert EmoNeXt.from_checkpoint(path).config.class_names == tuple(class_names)
     floats = [v for v in ckpt["ema"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
-    assert os.path.getsize(WEIGHTS) < 10 * 2**20
-    assert ckpt["config"]["num_classes"] == 7 and ckpt["config"]["in_chans"] == 1
+    assert os.path.getsize(path) < 10 * 2**20
+    assert ckpt["config"]["num_classes"] == len(class_names) and ckpt["config"]["in_chans"] == 1
 
 
 def test_a_copied_emonext_alone_loads_it_and_predicts_as_here(model, run_emonext_alone, tmp_path):
@@ -55,24 +60,26 @@ def test_a_copied_emonext_alone_loads_it_and_predicts_as_here(model, run_emonext
                                rtol=0, atol=1e-6)
 
 
-def test_predict_on_the_shipped_weights(model, tmp_path, capsys):
+@pytest.mark.parametrize("weights, class_names", SHIPPED)
+def test_predict_on_the_shipped_weights(weights, class_names, tmp_path, capsys):
     face = synthetic.synthetic_faces(n_train=1, n_val=0, n_test=0, seed=5)["train"][0][0].numpy()
     path = str(tmp_path / "face.jpg")
     Image.fromarray(face).resize((96, 96)).save(path)  # a face photo larger than FER2013's, as a JPEG
-    probs = predict.main([WEIGHTS, path, "--tta", "none", "--detect", "off"])
+    probs = predict.main([weights, path, "--tta", "none", "--detect", "off"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["file", "frame", "box", "top", *FER2013_CLASS_NAMES]
-    assert lines[1].split()[:4] == [path, "0", "0,0,96,96", FER2013_CLASS_NAMES[probs[0].argmax()]]
+    assert lines[0].split() == ["file", "frame", "box", "top", *class_names]
+    assert lines[1].split()[:4] == [path, "0", "0,0,96,96", class_names[probs[0].argmax()]]
+    model = EmoNeXt.from_checkpoint(weights).eval()
     torch.testing.assert_close(probs, model.predict(np.array(Image.open(path))), rtol=0, atol=1e-6)
 
 
 def test_readme_gives_the_files_sha256():
     digests = {}
-    for path in (WEIGHTS, ONNX_INT8):
+    for path in (WEIGHTS, FERPLUS_WEIGHTS, ONNX_INT8):
         with open(path, "rb") as f:
             digests[os.path.relpath(path, ROOT)] = hashlib.sha256(f.read()).hexdigest()
     named = re.findall(r"`(weights/\S+)` \([\d.]+ MiB, sha256 ([0-9a-f]{64})\)", README)
-    assert dict(named) == digests and len(named) == 2
+    assert dict(named) == digests and len(named) == 3
     assert sorted(re.findall(r"sha256 ([0-9a-f]{64})", README)) == sorted(digests.values())  # and no other
 
 
@@ -112,19 +119,27 @@ def test_readme_onnx_example_runs_as_written_on_a_face_png(model, tmp_path, caps
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(FER2013_NPZ), reason="needs ../shared/data/fer2013.npz")
-def test_readme_accuracy_is_what_eval_gives_on_the_shipped_file(tmp_path, capsys):
-    claimed = re.search(r"`eval.py` on this file:\s+([\d.]+)% plain,\s+([\d.]+)% ten-crop", README)
-    assert claimed, "README: the shipped weights' accuracy line is missing"
+@pytest.mark.skipif(not (os.path.exists(FER2013_NPZ) and os.path.exists(FERPLUS_CSV)),
+                    reason="needs ../shared/data/fer2013.npz and fer2013new.csv")
+@pytest.mark.parametrize("weights, class_names", SHIPPED)
+def test_readme_accuracy_is_what_eval_gives_on_the_shipped_file(weights, class_names, tmp_path, capsys):
+    """Each .pt's paragraph in README (its sha256, then its accuracy line) against eval.py on it; the FER+ model is
+    scored with FER+'s majority labels, which eval.py reads from the checkpoint and fer2013new.csv beside the .npz."""
+    lines = dict((name, (plain, tencrop)) for name, plain, tencrop in re.findall(
+        r"`(weights/\S+\.pt)` \([\d.]+ MiB, sha256 [0-9a-f]{64}\):.*?"
+        r"`eval.py` on this file:\s+([\d.]+)% plain,\s+([\d.]+)% ten-crop", README, re.S))
+    claimed = lines.get(os.path.relpath(weights, ROOT))
+    assert claimed, f"README: the accuracy line of {os.path.relpath(weights, ROOT)} is missing"
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # ten-crop is 35,890 forward passes
+    torch.set_num_threads(2)  # ten-crop is ten forward passes of each of about 3,500 faces
     try:
-        for tta, percent in zip(("none", "tencrop"), claimed.groups()):
-            acc = evaluate.main([WEIGHTS, "--data", FER2013_NPZ, "--tta", tta, "--out-dir", str(tmp_path)])
+        for tta, percent in zip(("none", "tencrop"), claimed):
+            acc = evaluate.main([weights, "--data", FER2013_NPZ, "--tta", tta, "--out-dir", str(tmp_path)])
             assert f"{100 * acc:.2f}" == percent, tta
     finally:
         torch.set_num_threads(threads)
-    assert "test accuracy (tencrop)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test accuracy (tencrop)" in out and all(name in out for name in class_names)
 
 
 @pytest.mark.slow
