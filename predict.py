@@ -24,6 +24,7 @@ The Python API under the command line (images: numpy uint8, RGB (H, W, 3) or gre
         ...                                                   # faces: [(box, score, probs, track id)] per frame
 """
 import argparse
+import contextlib
 import csv
 import functools
 import math
@@ -379,7 +380,7 @@ def classify_video(model, source, args, report, detector):
         capture.release()
         why = "cannot open the camera" if live else "not a readable video" if os.path.exists(source) else "no such file"
         return report.skip(f"{name}: {why}")
-    window, writer = live and has_window(cv2), None
+    window, writer, saved, whole = live and has_window(cv2), None, None, False
     try:
         for index, seconds, frame, faces in video_faces(model, capture, detect, args.every, args.smooth,
                                                          VIDEO_MAX_SIDE, args.tta or "none", args.batch_size,
@@ -390,22 +391,42 @@ def classify_video(model, source, args, report, detector):
                 drawn = np.asarray(draw_faces(frame[..., ::-1], [f[0] for f in faces],
                                               [report.label(p, t) for _, _, p, t in faces]))[..., ::-1]
             if args.save_video:
-                writer = writer or video_writer(cv2, report.out_path(args.out_dir, name.replace(":", "-"), ".mp4"),
-                                                capture, frame, args.every)
+                if writer is None:
+                    saved = report.out_path(args.out_dir, name.replace(":", "-"), ".mp4")
+                    writer = video_writer(cv2, partial_video(saved), capture, frame, args.every)
                 writer.write(np.ascontiguousarray(drawn))
             if window:
                 cv2.imshow("EmoNeXt (q: stop)", np.ascontiguousarray(drawn))
                 if cv2.waitKey(1) & 0xFF == ord("q"):
                     break
+        whole = True
     except KeyboardInterrupt:
         if not live:
             raise
+        whole = True  # the webcam's Ctrl-C is its way to stop: what was recorded is kept
     finally:
         capture.release()
         if writer is not None:
             writer.release()
+            finish_video(saved, whole)
         if window:
             cv2.destroyAllWindows()
+
+
+def partial_video(path):
+    """The name a video is written under until it is whole: beside it, this process's own, ending like it (OpenCV
+    picks the container from the name, so write_atomically's .tmp names do not fit)."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.{os.getpid()}.tmp{ext}"
+
+
+def finish_video(path, whole: bool):
+    """The partial video becomes `path` when whole; else it is removed: nothing half-written is left behind."""
+    if whole:
+        os.replace(partial_video(path), path)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(partial_video(path))
 
 
 def video_writer(cv2, path, capture, frame, every):

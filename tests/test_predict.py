@@ -524,6 +524,26 @@ def test_video_rows_tracks_smoothing_every(slime, checkpoint, clip, tmp_path, ca
             torch.testing.assert_close(csv_probs(r), csv_probs(tracks[track][f][1]), rtol=0, atol=0)
 
 
+def test_a_video_cut_short_by_an_error_leaves_no_video_file(slime, cv2, checkpoint, clip, tmp_path, capsys,
+                                                            monkeypatch):
+    """--save-video writes beside the target under a temporary .mp4 name: an error after some frames were written
+    removes it, and no clip.faces.mp4 (half a video that would look whole) is left in --out-dir."""
+    path, _ = clip
+    frames = predict.video_faces
+
+    def breaking(*a, **k):
+        for n, item in enumerate(frames(*a, **k)):
+            if n == 3:
+                raise RuntimeError("the decoder broke")
+            yield item
+    monkeypatch.setattr(predict, "video_faces", breaking)
+    out_dir = tmp_path / "seen"
+    with pytest.raises(RuntimeError, match="the decoder broke"):
+        predict.main([checkpoint, path, "--out-dir", str(out_dir), "--save-video"])
+    capsys.readouterr()
+    assert not [f for f in os.listdir(out_dir) if f.endswith(".mp4")]
+
+
 def test_save_video_and_the_webcam_path(slime, cv2, checkpoint, clip, tmp_path, capsys, monkeypatch):
     path, _ = clip
     out_dir = tmp_path / "seen"
@@ -537,6 +557,7 @@ def test_save_video_and_the_webcam_path(slime, cv2, checkpoint, clip, tmp_path, 
             break
         frames.append(frame)
     assert len(frames) == 12 and frames[0].shape == (320, 480, 3) and drawn.get(cv2.CAP_PROP_FPS) == 5
+    assert not [f for f in os.listdir(out_dir) if ".tmp" in f]  # written under a temporary name, then renamed
     red = frames[0][..., 2].astype(int) - frames[0][..., 1]  # the boxes drawn red: R well above G somewhere
     assert (red > 100).sum() > 200
     # the webcam: a camera that gives the clip's frames, then Ctrl-C; no window (headless OpenCV): lines printed
