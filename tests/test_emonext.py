@@ -299,7 +299,6 @@ def test_drop_path_stochastic_in_train_deterministic_in_eval():
     assert (per_sample[:, 0] == 0).double().mean().item() == pytest.approx(0.25, abs=0.03)
 
 
-
 @pytest.mark.parametrize("side", [1, 2, 3, 4, 6, 7, 9])
 def test_depthwise_conv_on_maps_smaller_than_its_kernel_is_the_7x7_conv(side):
     """Block.depthwise keeps only the taps that meet a pixel on small maps: the same outputs and the same gradients
