@@ -4,6 +4,7 @@ path as one ONNX file that onnxruntime runs without torch: uint8 grey faces (N, 
 model -> softmax -> probabilities (N, num_classes), class names and config in its metadata.
 
     python export.py out/best.pt weights/emonext_atto_fer2013.pt       # EMA weights in fp16, config, class names
+    python export.py a/best.pt b/best.pt soup.pt                        # their weights averaged (a uniform soup)
     python export.py weights/emonext_atto_fer2013.pt model.onnx        # ONNX, fp32
     python export.py weights/emonext_atto_fer2013.pt weights/emonext_atto_fer2013_int8.onnx \\
         --int8 ../shared/data/fer2013.npz                               # static int8, calibrated on 1,000 train faces
@@ -31,6 +32,9 @@ from emonext import FACE_SIDE, EmoNeXt, config_dict, export_checkpoint, read_che
 EXTRAS_HINT = "pip install -r requirements-extra.txt"
 INT8_OPS = ("Conv", "MatMul", "Gemm")  # quantised; the depthwise convs among the Convs are left fp32 (below)
 CHECK_FACES = 64
+# what checkpoints must share to be averaged; the training-only fields (drop path, layer scale init, loss weights)
+# may differ, and the average takes the first checkpoint's
+SOUP_FIELDS = ("depths", "dims", "img_size", "in_chans", "num_classes", "pixel_mean", "pixel_std", "class_names")
 
 
 class FacesToProbs(nn.Module):
@@ -71,16 +75,47 @@ def onnx_graph(model: EmoNeXt):
     return program.model_proto
 
 
-def metadata(model: EmoNeXt, ckpt: dict) -> dict:
+def load_models(paths):
+    """(model, provenance) of one checkpoint or of several averaged. provenance: what the written file says of where
+    its weights came from: the checkpoint's train.py arguments, iteration and best val accuracy; for several, the
+    first one's arguments and the paths averaged ("averaged_from")."""
+    models, ckpts = [], []
+    for path in paths:
+        ckpts.append(read_checkpoint(path))
+        models.append(EmoNeXt.from_checkpoint(ckpts[-1], name=path).eval())
+    if len(models) == 1:
+        return models[0], {k: ckpts[0].get(k) for k in ("args", "iter", "best_val_acc")}
+    return average_weights(models, paths), {"args": ckpts[0].get("args"), "averaged_from": list(paths)}
+
+
+def average_weights(models, paths) -> EmoNeXt:
+    """A uniform soup (Wortsman et al. 2022): the first model with every floating-point weight and BatchNorm
+    statistic replaced by the mean over the models (integer counters are the first's). It pays for models that
+    share a basin, such as fine-tunes of one model; averaging models trained apart gives noise."""
+    first = config_dict(models[0])
+    for model, path in zip(models[1:], paths[1:]):
+        other = config_dict(model)
+        differ = [f"{k} {other[k]} against {first[k]}" for k in SOUP_FIELDS if other[k] != first[k]]
+        if differ:
+            raise ValueError(f"{path}: not the model of {paths[0]} ({'; '.join(differ)}): only checkpoints of one "
+                             "architecture, input and classes average")
+    states = [m.state_dict() for m in models]
+    mean = {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+    models[0].load_state_dict(mean)
+    return models[0]
+
+
+def metadata(model: EmoNeXt, provenance: dict) -> dict:
     """The ONNX file's metadata_props (str -> str, JSON where structured): class names, config, and the training
-    arguments, iteration and best val accuracy of the checkpoint when it has them."""
+    arguments, iteration and best val accuracy of the checkpoint when it has them (the paths averaged for a soup)."""
     meta = {"emonext.class_names": list(model.config.class_names), "emonext.config": config_dict(model),
             "emonext.input": f"faces: uint8 (N, {FACE_SIDE}, {FACE_SIDE}) grey faces, levels 0..255 "
                              "(emonext.grey_faces makes them of any image)",
             "emonext.output": f"probs: float32 (N, {model.config.num_classes}) softmax probabilities, "
                               "columns as emonext.class_names",
             "emonext.precision": "fp32"}
-    meta.update({f"emonext.{k}": ckpt[k] for k in ("args", "iter", "best_val_acc") if ckpt.get(k) is not None})
+    meta.update({f"emonext.{k}": v for k, v in provenance.items() if v is not None})
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
@@ -166,7 +201,7 @@ def check_onnx(path, model: EmoNeXt, faces, int8: bool) -> float:
     return diff
 
 
-def export_onnx(model: EmoNeXt, ckpt: dict, path, args):
+def export_onnx(model: EmoNeXt, provenance: dict, path, args):
     """The ONNX file at path (fp32, or int8 with --int8), checked and reported."""
     for package in ("onnx", "onnxscript", "onnxruntime"):  # each step below needs one of them
         try:
@@ -180,7 +215,7 @@ def export_onnx(model: EmoNeXt, ckpt: dict, path, args):
     if args.int8:
         calib, check = calibration_faces(args.int8, args.calibration_faces, args.seed)
     proto = onnx_graph(model)
-    set_metadata(proto, metadata(model, ckpt))
+    set_metadata(proto, metadata(model, provenance))
     if args.int8:
         proto = quantize_int8(proto, calib, {"data": args.int8, "train faces": len(calib), "seed": args.seed})
     try:
@@ -197,7 +232,9 @@ def sha256(path) -> str:
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint of train.py or a shipped .pt")
+    p.add_argument("checkpoints", nargs="+", metavar="checkpoint",
+                   help="a checkpoint of train.py or a shipped .pt; several: one model with their weights averaged "
+                        "(fine-tunes of one model)")
     p.add_argument("out", help="what to write: .pt (the checkpoint to ship: EMA weights in half precision, config, "
                    "class names, train.py's arguments) or .onnx (the whole inference path)")
     p.add_argument("--int8", metavar="DATA", default=None,
@@ -221,16 +258,14 @@ def main(argv=None):
     if args.int8 and kind != ".onnx":
         sys.exit("export.py: --int8 quantises an .onnx file; a .pt is written in half precision")
     try:
-        ckpt = read_checkpoint(args.checkpoint)
-        model = EmoNeXt.from_checkpoint(ckpt, name=args.checkpoint).eval()
+        model, provenance = load_models(args.checkpoints)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"export.py: {e}")
     if kind == ".onnx":
-        export_onnx(model, ckpt, args.out, args)
+        export_onnx(model, provenance, args.out, args)
     else:
         try:
-            export_checkpoint(model, args.out, extra={"args": ckpt.get("args", {}), "iter": ckpt.get("iter"),
-                                                         "best_val_acc": ckpt.get("best_val_acc")})
+            export_checkpoint(model, args.out, extra={**provenance, "args": provenance["args"] or {}})
         except OSError as e:
             sys.exit(f"export.py: {e.strerror}")
     digest = sha256(args.out)

@@ -275,6 +275,33 @@ def test_pt_export_writes_the_half_precision_ema_checkpoint_that_eval_scores(run
     torch.testing.assert_close(half.predict_logits(x), model.predict_logits(x), rtol=0, atol=2e-2)
 
 
+def test_several_checkpoints_export_as_one_model_with_their_weights_averaged(run, tmp_path):
+    path = tmp_path / "soup.pt"
+    digest, out = run_export([run["trained"], run["ckpt"], str(path)])
+    assert out == f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, sha256 {digest}\n"
+    soup, trained, shaken = (torch.load(p, weights_only=True) for p in (path, run["trained"], run["ckpt"]))
+    assert soup["averaged_from"] == [run["trained"], run["ckpt"]] and soup["args"] == trained["args"]
+    assert "iter" not in soup and "best_val_acc" not in soup  # neither checkpoint's: the soup was never validated
+    assert soup["config"] == trained["config"] and soup["ema"].keys() == trained["ema"].keys()
+    for k, v in trained["ema"].items():  # the mean of the two EMA weights (BatchNorm statistics too), in fp16
+        mean = (v + shaken["ema"][k]) / 2 if v.is_floating_point() else v
+        assert torch.equal(soup["ema"][k], mean.half() if v.is_floating_point() else mean), k
+    meta = export.metadata(*export.load_models([run["trained"], run["ckpt"]]))  # what an .onnx soup says
+    assert json.loads(meta["emonext.averaged_from"]) == [run["trained"], run["ckpt"]]
+    assert not {"emonext.iter", "emonext.best_val_acc"} & set(meta)
+
+
+def test_checkpoints_of_different_models_do_not_average(run, rgb, tmp_path):
+    rgb_ckpt = str(rgb["path"]).replace(".onnx", ".pt")
+    with pytest.raises(SystemExit) as e:
+        export.main([run["ckpt"], rgb_ckpt, str(tmp_path / "soup.pt")])
+    assert str(e.value.code) == (f"export.py: {rgb_ckpt}: not the model of {run['ckpt']} (img_size 96 against 64; "
+                                 "in_chans 3 against 1; num_classes 8 against 7; class_names "
+                                 f"{list(FERPLUS_NAMES)} against {list(FER2013_CLASS_NAMES)}): only checkpoints of "
+                                 "one architecture, input and classes average")
+    assert os.listdir(tmp_path) == []
+
+
 def test_exports_that_cannot_be_written_end_in_one_line_and_leave_no_temporary_file(run, tmp_path, monkeypatch):
     for name in ("a_folder.pt", "a_folder.onnx"):
         (tmp_path / name).mkdir()
