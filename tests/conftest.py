@@ -1,6 +1,6 @@
 """What more than one test file uses: the real data's place, one torch thread per module, conftest's models and
 faces (`shaken`, `faces`, `random_faces`, FER+'s `faces_with_votes` and `ferplus_args`), `run_emonext_alone` (a
-script beside a copy of emonext.py alone), `check_splits` and `one_graph_code`."""
+script beside a copy of emonext.py alone), `check_splits`, `one_graph_code` and `int8_weights`."""
 import os
 import shutil
 import subprocess
@@ -132,3 +132,11 @@ def one_graph_code(fn, *args):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     return "\n".join(g.code for g in explanation.graphs)
+
+
+def int8_weights(path):
+    """The int8 conv and linear weights of a quantised ONNX file, as numpy arrays (its zero points and scales are
+    scalars or 1-d, so not among them)."""
+    onnx = pytest.importorskip("onnx")
+    return [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
