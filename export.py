@@ -77,14 +77,14 @@ def onnx_graph(model: EmoNeXt):
 
 def load_models(paths):
     """(model, provenance) of one checkpoint or of several averaged. provenance: what the written file says of where
-    its weights came from: the checkpoint's train.py arguments, iteration and best val accuracy; for several, the
-    first one's arguments and the paths averaged ("averaged_from")."""
+    its weights came from: the checkpoint's train.py arguments, iteration and best val accuracy (or, for a soup, the
+    paths it averaged); for several, the first one's arguments and the paths averaged ("averaged_from")."""
     models, ckpts = [], []
     for path in paths:
         ckpts.append(read_checkpoint(path))
         models.append(EmoNeXt.from_checkpoint(ckpts[-1], name=path).eval())
     if len(models) == 1:
-        return models[0], {k: ckpts[0].get(k) for k in ("args", "iter", "best_val_acc")}
+        return models[0], {k: ckpts[0].get(k) for k in ("args", "iter", "best_val_acc", "averaged_from")}
     return average_weights(models, paths), {"args": ckpts[0].get("args"), "averaged_from": list(paths)}
 
 

@@ -288,9 +288,10 @@ def test_several_checkpoints_export_as_one_model_with_their_weights_averaged(run
     for k, v in trained["ema"].items():  # the mean of the two EMA weights (BatchNorm statistics too), in fp16
         mean = (v + shaken["ema"][k]) / 2 if v.is_floating_point() else v
         assert torch.equal(soup["ema"][k], mean.half() if v.is_floating_point() else mean), k
-    meta = export.metadata(*export.load_models([run["trained"], run["ckpt"]]))  # what an .onnx soup says
-    assert json.loads(meta["emonext.averaged_from"]) == [run["trained"], run["ckpt"]]
-    assert not {"emonext.iter", "emonext.best_val_acc"} & set(meta)
+    for sources in ([run["trained"], run["ckpt"]], [str(path)]):  # an .onnx soup, made at once or of the soup .pt
+        meta = export.metadata(*export.load_models(sources))
+        assert json.loads(meta["emonext.averaged_from"]) == [run["trained"], run["ckpt"]], sources
+        assert not {"emonext.iter", "emonext.best_val_acc"} & set(meta)
 
 
 def test_checkpoints_of_different_models_do_not_average(run, rgb, tmp_path):
