@@ -1,6 +1,6 @@
 """What more than one test file uses: the real data's place, one torch thread per module, conftest's models and
 faces (`shaken`, `faces`, `random_faces`, FER+'s `faces_with_votes` and `ferplus_args`), `run_emonext_alone` (a
-script beside a copy of emonext.py alone), `check_splits`, `one_graph_code` and `int8_weights`."""
+script beside a copy of emonext.py alone), `check_splits`, `one_graph_code` and `largest_int8_weight`."""
 import os
 import shutil
 import subprocess
@@ -134,9 +134,11 @@ def one_graph_code(fn, *args):
     return "\n".join(g.code for g in explanation.graphs)
 
 
-def int8_weights(path):
-    """The int8 conv and linear weights of a quantised ONNX file, as numpy arrays (its zero points and scales are
-    scalars or 1-d, so not among them)."""
+def largest_int8_weight(path) -> int:
+    """max |w| over the int8 conv and linear weights of a quantised ONNX file (its zero points and scales are scalars
+    or 1-d, so not among them); the file must have such weights."""
     onnx = pytest.importorskip("onnx")
-    return [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
-            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert weights, f"{path}: no int8 weights"
+    return max(int(abs(w.astype(int)).max()) for w in weights)

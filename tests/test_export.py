@@ -18,7 +18,7 @@ import eval as evaluate
 import export
 import synthetic
 import train
-from conftest import int8_weights, save_npz
+from conftest import largest_int8_weight, save_npz
 from emonext import FER2013_CLASS_NAMES, EmoNeXt, config_dict, grey_faces
 
 FERPLUS_NAMES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
@@ -157,8 +157,8 @@ def test_int8_is_smaller_says_so_and_mostly_agrees_with_fp32(run, fp32, int8):
     assert json.loads(meta["emonext.class_names"]) == list(FER2013_CLASS_NAMES)  # the fp32 metadata carried over
     ops = {n.op_type for n in pytest.importorskip("onnx").load(int8["path"]).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "AffineGrid", "GridSample", "Softmax"} <= ops
-    weights = int8_weights(int8["path"])  # 7 bits: CPUs without VNNI sum u8 * s8 pairs in int16, 2 * 255 * 64 fits
-    assert weights and all(abs(w.astype(int)).max() <= 64 for w in weights)
+    # 7 bits: CPUs without VNNI sum pairs of u8 * s8 products in int16, where 2 * 255 * 64 fits
+    assert largest_int8_weight(int8["path"]) <= 64
     faces = run["faces"]
     agree = (onnx_probs(int8["path"], faces).argmax(-1) == onnx_probs(fp32["path"], faces).argmax(-1)).double()
     assert agree.mean() >= 0.7  # shaken weights give near-uniform probabilities: a loose bound
