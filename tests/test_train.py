@@ -732,6 +732,20 @@ def test_help_shows_the_usage_and_points_to_the_readme_for_the_defaults(capsys):
         assert heading in headings, heading
 
 
+def test_help_gives_every_flag_its_help_and_its_default_once(capsys):
+    parser = train.build_parser()
+    for action in parser._actions:
+        assert action.help, action.dest
+        if action.option_strings and action.nargs != 0:  # a flag with a value (not an on/off switch, not --help)
+            shown = parser._get_formatter()._expand_help(action)
+            assert shown.count("default: ") == 1, (action.dest, shown)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "Read it top to bottom" not in out
+    assert "--img-size IMG_SIZE faces are resized from 48 to this side (default: 48)" in " ".join(out.split())
+
+
 def test_readme_states_the_defaults_and_where_the_official_code_differs():
     """README's defaults table, where --help sends the reader: the defaults it states are the parser's, and it
     says how the official code differs instead of calling these defaults the official recipe."""
