@@ -1188,3 +1188,112 @@ def test_a_run_with_mixing_resumes_bit_exact(faces_npz, tmp_path, monkeypatch):
 
 if __name__ == "__main__":
     worker()
+
+
+# -----------------------------------------------------------------------------
+# stops that keep the work: SIGTERM / SIGINT, and the checkpoints of other versions
+
+# the keys of a checkpoint of train.py before the Run fields took the checkpoint's names (top-level class names too)
+MAIN_CHECKPOINT_KEYS = {"config", "model", "ema", "optimizer", "iter", "best_val_acc", "nonfinite_steps", "args",
+                        "class_names", "rng_cpu", "metrics", "elapsed_s"}
+
+
+def assert_same_weights(a, b):
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+
+
+@pytest.fixture(scope="module")
+def unbroken(faces_npz, tmp_path_factory):
+    """The run that the stopped-and-resumed ones must end as: 16 iterations, evaluated at 8 and 16."""
+    out = tmp_path_factory.mktemp("unbroken")
+    with redirect_stdout(io.StringIO()):
+        train.main(tiny_args(faces_npz, out, 16, 8, "--seed", "2", "--drop-path", "0.3"))
+    return torch.load(out / "ckpt.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_at_a_step_end_saves_and_resume_ends_as_the_unbroken_run(sig, faces_npz, unbroken, tmp_path):
+    """SIGTERM or SIGINT mid-run (before any evaluation): the step ends, ckpt.pt is written, one line says how to go
+    on, the exit status is 128 + the signal; --resume then reaches the unbroken run's weights bit for bit."""
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, os.path.join(REPO, "train.py"),
+           *tiny_args(faces_npz, out, 16, 8, "--seed", "2", "--drop-path", "0.3", "--log-interval", "1")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("iter 2/16 "):
+                proc.send_signal(sig)
+                break
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, stdout[-2000:] + stderr[-2000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert 2 <= ckpt["iter"] < 8 and ckpt["metrics"] == []  # a step's end, before the first evaluation
+    said = [line for line in stderr.splitlines() if "continue with" in line]
+    assert said == [f"train.py: stopped by {signal.Signals(sig).name} at iteration {ckpt['iter']}/16, saved in "
+                    f"{out / 'ckpt.pt'}; continue with: python train.py --resume --out-dir {out}"]
+    assert "Traceback" not in stderr and not os.path.exists(out / "best.pt")
+    with redirect_stdout(io.StringIO()):
+        train.main(["--resume", "--out-dir", str(out), "--threads", "1"])
+    assert_same_weights(torch.load(out / "ckpt.pt", weights_only=True), unbroken)
+
+
+def test_a_second_signal_ends_the_process_at_once_and_the_handlers_are_put_back(monkeypatch):
+    exits, before = [], signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    with train.signals_stop_the_run() as seen:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert seen == [signal.SIGINT] and exits == []  # the first asks for a stop at the step's end
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == [128 + signal.SIGTERM]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_checkpoint_with_the_keys_of_earlier_versions_resumes(faces_npz, unbroken, tmp_path, monkeypatch):
+    """A ckpt.pt as train.py wrote it before (its key names, the class names at the top level too) resumes to the
+    unbroken run's end."""
+    evaluate_and_save = train.evaluate_and_save
+
+    def then_die(run):
+        seconds = evaluate_and_save(run)
+        if run.iter == 8:
+            raise KeyboardInterrupt
+        return seconds
+    monkeypatch.setattr(train, "evaluate_and_save", then_die)
+    out = tmp_path / "old"
+    with pytest.raises(KeyboardInterrupt), redirect_stdout(io.StringIO()):
+        train.main(tiny_args(faces_npz, out, 16, 8, "--seed", "2", "--drop-path", "0.3"))
+    monkeypatch.setattr(train, "evaluate_and_save", evaluate_and_save)
+    old = torch.load(out / "ckpt.pt", weights_only=True)
+    old["class_names"] = old["config"]["class_names"]
+    assert old.keys() == MAIN_CHECKPOINT_KEYS
+    torch.save(old, out / "ckpt.pt")
+    with redirect_stdout(io.StringIO()):
+        train.main(["--resume", "--out-dir", str(out), "--threads", "1"])
+    assert_same_weights(torch.load(out / "ckpt.pt", weights_only=True), unbroken)
+
+
+def test_resume_of_a_weights_only_file_says_what_it_is(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(os.path.join(REPO, "weights", "emonext_atto_fer2013.pt"), out / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", "--out-dir", str(out), "--threads", "1"])
+    assert str(e.value.code) == (f"train.py: --resume: {out / 'ckpt.pt'} holds a model's weights only (a file to ship, "
+                                 f"as export.py writes and weights/ holds), not a run to continue; start a run from "
+                                 f"it in another --out-dir with --pretrained {out / 'ckpt.pt'}")
+
+
+def test_a_training_split_without_a_class_is_warned_in_one_line(tmp_path, capsys):
+    (x, y), (vx, vy) = bright_cells(448, 0), bright_cells(70, 1)
+    keep = y != 5  # no surprise faces to train on
+    np.savez(tmp_path / "no5.npz", train_x=x[keep], train_y=y[keep], public_test_x=vx, public_test_y=vy)
+    train.main(tiny_args(str(tmp_path / "no5.npz"), tmp_path / "out", 2, 2))
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == ["train.py: warning: the training split has no faces of surprise; the model cannot learn to "
+                      "predict them"]
