@@ -7,6 +7,7 @@ export.py. Emotions of face images and photos: predict.py.
                                                         # (its confusion matrix: out/best_confusion_test.png)
     python eval.py out/best.pt --data ../shared/data/fer2013.npz --split val --tta none
     python eval.py weights/emonext_atto_fer2013_int8.onnx --data ../shared/data/fer2013.npz   # onnxruntime, plain
+    python eval.py weights/emonext_atto_ferplus.pt --data DIR/fer2013.npz --ferplus ELSEWHERE/fer2013new.csv
 """
 import argparse
 import json
@@ -199,7 +200,7 @@ def main(argv=None):
     if acc < 0.5 / len(names):  # far under chance: the labels, not the model, are the likely cause
         print(f"\neval.py: {100 * acc:.2f}% is far under chance ({100 / len(names):.1f}%): the classes "
               f"({', '.join(names)}) or the faces this model learnt (on {ckpt_args.get('data', 'unknown data')}) are "
-              f"likely not those of {description.split(':')[0]}")
+              f"likely not those of {description.rsplit(': ', 1)[0]}")
     png = os.path.join(args.out_dir, f"{os.path.splitext(os.path.basename(args.checkpoint))[0]}_confusion_"
                                      f"{args.split}.png")
     img = figures.confusion_matrix(cm.tolist(), names)

@@ -59,7 +59,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help shows this file's docstring as it is written, then each flag with its default where it has one."""
 
     def _get_help_string(self, action):
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in action.help
+        shown = all(action.default is not v for v in (None, False, argparse.SUPPRESS)) \
+            and "(default" not in action.help
         return action.help + (" (default: %(default)s)" if shown else "")
 
 
@@ -142,11 +143,12 @@ LIMITS = {
     "rotate": (lambda v: v >= 0, "0 or more degrees"),
     "zoom": (FRACTION[0], "in [0, 1) (faces are scaled by a factor in [1 - zoom, 1 + zoom])"),
     "shift": (FRACTION[0], "in [0, 1) (a fraction of the side)"),
-    "mixup": (lambda v: v >= 0, "0 (off) or a Beta parameter above 0"), "cutmix": (lambda v: v >= 0, "0 (off) or a "
-                                                                                   "Beta parameter above 0"),
+    "mixup": (lambda v: v >= 0, "0 (off) or a Beta parameter above 0"),
+    "cutmix": (lambda v: v >= 0, "0 (off) or a Beta parameter above 0"),
     "mix_prob": PROBABILITY, "switch_prob": PROBABILITY, "random_erase": PROBABILITY,
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "eval_interval": (lambda v: v >= 0, "0 (each epoch) or more"),
-    "log_interval": AT_LEAST_1, "max_bad_steps": AT_LEAST_1, "threads": (lambda v: v >= 0, "0 (torch's default) or more"),
+    "log_interval": AT_LEAST_1, "max_bad_steps": AT_LEAST_1,
+    "threads": (lambda v: v >= 0, "0 (torch's default) or more"),
 }
 
 # the flags that say how and where this process runs, not what the run computes; all the others are the run flags,
@@ -505,14 +507,14 @@ def add_to_window(run, logits, yb, loss):
 def log_progress(run, logits, yb, loss, ce, sa, lr, seconds, iters):
     """The last step's loss and accuracy over the global batch, its lr, images/s over the last `iters` steps
     (all processes, and per process under DDP) and the time left."""
-    world = run.world
-    loss, ce, acc = (v / world for v in sum_over_processes([loss.item(), ce.item(), accuracy(logits, yb)], run.device))
+    world, sums = run.world, sum_over_processes([loss.item(), ce.item(), accuracy(logits, yb)], run.device)
+    loss, ce, acc = (v / world for v in sums)
     speed = iters * run.args.batch_size / seconds
     m, s = divmod(int((run.max_iters - run.iter) * seconds / iters), 60)
     per_process = f" ({speed / world:.0f} per process)" if world > 1 else ""
-    print(f"iter {run.iter}/{run.max_iters} | loss {loss:.4f} (ce {ce:.4f} sa {sa.item():.2e}) | acc {100 * acc:.1f}% | "
-          f"lr {lr:.2e} | {speed:.0f} img/s{per_process} | eta "
-          f"{f'{m // 60}h{m % 60:02d}m' if m >= 60 else f'{m}m{s:02d}s'}", flush=True)
+    eta = f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+    print(f"iter {run.iter}/{run.max_iters} | loss {loss:.4f} (ce {ce:.4f} sa {sa.item():.2e}) | acc {100 * acc:.1f}% "
+          f"| lr {lr:.2e} | {speed:.0f} img/s{per_process} | eta {eta}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -534,14 +536,14 @@ def metrics_row(run, val_acc, t_eval):
     """This evaluation's row: the training loss and accuracy over the steps since the last row (all processes),
     the lr of the last step, val accuracy, images/s over those steps without the evaluations."""
     w = run.window
-    loss, steps, correct, faces = sum_over_processes([float(w.get(k, 0)) for k in ("loss", "steps", "correct",
-                                                                                   "faces")], run.device)
+    sums = [float(w.get(k, 0)) for k in ("loss", "steps", "correct", "faces")]
+    loss, steps, correct, faces = sum_over_processes(sums, run.device)
+    seconds = max(t_eval - w.get("since", run.started), 1e-9)
     return {"iteration": run.iter, "epoch": round(run.iter / run.iters_per_epoch, 4),
             "lr": float(f"{lr_at(run.iter - 1, run.args, run.max_iters):.4e}"),
             "train_loss": round(loss / steps, 5) if steps else math.nan,
             "train_acc": round(correct / faces, 5) if faces else math.nan, "val_acc": round(val_acc, 5),
-            "images_per_s": round(w.get("iters", 0) * run.args.batch_size / max(t_eval - w.get("since", run.started),
-                                                                                 1e-9), 1),
+            "images_per_s": round(w.get("iters", 0) * run.args.batch_size / seconds, 1),
             "elapsed_s": round(time.time() - run.started, 1)}
 
 

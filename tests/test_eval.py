@@ -152,7 +152,8 @@ def test_pictures_that_cannot_be_written_end_in_one_line_and_leave_no_temporary_
     monkeypatch.setattr(Image.Image, "save", read_only)  # a read-only mount under --out-dir
     with pytest.raises(SystemExit) as e:
         evaluate.main([run["ckpt"], "--tta", "none", "--out-dir", str(folder)])
-    assert str(e.value.code) == (f"eval.py: the confusion matrix picture: cannot write {folder / 'best_confusion_test.png'} "
+    png = folder / "best_confusion_test.png"
+    assert str(e.value.code) == (f"eval.py: the confusion matrix picture: cannot write {png} "
                                  "(Read-only file system)")
     assert os.listdir(folder) == []
 

@@ -837,19 +837,20 @@ def test_accuracy_of_soft_targets_is_against_their_most_voted_class():
 # (its __main__ block, at the end), which calls train.main with the instruments below: one thread per process, on
 # the CPU whatever the machine has, and a timeout after which torchrun and its processes are killed. The 1-process
 # runs are train.main in this process. EmoNeXt-atto at 32 px, global batch 32 (16 per process), 8 iterations, drop
-# path 0 (its masks are drawn per process, see train.py).
+# path 0 (its masks are drawn per process, see train.py). The torchrun runs are `slow`.
 # =============================================================================
 
 DDP_ITERS = 8
 
 
-def instrument(set_attr, records, raise_at=None, nan_from=None):
+def instrument(set_attr, records, raise_at=None, nan_from=None, signal_at=None):
     """Wraps train.train_step, train.training_batch and EmoNeXt.forward. Each process appends, per step, the
     iteration, its rows of the global batch, the sum of each face it trains on (augmented, erased, mixed) and its
     targets to records/batches.<rank>.jsonl.
     raise_at=[rank, iteration]: that process raises there, after writing the time to records/raised.
     nan_from=[rank, iteration]: that process's loss (its own part; the other processes' stay finite) is NaN from
-    that iteration on."""
+    that iteration on.
+    signal_at=[rank, iteration]: that process sends itself SIGTERM there, before the step."""
     step, training_batch, forward, now = train.train_step, train.training_batch, EmoNeXt.forward, {}
 
     def instrumented_step(run, idx):
@@ -858,6 +859,8 @@ def instrument(set_attr, records, raise_at=None, nan_from=None):
             with open(os.path.join(records, "raised"), "w") as f:
                 f.write(repr(time.time()))
             raise RuntimeError(f"injected failure in rank {run.rank} at iteration {run.iter}")
+        if [run.rank, run.iter] == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         return step(run, idx)
 
     def instrumented_training_batch(run, idx, first, share):
@@ -981,6 +984,7 @@ def reference(faces_npz, tmp_path_factory):
         return one_process_run(faces_npz, tmp_path_factory.mktemp("one"), mp.setattr)
 
 
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_two_processes_train_as_one(faces_npz, reference, tmp_path):
     """Same faces, augmentation, logged losses, validation and weights (all of them, STN BatchNorm statistics and
     attention included) as one process; rank 0 alone writes one checkpoint and logs; rank 1 prints nothing."""
@@ -1010,6 +1014,7 @@ def test_two_processes_train_as_one(faces_npz, reference, tmp_path):
                                                             "test_acc_tencrop"}
 
 
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_two_processes_mix_and_erase_as_one(faces_npz, tmp_path, monkeypatch):
     """With mixup, cutmix and random erasing on, each step's faces (mixed with partners that are the other
     process's rows) and soft targets are one process's, and so are the weights."""
@@ -1025,6 +1030,7 @@ def test_two_processes_mix_and_erase_as_one(faces_npz, tmp_path, monkeypatch):
     assert_same_run(two, two / "out", reference)
 
 
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_a_crashing_process_ends_the_run_and_one_process_resumes_it(faces_npz, reference, tmp_path, monkeypatch,
                                                                      capsys):
     """Rank 1 raises at iteration 4 (after the checkpoint of iteration 4): the run ends within seconds with a
@@ -1043,6 +1049,7 @@ def test_a_crashing_process_ends_the_run_and_one_process_resumes_it(faces_npz, r
     assert_same_run(tmp_path, out, reference)
 
 
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_two_processes_resume_a_one_process_run(faces_npz, reference, tmp_path, monkeypatch):
     """A 1-process run that ended at iteration 4 is continued by two processes to the same end."""
     out = tmp_path / "out"
@@ -1056,6 +1063,7 @@ def test_two_processes_resume_a_one_process_run(faces_npz, reference, tmp_path, 
     assert_same_run(tmp_path, out, reference)
 
 
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_a_nan_in_one_process_stops_all_of_them_together(faces_npz, tmp_path):
     """Only rank 1's loss is NaN from iteration 2: both processes skip steps 2 and 3 (rank 0's finite loss is not
     backpropagated, which would leave it waiting for rank 1 in DDP's gradient all-reduce) and stop together after
@@ -1069,6 +1077,26 @@ def test_a_nan_in_one_process_stops_all_of_them_together(faces_npz, tmp_path):
     assert stop in r.ranks[0]["stderr"] and stop not in r.ranks[1]["stderr"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(faces_npz, reference, tmp_path, monkeypatch,
+                                                                   capsys):
+    """SIGTERM to rank 1 alone before step 2: every process finishes that step and stops (they agree at the step's
+    end), rank 0 writes ckpt.pt of iteration 3 and says how to go on, all exit with 143; one process then resumes
+    the run to the uninterrupted end."""
+    out = tmp_path / "out"
+    r = torchrun(run_args(faces_npz, out), tmp_path, signal_at=[1, 2])
+    assert r.returncode != 0
+    said = f"train.py: stopped by SIGTERM at iteration 3/{DDP_ITERS}, saved in {out / 'ckpt.pt'}; continue with: " \
+           f"torchrun --nproc_per_node=2 train.py --resume --out-dir {out}"
+    assert said in r.ranks[0]["stderr"] and said not in r.ranks[1]["stderr"]
+    assert re.search(r"exitcode\s*:\s*143", r.output), r.output[-2000:]  # torchrun's report of the processes
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 3
+    capsys.readouterr()
+    instrument(monkeypatch.setattr, str(tmp_path))
+    train.main(["--resume", *resume_args(out)])
+    assert_same_run(tmp_path, out, reference)
 
 
 def test_flags_that_cannot_work_under_torchrun_are_refused_before_it_starts(faces_npz, tmp_path, monkeypatch):
