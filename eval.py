@@ -4,19 +4,22 @@ and the confusion matrix (text + PNG), with the model's classes (FER2013's 7 or 
 export.py. Emotions of face images and photos: predict.py.
 
     python eval.py out/best.pt                          # the test split of the data it was trained on, ten-crop
+                                                        # (its confusion matrix: out/best_confusion_test.png)
     python eval.py out/best.pt --data ../shared/data/fer2013.npz --split val --tta none
     python eval.py weights/emonext_atto_fer2013_int8.onnx --data ../shared/data/fer2013.npz   # onnxruntime, plain
+    python eval.py weights/emonext_atto_ferplus.pt --data DIR/fer2013.npz --ferplus ELSEWHERE/fer2013new.csv
 """
 import argparse
 import json
 import os
 import sys
+import tempfile
 
 import torch
-from PIL import Image, ImageDraw
 
 import cli
 import data
+import figures
 from emonext import EmoNeXt, read_checkpoint, write_atomically
 
 
@@ -42,26 +45,6 @@ def report(cm, class_names):
     for i, name in enumerate(class_names):
         lines.append(f"{name:<{width}}  " + " ".join(f"{int(v):5d}" for v in cm[i]))
     return "\n".join(lines)
-
-
-def save_confusion_png(cm, class_names, path, cell=64):
-    """The row-normalised confusion matrix as a heat map with counts, made with pillow."""
-    k = len(class_names)
-    rates = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
-    margin = 80
-    img = Image.new("RGB", (margin + k * cell + 10, margin + k * cell + 10), "white")
-    draw = ImageDraw.Draw(img)
-    for i in range(k):
-        draw.text((4, margin + i * cell + cell // 2 - 5), class_names[i], fill="black")
-        draw.text((margin + i * cell + 4, margin - 28 + (i % 2) * 12), class_names[i], fill="black")
-        for j in range(k):
-            shade = int(255 * (1 - rates[i, j]))
-            box = (margin + j * cell, margin + i * cell, margin + (j + 1) * cell - 1, margin + (i + 1) * cell - 1)
-            draw.rectangle(box, fill=(shade, shade, 255))
-            text = f"{int(cm[i, j])}\n{100 * rates[i, j]:.0f}%"
-            draw.multiline_text((box[0] + 6, box[1] + 14), text, fill="black" if shade > 110 else "white")
-    draw.text((4, 4), "true (rows) vs predicted (columns)", fill="black")
-    write_atomically(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def load_model(src, device, name=None):
@@ -138,17 +121,19 @@ def data_to_score(args, ckpt_args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate an EmoNeXt checkpoint or ONNX file on a dataset.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint (.pt) or an ONNX file of export.py (.onnx, run by onnxruntime)")
     p.add_argument("--data", default=None, help="dataset (default: the one the checkpoint was trained on; "
                    "required for an .onnx file)")
-    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--ferplus", default=None, help="FER+'s fer2013new.csv, for a FER+ model (default: the one it was "
+                   "trained with, or with --data the one beside it)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which split to score (default: test)")
     p.add_argument("--tta", choices=("tencrop", "none"), default=None,
                    help="test-time augmentation (default: tencrop for a checkpoint; none, the only choice, for an "
                         ".onnx file, which holds the plain path)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed csv rows (counted) instead of failing; without --data, on when the run was")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="faces per forward pass (default: 256)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model with weight freezing (EmoNeXt.for_inference): compiling takes minutes "
                         "on a small CPU, worth it for large sets only")
@@ -157,9 +142,10 @@ def build_parser():
                    help="bf16 autocast: about twice the faces/s on CPUs with AVX512-BF16 or AMX (and on GPUs), "
                         "logits within bf16 rounding of fp32's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where a checkpoint runs (an .onnx file runs on the CPU)")
-    p.add_argument("--out-dir", default=None,
-                   help="where the confusion matrix PNG goes, created if need be (default: beside the checkpoint)")
+                   help="where a checkpoint runs (an .onnx file runs on the CPU; default: cuda if available, else "
+                        "cpu)")
+    p.add_argument("--out-dir", default="out", help="where the confusion matrix picture goes, "
+                   "<checkpoint name>_confusion_<split>.png, created if need be (default: out)")
     return p
 
 
@@ -172,8 +158,9 @@ def split_to_score(args, ckpt_args):
     FER+'s majority labels, from the vote file it was trained with unless --data."""
     try:
         spec, skip_bad_rows = data_to_score(args, ckpt_args)
+        ferplus = args.ferplus or (None if args.data else ckpt_args.get("ferplus"))
         splits, description = data.load_dataset(spec, skip_bad_rows, labels=ckpt_args.get("labels", "fer2013"),
-                                                 ferplus=None if args.data else ckpt_args.get("ferplus"))
+                                                 ferplus=ferplus)
         if args.split == "val" and len(splits["val"][1]) == 0 and "val_fraction" in ckpt_args:  # held out of train
             splits = data.hold_out(splits, ckpt_args["val_fraction"], ckpt_args["seed"])
     except ValueError as e:
@@ -184,6 +171,16 @@ def split_to_score(args, ckpt_args):
     return x, y, description
 
 
+def check_out_dir(out_dir):
+    """The out-dir, made if need be and proved writable before anything is scored."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        sys.exit(f"eval.py: --out-dir {out_dir}: cannot write there ({e.strerror})")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.check_limits("eval.py", args, LIMITS)
@@ -191,12 +188,8 @@ def main(argv=None):
     if args.checkpoint.endswith(".onnx"):
         check_onnx_flags(args)
     args.tta = args.tta or ("none" if args.checkpoint.endswith(".onnx") else "tencrop")
+    check_out_dir(args.out_dir)
     predict, names, ckpt_args = load_scorer(args)
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.checkpoint))
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"eval.py: --out-dir {out_dir}: cannot create it ({e.strerror})")
 
     x, y, description = split_to_score(args, ckpt_args)
     preds = predict(x)
@@ -204,9 +197,15 @@ def main(argv=None):
     acc = (preds == y).double().mean().item()
     print(f"{description}\n{args.split} accuracy ({args.tta}): {100 * acc:.2f}% of {len(y)}\n")
     print(report(cm, names))
-    png = os.path.join(out_dir, f"confusion_{args.split}.png")
+    if acc < 0.5 / len(names):  # far under chance: the labels, not the model, are the likely cause
+        print(f"\neval.py: {100 * acc:.2f}% is far under chance ({100 / len(names):.1f}%): the classes "
+              f"({', '.join(names)}) or the faces this model learnt (on {ckpt_args.get('data', 'unknown data')}) are "
+              f"likely not those of {description.rsplit(': ', 1)[0]}")
+    png = os.path.join(args.out_dir, f"{os.path.splitext(os.path.basename(args.checkpoint))[0]}_confusion_"
+                                     f"{args.split}.png")
+    img = figures.confusion_matrix(cm.tolist(), names)
     try:
-        save_confusion_png(cm, names, png)
+        write_atomically(png, lambda tmp: img.save(tmp, format="PNG"))
     except OSError as e:
         sys.exit(f"eval.py: the confusion matrix picture: {e.strerror}")
     print(f"\nconfusion matrix picture: {png}")

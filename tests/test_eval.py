@@ -36,6 +36,12 @@ def run(tmp_path_factory):
     return {"root": root, "ckpt": str(root / "out" / "best.pt"), "results": results, "splits": d}
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in a folder of its own: eval.py's default --out-dir, out/, is then the test's."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run_eval(argv, capsys):
     ret = evaluate.main(argv)
     return ret, capsys.readouterr().out
@@ -68,19 +74,21 @@ def test_eval_scores_agree_with_train_and_write_the_png(run, capsys, tmp_path):
     for i, (p, r, f1, _) in enumerate(rows.values()):
         assert r == pytest.approx(cm[i, i].item() / max(1, cm[i].sum().item()), abs=6e-4)
         assert p == pytest.approx(cm[i, i].item() / max(1, cm[:, i].sum().item()), abs=6e-4)
-    png = tmp_path / "confusion_test.png"
+    png = tmp_path / "best_confusion_test.png"  # named after the checkpoint and the split
     assert f"confusion matrix picture: {png}" in out
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size == (80 + K * 64 + 10,) * 2
         assert len(np.unique(np.asarray(im.convert("L")))) > 2  # drawn, not blank
 
 
-def test_eval_plain_val_split_matches_best_val_acc(run, capsys):
-    # best.pt holds the EMA whose plain val accuracy made it the best; the PNG goes beside the checkpoint
+def test_eval_plain_val_split_matches_best_val_acc(run, capsys, tmp_path):
+    # best.pt holds the EMA whose plain val accuracy made it the best; the PNG goes to out/, never beside the checkpoint
+    beside = set(os.listdir(os.path.dirname(run["ckpt"])))
     acc, out = run_eval([run["ckpt"], "--split", "val", "--tta", "none"], capsys)
     assert acc == pytest.approx(run["results"]["best_val_acc"], abs=1e-12)
     assert "val accuracy (none)" in out and "of 63" in out
-    assert os.path.exists(os.path.join(os.path.dirname(run["ckpt"]), "confusion_val.png"))
+    assert os.listdir(tmp_path / "out") == ["best_confusion_val.png"]
+    assert set(os.listdir(os.path.dirname(run["ckpt"]))) == beside
     acc_none, _ = run_eval([run["ckpt"], "--tta", "none", "--out-dir", str(run["root"])], capsys)
     assert acc_none == pytest.approx(run["results"]["test_acc_none"], abs=1e-12)
 
@@ -89,12 +97,28 @@ def test_eval_creates_the_out_dir(run, capsys, tmp_path):
     out_dir = tmp_path / "new" / "deeper"
     acc, out = run_eval([run["ckpt"], "--tta", "none", "--out-dir", str(out_dir)], capsys)
     assert acc == pytest.approx(run["results"]["test_acc_none"], abs=1e-12)
-    assert (out_dir / "confusion_test.png").is_file() and f"picture: {out_dir / 'confusion_test.png'}" in out
+    png = out_dir / "best_confusion_test.png"
+    assert png.is_file() and f"picture: {png}" in out
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     with pytest.raises(SystemExit) as e:
         evaluate.main([run["ckpt"], "--out-dir", str(a_file / "sub")])
-    assert str(e.value.code).startswith(f"eval.py: --out-dir {a_file / 'sub'}: cannot create it")
+    assert str(e.value.code) == f"eval.py: --out-dir {a_file / 'sub'}: cannot write there (Not a directory)"
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_scoring(run, tmp_path, monkeypatch):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    monkeypatch.setattr(evaluate, "split_to_score", lambda *a: pytest.fail("scored before the out-dir was checked"))
+    try:
+        if os.access(read_only, os.W_OK):
+            pytest.skip("running as a user who may write anywhere")
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([run["ckpt"], "--out-dir", str(read_only)])
+    finally:
+        read_only.chmod(0o755)
+    assert str(e.value.code) == f"eval.py: --out-dir {read_only}: cannot write there (Permission denied)"
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -128,7 +152,8 @@ def test_pictures_that_cannot_be_written_end_in_one_line_and_leave_no_temporary_
     monkeypatch.setattr(Image.Image, "save", read_only)  # a read-only mount under --out-dir
     with pytest.raises(SystemExit) as e:
         evaluate.main([run["ckpt"], "--tta", "none", "--out-dir", str(folder)])
-    assert str(e.value.code) == (f"eval.py: the confusion matrix picture: cannot write {folder / 'confusion_test.png'} "
+    png = folder / "best_confusion_test.png"
+    assert str(e.value.code) == (f"eval.py: the confusion matrix picture: cannot write {png} "
                                  "(Read-only file system)")
     assert os.listdir(folder) == []
 
@@ -272,17 +297,24 @@ def test_confusion_matrix_and_report_by_hand():
     assert torch.equal(evaluate.confusion_matrix(p, t, 7), torch.ones(7, 7, dtype=torch.long))
 
 
-def test_save_confusion_png(tmp_path):
-    cm = torch.tensor([[5, 1], [0, 3]])
-    path = str(tmp_path / "cm.png")
-    evaluate.save_confusion_png(cm, ("left", "right"), path, cell=40)
-    with Image.open(path) as im:
-        assert im.size == (80 + 2 * 40 + 10,) * 2
-        rgb = im.convert("RGB")
-        assert rgb.getpixel((80 + 40 + 2, 80 + 2)) == (212, 212, 255)  # row 0, col 1: 1 of 6
-        assert rgb.getpixel((80 + 2, 80 + 40 + 2)) == (255, 255, 255)  # row 1, col 0: 0 of 3
-        assert rgb.getpixel((80 + 40 + 2, 80 + 40 + 2)) == (0, 0, 255)  # 100% cell: full blue
-    assert not [f for f in os.listdir(tmp_path) if f != "cm.png"]  # no temporary file left
+def test_a_model_far_under_chance_gets_a_hint_that_its_classes_or_faces_differ(run, capsys, tmp_path):
+    """A model that always says "happy" scored on faces with no happy one: 0.00%, and one line saying why that may be
+    (as a model trained on the synthetic faces scored on FER2013)."""
+    ckpt = torch.load(run["ckpt"], weights_only=True)
+    ckpt["ema"]["head.bias"] = torch.full_like(ckpt["ema"]["head.bias"], -1e4)
+    ckpt["ema"]["head.bias"][3] = 1e4  # always class 3, happy
+    ckpt["args"]["data"] = "synthetic"
+    torch.save(ckpt, tmp_path / "happy.pt")
+    x, y = run["splits"]["test"]
+    npz = tmp_path / "no_happy.npz"
+    np.savez(npz, private_test_x=x[y != 3].numpy(), private_test_y=y[y != 3].numpy())
+    acc, out = run_eval([str(tmp_path / "happy.pt"), "--data", str(npz), "--tta", "none"], capsys)
+    hints = [line for line in out.splitlines() if "far under chance" in line]
+    names = ", ".join(FER2013_CLASS_NAMES)
+    assert acc == 0 and hints == [f"eval.py: 0.00% is far under chance (14.3%): the classes ({names}) or the faces "
+                                  f"this model learnt (on synthetic) are likely not those of FER2013 from {npz}"]
+    _, out = run_eval([run["ckpt"], "--tta", "none"], capsys)  # a model that learnt its data: no hint
+    assert "far under chance" not in out
 
 
 def test_amp_is_bf16_autocast_close_to_fp32(run, capsys, tmp_path):
@@ -313,12 +345,12 @@ def test_ferplus_run_end_to_end_and_eval_shows_8_classes(faces_with_votes, capsy
     log = capsys.readouterr().out
     assert "with FER+ labels (ferplus-soft)" in log
     ckpt = torch.load(out / "best.pt", weights_only=True)
-    assert ckpt["class_names"] == ckpt["config"]["class_names"] == list(data.FERPLUS_CLASS_NAMES)
+    assert ckpt["config"]["class_names"] == list(data.FERPLUS_CLASS_NAMES) and "class_names" not in ckpt
     assert ckpt["config"]["num_classes"] == 8
     assert ckpt["args"]["labels"] == "ferplus-soft"
 
     # eval.py: the test split with the checkpoint's data, labels and vote file, no flag; majority labels
-    acc = evaluate.main([str(out / "best.pt"), "--tta", "none"])
+    acc = evaluate.main([str(out / "best.pt"), "--tta", "none", "--out-dir", str(tmp_path)])
     report = capsys.readouterr().out
     assert acc == pytest.approx(results["test_acc_none"], abs=1e-12)
     _, test_majority = data.ferplus_targets(data.load_fer2013(faces_with_votes / "faces.npz",
@@ -328,13 +360,43 @@ def test_ferplus_run_end_to_end_and_eval_shows_8_classes(faces_with_votes, capsy
     for name in data.FERPLUS_CLASS_NAMES:
         assert any(line.split()[:1] == [name] for line in report.split("confusion matrix")[0].splitlines())
     assert report.split("confusion matrix")[1].splitlines()[1].split() == [n[:5] for n in data.FERPLUS_CLASS_NAMES]
-    assert os.path.exists(out / "confusion_test.png")
+    assert os.path.exists(tmp_path / "best_confusion_test.png")
 
     face = tmp_path / "face.png"
     Image.fromarray(data.load_fer2013(faces_with_votes / "faces.npz")["test"][0][0].numpy()).save(face)
     probs = predict.main([str(out / "best.pt"), str(face)])
     lines = capsys.readouterr().out.splitlines()
     assert probs.shape == (1, 8) and lines[0].split() == ["file", "frame", "box", "top", *data.FERPLUS_CLASS_NAMES]
+
+
+def test_ferplus_points_eval_at_a_vote_file_elsewhere(faces_with_votes, capsys, tmp_path):
+    """--ferplus PATH: the vote file of a FER+ model scored on --data whose folder has none beside it."""
+    out = faces_with_votes / "out-ferplus-soft"
+    if not (out / "best.pt").exists():
+        train.main(ferplus_args(faces_with_votes, "ferplus-soft", 8))
+        torch.set_num_threads(1)
+    elsewhere = tmp_path / "faces"
+    elsewhere.mkdir()
+    os.symlink(faces_with_votes / "faces.npz", elsewhere / "faces.npz")  # no fer2013new.csv beside it
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(out / "best.pt"), "--data", str(elsewhere / "faces.npz"), "--tta", "none"])
+    assert "fer2013new.csv" in str(e.value.code) and "\n" not in str(e.value.code)
+    acc = evaluate.main([str(out / "best.pt"), "--data", str(elsewhere / "faces.npz"), "--tta", "none",
+                         "--ferplus", str(faces_with_votes / "fer2013new.csv")])
+    assert acc == evaluate.main([str(out / "best.pt"), "--tta", "none"])  # the votes it was trained with
+    assert "with FER+ labels" in capsys.readouterr().out
+
+
+def test_help_gives_every_flag_its_help_and_default(capsys):
+    parser = evaluate.build_parser()
+    for action in parser._actions:
+        assert action.help, action.dest
+        if action.option_strings and action.nargs != 0:  # a flag with a value (not an on/off switch, not --help)
+            assert "default" in parser._get_formatter()._expand_help(action), action.dest
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: out)" in text and "_confusion_<split>.png" in text and "(default: None)" not in text
 
 
 def test_class_names_of_old_and_bad_checkpoints_in_predict_and_eval(tmp_path, capsys):

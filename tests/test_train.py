@@ -127,7 +127,7 @@ def test_outputs_and_checkpoint_contents(trained):
     assert ckpt["iter"] == 24 and ckpt["nonfinite_steps"] == 0
     assert ckpt["config"]["dims"] == [40, 80, 160, 320] and ckpt["config"]["img_size"] == 32
     assert ckpt["config"]["in_chans"] == 1 and ckpt["args"]["lr"] == 3e-3
-    assert ckpt["config"]["class_names"] == ckpt["class_names"] == list(emonext.FER2013_CLASS_NAMES)
+    assert ckpt["config"]["class_names"] == list(emonext.FER2013_CLASS_NAMES) and "class_names" not in ckpt  # once
     assert ckpt["rng_cpu"].dtype == torch.uint8
     assert ckpt["model"].keys() == ckpt["ema"].keys()
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [train.lr_at(23, SimpleNamespace(
@@ -231,7 +231,7 @@ def test_recipe_flags_reach_the_model_and_the_augmentation(faces_npz, tmp_path, 
     assert ckpt["config"]["layer_scale_init"] == 0.5
     assert ckpt["args"]["rotate"] == 7.0 and ckpt["args"]["zoom"] == 0.25 and ckpt["args"]["shift"] == 0.03
     # the defaults: the README's CPU recipe from scratch, as its defaults table says
-    defaults = train.parse_args([])
+    defaults, _ = train.parse_args([])
     assert (defaults.rotate, 1 - defaults.zoom, 1 + defaults.zoom, defaults.shift) == (10.0, 0.9, 1.1, 0.05)
     assert (defaults.layer_scale_init, defaults.drop_path, defaults.lr) == (1.0, 0.0, 1.5e-3)
 
@@ -447,7 +447,7 @@ def test_final_test_without_best_pt_tests_the_ema_in_hand_and_says_so(faces_npz,
 
     def and_lose_best_pt(run):  # best.pt removed during the run, after the last evaluation
         seconds = evaluate_and_save(run)
-        if run.it == run.max_iters:
+        if run.iter == run.max_iters:
             os.remove(run.best_path)
         return seconds
     monkeypatch.setattr(train, "evaluate_and_save", and_lose_best_pt)
@@ -464,7 +464,7 @@ def test_final_test_refuses_a_best_pt_of_another_run_by_name(faces_npz, trained,
 
     def and_swap_best_pt(run):  # someone copies another run's best.pt into this out-dir
         seconds = evaluate_and_save(run)
-        if run.it == run.max_iters:
+        if run.iter == run.max_iters:
             shutil.copy(trained.out / "best.pt", run.best_path)
         return seconds
     monkeypatch.setattr(train, "evaluate_and_save", and_swap_best_pt)
@@ -624,7 +624,7 @@ def test_resume_of_a_checkpoint_without_a_run_flag_is_one_line(trained, tmp_path
 @pytest.mark.parametrize("argv, expected", [
     (["--img-size", "16"], "--img-size: expected at least 32 (the model downsamples by 32), got 16"),
     (["--batch-size", "0"], "--batch-size: expected at least 1, got 0"),
-    (["--log-interval", "0"], "--log-interval: expected at least 1 iteration, got 0"),
+    (["--log-interval", "0"], "--log-interval: expected at least 1, got 0"),
     (["--zoom", "1"], "--zoom: expected in [0, 1) (faces are scaled by a factor in [1 - zoom, 1 + zoom]), got 1.0"),
     (["--zoom", "-0.1"], "--zoom: expected in [0, 1)"),
     (["--shift", "-0.05"], "--shift: expected in [0, 1) (a fraction of the side), got -0.05"),
@@ -732,6 +732,20 @@ def test_help_shows_the_usage_and_points_to_the_readme_for_the_defaults(capsys):
         assert heading in headings, heading
 
 
+def test_help_gives_every_flag_its_help_and_its_default_once(capsys):
+    parser = train.build_parser()
+    for action in parser._actions:
+        assert action.help, action.dest
+        if action.option_strings and action.nargs != 0:  # a flag with a value (not an on/off switch, not --help)
+            shown = parser._get_formatter()._expand_help(action)
+            assert shown.count("default: ") == 1, (action.dest, shown)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "Read it top to bottom" not in out
+    assert "--img-size IMG_SIZE faces are resized from 48 to this side (default: 48)" in " ".join(out.split())
+
+
 def test_readme_states_the_defaults_and_where_the_official_code_differs():
     """README's defaults table, where --help sends the reader: the defaults it states are the parser's, and it
     says how the official code differs instead of calling these defaults the official recipe."""
@@ -740,11 +754,12 @@ def test_readme_states_the_defaults_and_where_the_official_code_differs():
     table = section[section.index("| | train.py default"):].split("\n\n")[0]  # one block: no blank line splits it
     assert "| memory format |" in table
     text = " ".join(section.split())
-    d = train.parse_args([])
+    d, _ = train.parse_args([])
     assert (d.model, d.img_size, d.in_chans, d.batch_size, d.weight_decay, d.lr, d.min_lr, d.label_smoothing,
             d.sa_weight, d.drop_path, d.layer_scale_init, d.ema_decay, d.rotate, d.zoom, d.shift, d.vflip) == \
-        ("atto", 64, 1, 128, 0.05, 1.5e-3, 1e-5, 0.2, 1.0, 0.0, 1.0, 0.999, 10.0, 0.1, 0.05, False)  # as it says
-    for stated in ("EmoNeXt-atto, 64 px, 1 channel, from scratch", "| 128, 32 epochs |",
+        ("atto", 48, 1, 128, 0.05, 1.5e-3, 1e-5, 0.2, 1.0, 0.0, 1.0, 0.999, 10.0, 0.1, 0.05, False)  # as it says
+    # the side: "1 channel, from scratch" only, the default is 48 px now (the shipped models'), the README said 64
+    for stated in ("1 channel, from scratch", "| 128, 32 epochs |",
                    "AdamW, weight decay 0.05, none on biases, norms and layer scales; gradients clipped at norm 1",
                    "linear warm-up over the first epoch to 1.5e-3, then one cosine decay to 1e-5",
                    "label smoothing 0.2, the self-attention regulariser with weight 1",
@@ -772,7 +787,7 @@ def smoothed_cross_entropy(logits, target, smoothing):
 
 
 def test_soft_targets_train_with_cross_entropy_against_the_distribution(faces_with_votes):
-    args = train.parse_args(ferplus_args(faces_with_votes, "ferplus-soft", 8, "--label-smoothing", "0.1"))
+    args = train.parse_args(ferplus_args(faces_with_votes, "ferplus-soft", 8, "--label-smoothing", "0.1"))[0]
     with redirect_stdout(io.StringIO()):
         run = train.setup(args, None)
     torch.set_num_threads(1)
@@ -795,7 +810,7 @@ def test_soft_targets_train_with_cross_entropy_against_the_distribution(faces_wi
 
 
 def test_draw_mode_trains_on_labels_drawn_from_the_votes(faces_with_votes):
-    args = train.parse_args(ferplus_args(faces_with_votes, "ferplus-draw"))
+    args = train.parse_args(ferplus_args(faces_with_votes, "ferplus-draw"))[0]
     with redirect_stdout(io.StringIO()):
         run = train.setup(args, None)
     torch.set_num_threads(1)
@@ -804,7 +819,7 @@ def test_draw_mode_trains_on_labels_drawn_from_the_votes(faces_with_votes):
     assert yb.dtype == torch.int64 and yb.shape == (32,)
     assert (run.train_y[idx].gather(1, yb[:, None]) > 0).all()  # each drawn class has votes
     torch.testing.assert_close(ce.double(), smoothed_cross_entropy(logits.detach(), F.one_hot(yb, 8).double(), 0.2))
-    run.it = 0  # the same iteration draws the same labels (resume sees the same batches)
+    run.iter = 0  # the same iteration draws the same labels (resume sees the same batches)
     assert torch.equal(train.train_step(run, idx)[1], yb)
 
 
@@ -822,27 +837,30 @@ def test_accuracy_of_soft_targets_is_against_their_most_voted_class():
 # (its __main__ block, at the end), which calls train.main with the instruments below: one thread per process, on
 # the CPU whatever the machine has, and a timeout after which torchrun and its processes are killed. The 1-process
 # runs are train.main in this process. EmoNeXt-atto at 32 px, global batch 32 (16 per process), 8 iterations, drop
-# path 0 (its masks are drawn per process, see train.py).
+# path 0 (its masks are drawn per process, see train.py). The torchrun runs are `slow`.
 # =============================================================================
 
 DDP_ITERS = 8
 
 
-def instrument(set_attr, records, raise_at=None, nan_from=None):
+def instrument(set_attr, records, raise_at=None, nan_from=None, signal_at=None):
     """Wraps train.train_step, train.training_batch and EmoNeXt.forward. Each process appends, per step, the
     iteration, its rows of the global batch, the sum of each face it trains on (augmented, erased, mixed) and its
     targets to records/batches.<rank>.jsonl.
     raise_at=[rank, iteration]: that process raises there, after writing the time to records/raised.
     nan_from=[rank, iteration]: that process's loss (its own part; the other processes' stay finite) is NaN from
-    that iteration on."""
+    that iteration on.
+    signal_at=[rank, iteration]: that process sends itself SIGTERM there, before the step."""
     step, training_batch, forward, now = train.train_step, train.training_batch, EmoNeXt.forward, {}
 
     def instrumented_step(run, idx):
-        now["it"], now["rank"] = run.it, run.rank
-        if [run.rank, run.it] == raise_at:
+        now["it"], now["rank"] = run.iter, run.rank
+        if [run.rank, run.iter] == raise_at:
             with open(os.path.join(records, "raised"), "w") as f:
                 f.write(repr(time.time()))
-            raise RuntimeError(f"injected failure in rank {run.rank} at iteration {run.it}")
+            raise RuntimeError(f"injected failure in rank {run.rank} at iteration {run.iter}")
+        if [run.rank, run.iter] == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         return step(run, idx)
 
     def instrumented_training_batch(run, idx, first, share):
@@ -966,6 +984,7 @@ def reference(faces_npz, tmp_path_factory):
         return one_process_run(faces_npz, tmp_path_factory.mktemp("one"), mp.setattr)
 
 
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_two_processes_train_as_one(faces_npz, reference, tmp_path):
     """Same faces, augmentation, logged losses, validation and weights (all of them, STN BatchNorm statistics and
     attention included) as one process; rank 0 alone writes one checkpoint and logs; rank 1 prints nothing."""
@@ -995,6 +1014,7 @@ def test_two_processes_train_as_one(faces_npz, reference, tmp_path):
                                                             "test_acc_tencrop"}
 
 
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_two_processes_mix_and_erase_as_one(faces_npz, tmp_path, monkeypatch):
     """With mixup, cutmix and random erasing on, each step's faces (mixed with partners that are the other
     process's rows) and soft targets are one process's, and so are the weights."""
@@ -1010,6 +1030,7 @@ def test_two_processes_mix_and_erase_as_one(faces_npz, tmp_path, monkeypatch):
     assert_same_run(two, two / "out", reference)
 
 
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_a_crashing_process_ends_the_run_and_one_process_resumes_it(faces_npz, reference, tmp_path, monkeypatch,
                                                                      capsys):
     """Rank 1 raises at iteration 4 (after the checkpoint of iteration 4): the run ends within seconds with a
@@ -1028,6 +1049,7 @@ def test_a_crashing_process_ends_the_run_and_one_process_resumes_it(faces_npz, r
     assert_same_run(tmp_path, out, reference)
 
 
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_two_processes_resume_a_one_process_run(faces_npz, reference, tmp_path, monkeypatch):
     """A 1-process run that ended at iteration 4 is continued by two processes to the same end."""
     out = tmp_path / "out"
@@ -1041,6 +1063,7 @@ def test_two_processes_resume_a_one_process_run(faces_npz, reference, tmp_path, 
     assert_same_run(tmp_path, out, reference)
 
 
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_a_nan_in_one_process_stops_all_of_them_together(faces_npz, tmp_path):
     """Only rank 1's loss is NaN from iteration 2: both processes skip steps 2 and 3 (rank 0's finite loss is not
     backpropagated, which would leave it waiting for rank 1 in DDP's gradient all-reduce) and stop together after
@@ -1054,6 +1077,26 @@ def test_a_nan_in_one_process_stops_all_of_them_together(faces_npz, tmp_path):
     assert stop in r.ranks[0]["stderr"] and stop not in r.ranks[1]["stderr"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_all_of_them_at_the_same_step(faces_npz, reference, tmp_path, monkeypatch,
+                                                                   capsys):
+    """SIGTERM to rank 1 alone before step 2: every process finishes that step and stops (they agree at the step's
+    end), rank 0 writes ckpt.pt of iteration 3 and says how to go on, all exit with 143; one process then resumes
+    the run to the uninterrupted end."""
+    out = tmp_path / "out"
+    r = torchrun(run_args(faces_npz, out), tmp_path, signal_at=[1, 2])
+    assert r.returncode != 0
+    said = f"train.py: stopped by SIGTERM at iteration 3/{DDP_ITERS}, saved in {out / 'ckpt.pt'}; continue with: " \
+           f"torchrun --nproc_per_node=2 train.py --resume --out-dir {out}"
+    assert said in r.ranks[0]["stderr"] and said not in r.ranks[1]["stderr"]
+    assert re.search(r"exitcode\s*:\s*143", r.output), r.output[-2000:]  # torchrun's report of the processes
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 3
+    capsys.readouterr()
+    instrument(monkeypatch.setattr, str(tmp_path))
+    train.main(["--resume", *resume_args(out)])
+    assert_same_run(tmp_path, out, reference)
 
 
 def test_flags_that_cannot_work_under_torchrun_are_refused_before_it_starts(faces_npz, tmp_path, monkeypatch):
@@ -1134,12 +1177,12 @@ def batches_of(run, idx, world):
 @pytest.mark.parametrize("flags", [["--mixup", "0.8"], ["--cutmix", "1.0"], ["--mixup", "0.5", "--cutmix", "1.0",
                                    "--random-erase", "0.5"], ["--random-erase", "1.0", "--labels", "fer2013"]])
 def test_mixed_batches_are_drawn_alike_for_any_number_of_processes(faces_npz, flags):
-    args = train.parse_args(tiny_args(faces_npz, "unused", 24, 12, *flags))
+    args, _ = train.parse_args(tiny_args(faces_npz, "unused", 24, 12, *flags))
     x, y = (torch.from_numpy(np.load(faces_npz)[k]) for k in ("train_x", "train_y"))
-    run = SimpleNamespace(args=args, train_x=x, train_y=y, class_names=emonext.FER2013_CLASS_NAMES, it=0)
+    run = SimpleNamespace(args=args, train_x=x, train_y=y, class_names=emonext.FER2013_CLASS_NAMES, iter=0)
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:32]
     for it in range(6):
-        run.it = it
+        run.iter = it
         one, targets = batches_of(run, idx, 1)
         for world in (2, 4):
             many, many_targets = batches_of(run, idx, world)
@@ -1157,7 +1200,7 @@ def test_a_run_with_mixing_resumes_bit_exact(faces_npz, tmp_path, monkeypatch):
 
     def then_die(run):  # the process dies right after the first checkpoint
         seconds = evaluate_and_save(run)
-        if run.it == 8:
+        if run.iter == 8:
             raise KeyboardInterrupt
         return seconds
     monkeypatch.setattr(train, "evaluate_and_save", then_die)
@@ -1173,3 +1216,112 @@ def test_a_run_with_mixing_resumes_bit_exact(faces_npz, tmp_path, monkeypatch):
 
 if __name__ == "__main__":
     worker()
+
+
+# -----------------------------------------------------------------------------
+# stops that keep the work: SIGTERM / SIGINT, and the checkpoints of other versions
+
+# the keys of a checkpoint of train.py before the Run fields took the checkpoint's names (top-level class names too)
+MAIN_CHECKPOINT_KEYS = {"config", "model", "ema", "optimizer", "iter", "best_val_acc", "nonfinite_steps", "args",
+                        "class_names", "rng_cpu", "metrics", "elapsed_s"}
+
+
+def assert_same_weights(a, b):
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+
+
+@pytest.fixture(scope="module")
+def unbroken(faces_npz, tmp_path_factory):
+    """The run that the stopped-and-resumed ones must end as: 16 iterations, evaluated at 8 and 16."""
+    out = tmp_path_factory.mktemp("unbroken")
+    with redirect_stdout(io.StringIO()):
+        train.main(tiny_args(faces_npz, out, 16, 8, "--seed", "2", "--drop-path", "0.3"))
+    return torch.load(out / "ckpt.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_at_a_step_end_saves_and_resume_ends_as_the_unbroken_run(sig, faces_npz, unbroken, tmp_path):
+    """SIGTERM or SIGINT mid-run (before any evaluation): the step ends, ckpt.pt is written, one line says how to go
+    on, the exit status is 128 + the signal; --resume then reaches the unbroken run's weights bit for bit."""
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, os.path.join(REPO, "train.py"),
+           *tiny_args(faces_npz, out, 16, 8, "--seed", "2", "--drop-path", "0.3", "--log-interval", "1")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("iter 2/16 "):
+                proc.send_signal(sig)
+                break
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, stdout[-2000:] + stderr[-2000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert 2 <= ckpt["iter"] < 8 and ckpt["metrics"] == []  # a step's end, before the first evaluation
+    said = [line for line in stderr.splitlines() if "continue with" in line]
+    assert said == [f"train.py: stopped by {signal.Signals(sig).name} at iteration {ckpt['iter']}/16, saved in "
+                    f"{out / 'ckpt.pt'}; continue with: python train.py --resume --out-dir {out}"]
+    assert "Traceback" not in stderr and not os.path.exists(out / "best.pt")
+    with redirect_stdout(io.StringIO()):
+        train.main(["--resume", "--out-dir", str(out), "--threads", "1"])
+    assert_same_weights(torch.load(out / "ckpt.pt", weights_only=True), unbroken)
+
+
+def test_a_second_signal_ends_the_process_at_once_and_the_handlers_are_put_back(monkeypatch):
+    exits, before = [], signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    with train.signals_stop_the_run() as seen:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert seen == [signal.SIGINT] and exits == []  # the first asks for a stop at the step's end
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == [128 + signal.SIGTERM]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_checkpoint_with_the_keys_of_earlier_versions_resumes(faces_npz, unbroken, tmp_path, monkeypatch):
+    """A ckpt.pt as train.py wrote it before (its key names, the class names at the top level too) resumes to the
+    unbroken run's end."""
+    evaluate_and_save = train.evaluate_and_save
+
+    def then_die(run):
+        seconds = evaluate_and_save(run)
+        if run.iter == 8:
+            raise KeyboardInterrupt
+        return seconds
+    monkeypatch.setattr(train, "evaluate_and_save", then_die)
+    out = tmp_path / "old"
+    with pytest.raises(KeyboardInterrupt), redirect_stdout(io.StringIO()):
+        train.main(tiny_args(faces_npz, out, 16, 8, "--seed", "2", "--drop-path", "0.3"))
+    monkeypatch.setattr(train, "evaluate_and_save", evaluate_and_save)
+    old = torch.load(out / "ckpt.pt", weights_only=True)
+    old["class_names"] = old["config"]["class_names"]
+    assert old.keys() == MAIN_CHECKPOINT_KEYS
+    torch.save(old, out / "ckpt.pt")
+    with redirect_stdout(io.StringIO()):
+        train.main(["--resume", "--out-dir", str(out), "--threads", "1"])
+    assert_same_weights(torch.load(out / "ckpt.pt", weights_only=True), unbroken)
+
+
+def test_resume_of_a_weights_only_file_says_what_it_is(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(os.path.join(REPO, "weights", "emonext_atto_fer2013.pt"), out / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", "--out-dir", str(out), "--threads", "1"])
+    assert str(e.value.code) == (f"train.py: --resume: {out / 'ckpt.pt'} holds a model's weights only (a file to ship, "
+                                 f"as export.py writes and weights/ holds), not a run to continue; start a run from "
+                                 f"it in another --out-dir with --pretrained {out / 'ckpt.pt'}")
+
+
+def test_a_training_split_without_a_class_is_warned_in_one_line(tmp_path, capsys):
+    (x, y), (vx, vy) = bright_cells(448, 0), bright_cells(70, 1)
+    keep = y != 5  # no surprise faces to train on
+    np.savez(tmp_path / "no5.npz", train_x=x[keep], train_y=y[keep], public_test_x=vx, public_test_y=vy)
+    train.main(tiny_args(str(tmp_path / "no5.npz"), tmp_path / "out", 2, 2))
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == ["train.py: warning: the training split has no faces of surprise; the model cannot learn to "
+                      "predict them"]
