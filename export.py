@@ -4,7 +4,7 @@ path as one ONNX file that onnxruntime runs without torch: uint8 grey faces (N, 
 model -> softmax -> probabilities (N, num_classes), class names and config in its metadata.
 
     python export.py out/best.pt weights/emonext_atto_fer2013.pt       # EMA weights in fp16, config, class names
-    python export.py a/best.pt b/best.pt soup.pt                        # their weights averaged (a uniform soup)
+    python export.py --average a/best.pt b/best.pt soup.pt              # their weights averaged (a uniform soup)
     python export.py weights/emonext_atto_fer2013.pt model.onnx        # ONNX, fp32
     python export.py weights/emonext_atto_fer2013.pt weights/emonext_atto_fer2013_int8.onnx \\
         --int8 ../shared/data/fer2013.npz                               # static int8, calibrated on 1,000 train faces
@@ -235,10 +235,12 @@ def sha256(path) -> str:
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="checkpoint",
-                   help="a checkpoint of train.py or a shipped .pt; several: one model with their weights averaged "
-                        "(fine-tunes of one model)")
+                   help="a checkpoint of train.py or a shipped .pt (several with --average)")
     p.add_argument("out", help="what to write: .pt (the checkpoint to ship: EMA weights in half precision, config, "
                    "class names, train.py's arguments) or .onnx (the whole inference path)")
+    p.add_argument("--average", action="store_true",
+                   help="average the weights of several checkpoints into one model, a uniform soup (fine-tunes "
+                        "of one model; default: off, one checkpoint)")
     p.add_argument("--int8", metavar="DATA", default=None,
                    help=".onnx: quantise statically to int8, calibrated on faces of DATA's train split (a dataset "
                         "as train.py's --data reads it)")
@@ -257,6 +259,11 @@ def main(argv=None):
     kind = os.path.splitext(args.out)[1]
     if kind not in (".pt", ".onnx"):
         sys.exit(f"export.py: {args.out}: expected a .pt or an .onnx file to write")
+    if len(args.checkpoints) > 1 and not args.average:
+        sys.exit(f"export.py: {len(args.checkpoints)} checkpoints given: to write one model of their weights "
+                 "averaged (a uniform soup), pass --average")
+    if args.average and len(args.checkpoints) < 2:
+        sys.exit("export.py: --average needs two checkpoints or more")
     if args.int8 and kind != ".onnx":
         sys.exit("export.py: --int8 quantises an .onnx file; a .pt is written in half precision")
     try:

@@ -2,7 +2,7 @@
 and how the detector's framing of a face changes the shipped model's accuracy (bench.py holds the speed benchmarks).
 
     python -m studies --only detect --scenes 300        # the face detectors: found, invented, ms per scene
-    python -m studies --only framing --faces 1000       # accuracy on the detector's crops at each scale vs FER2013's own
+    python -m studies --only framing --faces 1000       # accuracy on the detector's crops at each scale vs own crops
     python -m studies --only video-recall --clips 40    # faces found in video frames at detection sides 640/480/320
     python -m studies --dry-run                         # all three at tiny sizes: proves every path runs
 

@@ -279,7 +279,7 @@ def test_pt_export_writes_the_half_precision_ema_checkpoint_that_eval_scores(run
 
 def test_several_checkpoints_export_as_one_model_with_their_weights_averaged(run, tmp_path):
     path = tmp_path / "soup.pt"
-    digest, out = run_export([run["trained"], run["ckpt"], str(path)])
+    digest, out = run_export(["--average", run["trained"], run["ckpt"], str(path)])
     assert out == f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, sha256 {digest}\n"
     soup, trained, shaken = (torch.load(p, weights_only=True) for p in (path, run["trained"], run["ckpt"]))
     assert soup["averaged_from"] == [run["trained"], run["ckpt"]] and soup["args"] == trained["args"]
@@ -294,10 +294,23 @@ def test_several_checkpoints_export_as_one_model_with_their_weights_averaged(run
         assert not {"emonext.iter", "emonext.best_val_acc"} & set(meta)
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["A.pt", "B.pt", "OUT.pt"], "export.py: 2 checkpoints given: to write one model of their weights averaged (a "
+                                 "uniform soup), pass --average"),
+    (["--average", "A.pt", "OUT.pt"], "export.py: --average needs two checkpoints or more"),
+])
+def test_a_soup_is_asked_for_by_name(argv, says, monkeypatch, tmp_path):
+    monkeypatch.setattr(export, "read_checkpoint", lambda *a: pytest.fail("loaded before the flags were checked"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        export.main(argv)
+    assert str(e.value.code) == says and os.listdir(tmp_path) == []
+
+
 def test_checkpoints_of_different_models_do_not_average(run, rgb, tmp_path):
     rgb_ckpt = str(rgb["path"]).replace(".onnx", ".pt")
     with pytest.raises(SystemExit) as e:
-        export.main([run["ckpt"], rgb_ckpt, str(tmp_path / "soup.pt")])
+        export.main(["--average", run["ckpt"], rgb_ckpt, str(tmp_path / "soup.pt")])
     assert str(e.value.code) == (f"export.py: {rgb_ckpt}: not the model of {run['ckpt']} (img_size 96 against 64; "
                                  "in_chans 3 against 1; num_classes 8 against 7; class_names "
                                  f"{list(FERPLUS_NAMES)} against {list(FER2013_CLASS_NAMES)}): only checkpoints of "
