@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import data
 import kernels
 import predict
@@ -595,11 +596,7 @@ def official_from(model: EmoNeXt) -> OfficialEmoNeXt:
 def onnx_path(path, threads: int, model: EmoNeXt, faces):
     """() -> probabilities of an export.py file on faces, in an onnxruntime session of `threads` threads (intra-op;
     one inter-op, sequential), after checking that the file was exported from `model`'s config."""
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = cli.onnx_session(path, threads)
     config = json.loads(session.get_modelmeta().custom_metadata_map.get("emonext.config", "null"))
     if config != config_dict(model):
         raise SystemExit(f"bench.py: {path} was not exported from these weights (its config: {config})")

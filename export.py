@@ -187,10 +187,7 @@ def calibration_faces(spec: str, n: int, seed: int):
 def check_onnx(path, model: EmoNeXt, faces, int8: bool) -> float:
     """Runs the written file in onnxruntime on faces and compares with EmoNeXt.predict; returns the max |prob diff|.
     An fp32 file that differs by more than 1e-4 ends the script."""
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = cli.onnx_session(path, torch.get_num_threads())
     probs = torch.from_numpy(session.run(["probs"], {"faces": faces.numpy()})[0])
     expected = model.predict(faces)
     diff = (probs - expected).abs().max().item()
