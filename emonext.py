@@ -222,6 +222,8 @@ SIZES = {
     "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
 }
 
+TTA_MODES = ("none", "tencrop")  # test-time augmentation: the plain path, or the official recipe's ten-crop
+DEFAULT_TTA = "tencrop"  # what a score (eval.py) and a photo's faces (predict.py) get unless told otherwise
 MIN_IMG_SIZE = 32  # the 32x downsampling leaves 1x1 at stage 4; the localization net needs 18
 
 
@@ -412,8 +414,8 @@ class EmoNeXt(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 3:
             raise ValueError(f"predict_logits takes uint8 grey faces (N, H, W), got "
                              f"{f'{x.dtype} {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if tta not in ("none", "tencrop"):
-            raise ValueError(f"tta must be 'none' or 'tencrop', got {tta!r}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(map(repr, TTA_MODES))}, got {tta!r}")
         c, device, was_training = self.config, next(self.parameters()).device, self.training
         self.eval()
         out = [torch.zeros(0, c.num_classes)]

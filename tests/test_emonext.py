@@ -830,8 +830,9 @@ def test_predict_logits_batches_and_tencrop():
     assert m.training  # and the caller's mode is back
     with pytest.raises(ValueError, match=r"uint8 grey faces \(N, H, W\), got torch.float32 \(10, 1, 48, 48\)"):
         m.predict_logits(x[:, None].float())
-    with pytest.raises(ValueError, match="tta must be 'none' or 'tencrop', got 'flip'"):
+    with pytest.raises(ValueError, match="tta must be one of 'none', 'tencrop', got 'flip'"):
         m.predict_logits(x, "flip")
+    assert emonext.DEFAULT_TTA in emonext.TTA_MODES  # the scripts' default is a mode predict_logits runs
 
 
 def test_predict_is_predict_logits_softmax(shaken, faces):
@@ -922,7 +923,7 @@ def test_grey_faces_rgb_as_pil_and_centre_square():
     tall = np.pad(face, ((20, 21), (0, 0)), constant_values=0)
     for im in (face, wide, tall):
         assert torch.equal(emonext.grey_faces(im), torch.from_numpy(face)[None])
-    # other sizes: resized to 48 like PIL's bilinear resize of the square (what data.load_image did before)
+    # other sizes: resized to 48 like PIL's bilinear resize of the square
     smooth = np.array(Image.fromarray(face).resize((150, 150), Image.BICUBIC))
     pil48 = np.asarray(Image.fromarray(smooth).resize((48, 48), Image.BILINEAR)).astype(int)
     assert np.abs(emonext.grey_faces(smooth)[0].numpy().astype(int) - pil48).max() <= 1
