@@ -566,7 +566,7 @@ def bench_video(args, table):
     model, side = EmoNeXt.from_checkpoint(args.weights).for_inference(), args.video_side or predict.VIDEO_MAX_SIDE
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "clip.mp4")
-        synthetic.video_clip(cv2, path, 8 if args.dry_run else 300, [(face, 120, 0, 360)], np.random.default_rng(0))
+        synthetic.video_clip(path, 8 if args.dry_run else 300, [(face, 120, 0, 360)], np.random.default_rng(0))
         for threads in args.threads or [torch.get_num_threads()]:
             torch.set_num_threads(threads)
             cv2.setNumThreads(threads)
@@ -638,35 +638,52 @@ SECTIONS = {"env": bench_env, "dwconv": bench_dwconv, "sampler": bench_sampler,
             "onnx": bench_onnx}
 
 
-def parse_args(argv=None):
-    cuda = torch.cuda.is_available()
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=list(SECTIONS), action="append", help="sections to run (default dwconv, sampler)")
-    p.add_argument("--quick", action="store_true", help="shorter timing (CPU: one dwconv shape)")
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 steps, aot_eager: proves every path runs")
-    p.add_argument("--batch", type=int, default=None, help="default 128 on CUDA and for --floors, 2 on a CPU "
-                   "(model sections: 16)")
-    p.add_argument("--ceilings", default=None, help="a --jsonl file holding an env row: its rates, not measured anew")
-    p.add_argument("--jsonl", default=None, help="append every row to this file, as JSON lines")
-    p.add_argument("--seconds", type=float, default=0, help="start no section after this many seconds (0: no limit)")
-    p.add_argument("--floors", action="store_true", help="print the performance model's floors at H100 rates, exit")
-    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--only", choices=list(SECTIONS), action="append",
+                   help="sections to run, in the order given (default: dwconv, sampler)")
+    p.add_argument("--quick", action="store_true", help="shorter timing (CPU: one dwconv shape; default: off)")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 steps, aot_eager: proves every "
+                   "path runs (default: off)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 128 on CUDA and for "
+                   "--floors, 2 on a CPU, 16 for train and infer there; --dry-run 2)")
+    p.add_argument("--ceilings", default=None, help="a --jsonl file holding an env row: its rates, "
+                   "not measured anew (default: measured)")
+    p.add_argument("--jsonl", default=None, help="append every row to this file, as JSON lines "
+                   "(default: none)")
+    p.add_argument("--seconds", type=float, default=0, help="start no section after this many seconds "
+                   "(default: 0, no limit)")
+    p.add_argument("--floors", action="store_true", help="print the performance model's floors at H100 "
+                   "rates and exit (default: off)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (default: inductor; "
+                   "--dry-run aot_eager)")
     m = p.add_argument_group("train / infer")
-    m.add_argument("--sizes", default="tiny", help="EmoNeXt sizes, comma-separated")
-    m.add_argument("--img-sizes", default="224", help="input sides, comma-separated")
-    m.add_argument("--threads", default="", help="CPU thread counts, comma-separated (default: torch's; video too)")
+    m.add_argument("--sizes", default="tiny", help="EmoNeXt sizes, comma-separated (default: tiny; "
+                   "--dry-run atto)")
+    m.add_argument("--img-sizes", default="224", help="input sides, comma-separated (default: 224; "
+                   "--dry-run 32)")
+    m.add_argument("--threads", default="", help="CPU thread counts, comma-separated, for train, infer, "
+                   "video and onnx (default: torch's own)")
     m.add_argument("--variants", default=None, help=f"of {','.join(VARIANTS)} (default: all but eager-nchw on CUDA, "
                    "official,eager on a CPU, all with --dry-run)")
-    m.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    m.add_argument("--amp", action="store_true", help="bf16 autocast on a CPU too (always on CUDA)")
+    m.add_argument("--steps", type=int, default=10, help="timed steps per variant (default: 10; --dry-run 2)")
+    m.add_argument("--amp", action="store_true", help="bf16 autocast on a CPU too (always on CUDA; default: "
+                   "off)")
     m.add_argument("--channels-last", action="store_true", help="infer, onnx: the project's model via "
-                   "for_inference(channels_last=True)")
+                   "for_inference(channels_last=True) (default: off)")
     o = p.add_argument_group("onnx / video")
-    o.add_argument("--onnx", nargs="+", default=[], metavar="FILE", help="ONNX files of export.py to time")
+    o.add_argument("--onnx", nargs="+", default=[], metavar="FILE", help="onnx: the ONNX files of export.py "
+                   "to time (default: none; the onnx section needs them)")
     o.add_argument("--weights", default=SHIPPED, help="onnx: the checkpoint the files were exported from, whose "
-                   "weights the eager variants run; the others: the checkpoint that classifies the faces (shipped)")
-    o.add_argument("--video-side", type=int, default=None, help="video: the detection side (default predict.py's "
-                   "VIDEO_MAX_SIDE)")
+                   "weights the eager variants run; video: the checkpoint that classifies the faces (default: the "
+                   "shipped FER2013 model)")
+    o.add_argument("--video-side", type=int, default=None, help="video: the detection side (default: "
+                   f"predict.py's VIDEO_MAX_SIDE, {predict.VIDEO_MAX_SIDE})")
+    return p
+
+
+def parse_args(argv=None):
+    p, cuda = build_parser(), torch.cuda.is_available()
     args = p.parse_args(argv)
     models = bool(set(args.only or ()) & {"train", "infer"})
     args.batch = args.batch or (2 if args.dry_run else 128 if cuda or args.floors else 16 if models else 2)

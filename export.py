@@ -240,9 +240,10 @@ def build_parser():
                         "of one model; default: off, one checkpoint)")
     p.add_argument("--int8", metavar="DATA", default=None,
                    help=".onnx: quantise statically to int8, calibrated on faces of DATA's train split (a dataset "
-                        "as train.py's --data reads it)")
-    p.add_argument("--calibration-faces", type=int, default=1000, help="--int8: how many train faces")
-    p.add_argument("--seed", type=int, default=0, help="--int8: which train faces (and the faces of the check)")
+                        "as train.py's --data reads it; default: none, fp32)")
+    p.add_argument("--calibration-faces", type=int, default=1000, help="--int8: how many train faces (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="--int8: which train faces, and the faces of the "
+                   "check (default: 0)")
     return p
 
 

@@ -51,7 +51,7 @@ def study_video_recall(args, table):
         path = os.path.join(tmp, "clip.mp4")
         for _ in range(args.clips):
             faces = [(x[rng.integers(len(x))], int(rng.integers(50, 91)), top, top + 180) for top in (0, 180)]
-            truth = synthetic.video_clip(cv2, path, 30, faces, rng)
+            truth = synthetic.video_clip(path, 30, faces, rng)
             for side in VIDEO_SIDES:
                 for index, _, _, found in predict.video_faces(model, cv2.VideoCapture(path), detector, max_side=side):
                     overlap = predict.iou(truth[index], [box for box, *_ in found]).reshape(len(truth[index]), -1)
@@ -175,7 +175,7 @@ def study_framing(args, table):
 STUDIES = {"detect": study_detect, "framing": study_framing, "video-recall": study_video_recall}
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=list(STUDIES), action="append",
                    help="studies to run, in the order given (default: all three)")
@@ -187,7 +187,11 @@ def parse_args(argv=None):
     p.add_argument("--clips", type=int, default=None, help="video-recall: 30-frame clips (default 40; --dry-run 1)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes: proves every path runs (default: off)")
     p.add_argument("--jsonl", default=None, help="append every row to this file, as JSON lines (default: none)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.scenes = args.scenes or (3 if args.dry_run else 300)
     args.faces = args.faces or (10 if args.dry_run else 1000)
     args.clips = args.clips or (1 if args.dry_run else 40)

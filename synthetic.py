@@ -9,7 +9,7 @@ And scenes and clips of such 48x48 faces (FER2013's, in the tests, bench.py and 
 into larger pictures (these need OpenCV, opencv-python-headless):
 
     grey, truth = make_scene(np.random.default_rng(0), faces)   # uint8 (480, 640), [(x, y, side, side)]
-    truth = video_clip(cv2, "clip.mp4", 30, [(face, 120, 0, 360)], rng)   # a 640x360 clip, boxes per frame
+    truth = video_clip("clip.mp4", 30, [(face, 120, 0, 360)], rng)   # a 640x360 clip, boxes per frame
 """
 import math
 
@@ -156,10 +156,11 @@ def make_scene(rng, fer_x, w=640, h=480, n_faces=3, sides=(80, 200), max_angle=1
     return np.clip(canvas, 0, 255).round().astype(np.uint8), sorted(truth)
 
 
-def video_clip(cv2, path, frames, faces, rng):
+def video_clip(path, frames, faces, rng):
     """Writes a 640x360 mp4v clip at 30 fps of faces [(48x48 face, side, top, bottom)] drifting over smooth noise,
     each across the width and between rows top and bottom, face k a phase of k radians later (paste_face).
     Returns per frame the pasted squares (x, y, side, side)."""
+    import cv2
     background = sum(amp * cv2.resize(rng.normal(0, 1, (360 // cell + 2, 640 // cell + 2)).astype(np.float32),
                                       (640, 360), interpolation=cv2.INTER_CUBIC) for cell, amp in ((64, 60), (8, 20)))
     writer, truth = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 30, (640, 360)), []

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+import studies
 
 
 def test_official_layout_model_has_the_projects_weights_and_logits():
@@ -71,6 +72,13 @@ def test_table_streams_markdown_and_json_lines(tmp_path, capsys):
 def test_bench_rejects_unknown_names(argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
+
+
+def test_every_flag_says_what_it_does_and_its_default():
+    for parser in (bench.build_parser(), studies.build_parser()):
+        for action in parser._actions:
+            if action.dest != "help":
+                assert action.help and "default" in action.help, action.option_strings
 
 
 def test_dry_run_runs_every_variant_at_tiny_shapes():

@@ -201,6 +201,7 @@ def test_eval_refuses_what_an_onnx_file_cannot_do_in_one_line(run, flags, says, 
 
 def test_eval_says_when_an_onnx_file_is_not_one_of_export_py(run, tmp_path):
     onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     h = onnx.helper
     graph = h.make_graph([h.make_node("Identity", ["faces"], ["probs"])], "g",
                          [h.make_tensor_value_info("faces", onnx.TensorProto.FLOAT, [1])],
@@ -219,6 +220,8 @@ def test_eval_says_when_an_onnx_file_is_not_one_of_export_py(run, tmp_path):
 
 @pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])
 def test_a_missing_optional_package_gets_one_line_saying_what_to_install(run, package, monkeypatch, tmp_path):
+    for other in {"onnx", "onnxscript", "onnxruntime"} - {package}:  # the one missing is this one alone
+        pytest.importorskip(other)
     monkeypatch.setitem(sys.modules, package, None)  # import raises ImportError
     with pytest.raises(SystemExit) as e:
         export.main([run["ckpt"], str(tmp_path / "model.onnx")])
@@ -246,7 +249,15 @@ def test_flags_that_cannot_work_end_in_one_line_before_anything_loads(run, argv,
     assert str(e.value.code) == says
 
 
+def test_every_flag_says_what_it_does_and_its_default():
+    for action in export.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and "default" in action.help, action.option_strings
+
+
 def test_int8_data_that_cannot_be_read_ends_in_one_line(run, tmp_path):
+    for package in ("onnx", "onnxscript", "onnxruntime"):  # an .onnx file needs them before its data is read
+        pytest.importorskip(package)
     with pytest.raises(SystemExit) as e:
         export.main([run["ckpt"], str(tmp_path / "model.onnx"), "--int8", str(tmp_path / "nothing.npz")])
     assert str(e.value.code).startswith("export.py: --int8: ") and "nothing.npz" in str(e.value.code)
@@ -322,6 +333,7 @@ def test_exports_that_cannot_be_written_end_in_one_line_and_leave_no_temporary_f
     for name in ("a_folder.pt", "a_folder.onnx"):
         (tmp_path / name).mkdir()
     onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript"), pytest.importorskip("onnxruntime")  # export.py asks for all three first
     tiny = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
     monkeypatch.setattr(export, "onnx_graph", lambda model: tiny)  # not the 10 s export: its write is tested here
     for name in ("a_folder.pt", "a_folder.onnx"):
