@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import struct
+import subprocess
 import sys
 import zipfile
 
@@ -1323,6 +1324,14 @@ with torch.no_grad():
 torch.save({"logits": logits, "loss": loss, "logits2": logits2}, "out.pt")
 print("ok")
 """
+
+
+def test_importing_emonext_with_its_kernels_loads_no_torch_dynamo():
+    """kernels/ beside it is imported, but torch.compile's machinery (most of an import's time) waits for a compile."""
+    code = "import sys, emonext; assert emonext.kernels is not None; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(emonext.__file__)))
+    assert out.returncode == 0 and out.stdout == "False\n", out.stderr
 
 
 def test_works_when_copied_alone(tmp_path, run_emonext_alone):
