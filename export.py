@@ -27,7 +27,8 @@ import torch.nn as nn
 import cli
 import data
 import emonext
-from emonext import FACE_SIDE, EmoNeXt, config_dict, export_checkpoint, read_checkpoint, write_atomically
+from emonext import (FACE_SIDE, EmoNeXt, check_writable, config_dict, export_checkpoint, read_checkpoint,
+                     write_atomically)
 
 EXTRAS_HINT = "pip install -r requirements-extra.txt"
 INT8_OPS = ("Conv", "MatMul", "Gemm")  # quantised; the depthwise convs among the Convs are left fp32 (below)
@@ -107,7 +108,7 @@ def average_weights(models, paths) -> EmoNeXt:
 
 
 def metadata(model: EmoNeXt, provenance: dict) -> dict:
-    """The ONNX file's metadata_props (str -> str, JSON where structured): class names, config, and the training
+    """The ONNX file's metadata_props (str -> str, every value JSON, strings too): class names, config, and the training
     arguments, iteration and best val accuracy of the checkpoint when it has them (the paths averaged for a soup)."""
     meta = {"emonext.class_names": list(model.config.class_names), "emonext.config": config_dict(model),
             "emonext.input": f"faces: uint8 (N, {FACE_SIDE}, {FACE_SIDE}) grey faces, levels 0..255 "
@@ -116,14 +117,14 @@ def metadata(model: EmoNeXt, provenance: dict) -> dict:
                               "columns as emonext.class_names",
             "emonext.precision": "fp32"}
     meta.update({f"emonext.{k}": v for k, v in provenance.items() if v is not None})
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return {k: json.dumps(v) for k, v in meta.items()}
 
 
 def set_metadata(proto, meta: dict):
     """Replaces a ModelProto's metadata_props by meta (str -> str)."""
     import onnx
     onnx.helper.set_model_props(proto, meta)
-    proto.producer_name, proto.doc_string = "EmoNeXt export.py", meta["emonext.output"]
+    proto.producer_name, proto.doc_string = "EmoNeXt export.py", json.loads(meta["emonext.output"])
 
 
 class FacesReader:
@@ -158,7 +159,7 @@ def quantize_int8(proto, faces, how: dict):
                         nodes_to_exclude=depthwise, calibrate_method=CalibrationMethod.MinMax, reduce_range=True)
         quantized = onnx.load(int8)
     meta = {p.key: p.value for p in proto.metadata_props}
-    meta["emonext.precision"] = "int8"
+    meta["emonext.precision"] = json.dumps("int8")
     meta["emonext.quantization"] = json.dumps({
         "how": "onnxruntime quantize_static, QDQ, after quant_pre_process",
         "weights": "int8 in 7 bits (reduce_range), per output channel",
@@ -264,6 +265,14 @@ def main(argv=None):
         sys.exit("export.py: --average needs two checkpoints or more")
     if args.int8 and kind != ".onnx":
         sys.exit("export.py: --int8 quantises an .onnx file; a .pt is written in half precision")
+    same = [c for c in args.checkpoints
+            if os.path.exists(args.out) and os.path.exists(c) and os.path.samefile(c, args.out)]
+    if same:  # by another name, a symlink or a hard link included (samefile: the same device and inode)
+        sys.exit(f"export.py: {args.out} is the checkpoint {same[0]} it would be made of: write to another path")
+    try:
+        check_writable(args.out)
+    except OSError as e:
+        sys.exit(f"export.py: {e.strerror}")
     try:
         model, provenance = load_models(args.checkpoints)
     except (ValueError, FileNotFoundError) as e:

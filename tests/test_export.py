@@ -140,7 +140,10 @@ def test_metadata_reads_back_through_onnxruntime(run, fp32, rgb):
     assert json.loads(meta["emonext.config"]) == config_dict(EmoNeXt.from_checkpoint(run["ckpt"]))
     assert json.loads(meta["emonext.args"]) == ckpt["args"] and json.loads(meta["emonext.iter"]) == ckpt["iter"]
     assert json.loads(meta["emonext.best_val_acc"]) == ckpt["best_val_acc"]
-    assert meta["emonext.precision"] == "fp32" and "emonext.quantization" not in meta
+    assert json.loads(meta["emonext.precision"]) == "fp32" and "emonext.quantization" not in meta
+    assert json.loads(meta["emonext.input"]).startswith("faces: uint8 (N, 48, 48) grey faces")
+    assert json.loads(meta["emonext.output"]).startswith("probs: float32 (N, 7) softmax probabilities")
+    assert all(json.loads(v) is not None for v in meta.values())  # every value JSON, as the README says
     meta = session(rgb["path"]).get_modelmeta().custom_metadata_map
     assert json.loads(meta["emonext.class_names"]) == list(FERPLUS_NAMES)
     assert json.loads(meta["emonext.config"])["in_chans"] == 3 and json.loads(meta["emonext.config"])["img_size"] == 96
@@ -150,7 +153,7 @@ def test_metadata_reads_back_through_onnxruntime(run, fp32, rgb):
 def test_int8_is_smaller_says_so_and_mostly_agrees_with_fp32(run, fp32, int8):
     assert os.path.getsize(int8["path"]) < 0.4 * os.path.getsize(fp32["path"])
     meta = session(int8["path"]).get_modelmeta().custom_metadata_map
-    assert meta["emonext.precision"] == "int8"
+    assert json.loads(meta["emonext.precision"]) == "int8" and all(json.loads(v) is not None for v in meta.values())
     how = json.loads(meta["emonext.quantization"])
     assert how["calibration"] == {"method": "MinMax", "data": run["npz"], "train faces": 320, "seed": 3}
     assert "QDQ" in how["how"] and how["quantised"] == ["Conv", "MatMul", "Gemm"] and "depthwise" in how["fp32"]
@@ -345,3 +348,33 @@ def test_exports_that_cannot_be_written_end_in_one_line_and_leave_no_temporary_f
     with pytest.raises(SystemExit) as e:
         export.main([run["trained"], "/etc/passwd/x.pt"])  # under a file: nothing can be made there
     assert str(e.value.code) == "export.py: cannot write /etc/passwd/x.pt (Not a directory)"
+
+
+def test_an_out_that_is_the_checkpoint_is_refused_in_one_line_and_nothing_is_written(run, tmp_path, monkeypatch):
+    """export.py ckpt.pt ckpt.pt turned a training checkpoint into the slim file: the same file under any name (a
+    relative path, a symlink, a hard link) is refused before anything loads."""
+    monkeypatch.setattr(export, "read_checkpoint", lambda *a: pytest.fail("loaded though OUT is the checkpoint"))
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(open(run["trained"], "rb").read())
+    (tmp_path / "link.pt").symlink_to(ckpt)
+    os.link(ckpt, tmp_path / "hard.pt")
+    monkeypatch.chdir(tmp_path)
+    before = ckpt.read_bytes()
+    for out, argv in (("ckpt.pt", [str(ckpt)]), (str(tmp_path / "link.pt"), ["./ckpt.pt"]),
+                      ("hard.pt", ["ckpt.pt"]), ("ckpt.pt", ["--average", run["ckpt"], "link.pt"])):
+        with pytest.raises(SystemExit) as e:
+            export.main([*argv, out])
+        assert str(e.value.code) == (f"export.py: {out} is the checkpoint {argv[-1]} it would be made of: write to "
+                                     "another path")
+    assert ckpt.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hard.pt", "link.pt"]
+
+
+def test_an_out_that_cannot_be_written_ends_the_export_before_any_work(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "read_checkpoint", lambda *a: pytest.fail("loaded before OUT was checked"))
+    (tmp_path / "a_folder.pt").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for out, why in ((tmp_path / "a_folder.pt", "Is a directory"), (tmp_path / "a_file" / "x.onnx", "Not a directory")):
+        with pytest.raises(SystemExit) as e:
+            export.main([run["trained"], str(out)])
+        assert str(e.value.code) == f"export.py: cannot write {out} ({why})"
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "a_folder.pt"] and os.listdir(tmp_path / "a_folder.pt") == []
