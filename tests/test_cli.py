@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cli
+from conftest import foreign_onnx
 
 LIMITS = {"batch_size": (lambda v: v >= 1, "at least 1"),
           "lr": (lambda v: v > 0, "more than 0"),  # NaN fails it too: NaN > 0 is False
@@ -77,13 +78,8 @@ def test_cli_imports_without_torch():
 
 
 def test_onnx_session_sets_the_threads_and_says_what_cannot_load(tmp_path):
-    onnx, ort = pytest.importorskip("onnx"), pytest.importorskip("onnxruntime")
-    h = onnx.helper
-    graph = h.make_graph([h.make_node("Identity", ["faces"], ["probs"])], "g",
-                         [h.make_tensor_value_info("faces", onnx.TensorProto.FLOAT, [1])],
-                         [h.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [1])])
-    path, garbage = tmp_path / "id.onnx", tmp_path / "garbage.onnx"
-    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 20)]), path)
+    ort = pytest.importorskip("onnxruntime")
+    path, garbage = foreign_onnx(tmp_path / "id.onnx"), tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a protobuf at all")
     options = cli.onnx_session(str(path), threads=2).get_session_options()
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)

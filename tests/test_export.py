@@ -18,7 +18,7 @@ import eval as evaluate
 import export
 import synthetic
 import train
-from conftest import largest_int8_weight, save_npz
+from conftest import foreign_onnx, largest_int8_weight, save_npz
 from emonext import FER2013_CLASS_NAMES, EmoNeXt, config_dict, grey_faces
 
 FERPLUS_NAMES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
@@ -203,14 +203,8 @@ def test_eval_refuses_what_an_onnx_file_cannot_do_in_one_line(run, flags, says, 
 
 
 def test_eval_says_when_an_onnx_file_is_not_one_of_export_py(run, tmp_path):
-    onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    h = onnx.helper
-    graph = h.make_graph([h.make_node("Identity", ["faces"], ["probs"])], "g",
-                         [h.make_tensor_value_info("faces", onnx.TensorProto.FLOAT, [1])],
-                         [h.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [1])])
-    foreign, garbage = tmp_path / "foreign.onnx", tmp_path / "garbage.onnx"
-    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 20)]), foreign)
+    foreign, garbage = foreign_onnx(tmp_path / "foreign.onnx"), tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a protobuf at all")
     for path, says in ((foreign, "not an ONNX file of export.py (no emonext.class_names in its metadata)"),
                        (garbage, "onnxruntime cannot load it ("), (tmp_path / "gone.onnx", None)):
