@@ -272,7 +272,7 @@ def test_pt_export_writes_the_half_precision_ema_checkpoint_that_eval_scores(run
     assert os.listdir(path.parent) == ["shipped.pt"]  # written through a temporary file, which is gone
     shipped, source = (torch.load(p, weights_only=True) for p in (path, run["trained"]))
     assert not {"model", "optimizer", "rng_cpu"} & set(shipped)
-    assert shipped["config"] == source["config"] and shipped["class_names"] == source["class_names"]
+    assert shipped["config"] == source["config"]  # the class names inside it
     assert (shipped["args"], shipped["iter"], shipped["best_val_acc"]) == (source["args"], source["iter"],
                                                                            source["best_val_acc"])
     assert shipped["ema"].keys() == source["ema"].keys()
