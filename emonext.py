@@ -24,6 +24,9 @@ import errno
 import io
 import os
 import shutil
+import stat
+import sys
+import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, fields
 
@@ -222,6 +225,8 @@ SIZES = {
     "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
 }
 
+TTA_MODES = ("none", "tencrop")  # test-time augmentation: the plain path, or the official recipe's ten-crop
+DEFAULT_TTA = "tencrop"  # what a score (eval.py) and a photo's faces (predict.py) get unless told otherwise
 MIN_IMG_SIZE = 32  # the 32x downsampling leaves 1x1 at stage 4; the localization net needs 18
 
 
@@ -412,8 +417,10 @@ class EmoNeXt(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 3:
             raise ValueError(f"predict_logits takes uint8 grey faces (N, H, W), got "
                              f"{f'{x.dtype} {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if tta not in ("none", "tencrop"):
-            raise ValueError(f"tta must be 'none' or 'tencrop', got {tta!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(map(repr, TTA_MODES))}, got {tta!r}")
         c, device, was_training = self.config, next(self.parameters()).device, self.training
         self.eval()
         out = [torch.zeros(0, c.num_classes)]
@@ -596,18 +603,42 @@ def config_dict(model: EmoNeXt) -> dict:
 # -----------------------------------------------------------------------------
 # writing files: checkpoints and pictures, atomically
 
+def _stream(path) -> bool:
+    """Whether writes to path go straight to it: "-" (stdout), a path under /dev or /proc (/dev/stdout, /dev/fd/N),
+    or something there that is not a file or a folder (a FIFO, a character device, a socket)."""
+    if path == "-" or os.path.abspath(path).startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        mode = os.stat(path).st_mode  # through links
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def write_atomically(path, write, nbytes: int = None):
-    """write(tmp) writes a temporary file beside `path`, which then replaces `path` (os.replace): a kill leaves the
-    old file or the new one, never half of one; missing folders are made. The temporary name is this process's own
-    (two writers never share one) and ends in .tmp: name the format when saving. A failed write removes it and
-    raises OSError saying what and where; with nbytes, the size to write, a full disk says how much was needed."""
-    tmp, folder = f"{path}.{os.getpid()}.tmp", os.path.dirname(os.path.abspath(path))
+    """write(p) writes the file at p, the way the path asks. A file: p is a temporary file beside it, which then
+    replaces it (os.replace): a kill leaves the old file or the new one, never half of one; missing folders are made.
+    A symlink: the same beside its target, which is replaced (the link stays a link). "-", a FIFO, a character device
+    or /dev/stdout: written straight (p is the path, "-" as /dev/stdout), as a stream. The temporary name is this
+    process's own (two writers never share one) and ends in .tmp: name the format when saving. A failed write
+    removes it and raises OSError saying what and where; with nbytes, the size to write, a full disk says how much
+    was needed."""
+    if _stream(path):
+        try:
+            if path == "-":
+                sys.stdout.flush()  # what was printed before comes first
+            write("/dev/stdout" if path == "-" else path)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {path} ({e.strerror or e})") from None
+        return
+    target = os.path.realpath(path)  # a symlink's target (the path itself otherwise)
+    tmp, folder = f"{target}.{os.getpid()}.tmp", os.path.dirname(target)
     try:
         if os.path.exists(folder) and not os.path.isdir(folder):  # makedirs would say "File exists"
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         os.makedirs(folder, exist_ok=True)
         write(tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -618,6 +649,30 @@ def write_atomically(path, write, nbytes: int = None):
             free = shutil.disk_usage(folder).free
             room = f": {nbytes / 2**20:.1f} MiB to write, {free / 2**20:.1f} MiB free there"
         raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}{room})") from None
+
+
+def check_writable(path):
+    """Raises OSError, as write_atomically would ("cannot write PATH (why)"), where path cannot be written; writes
+    nothing that stays. For a script to call before its work, so that a bad output path ends it at once."""
+    if _stream(path):
+        if path != "-" and not os.access(path, os.W_OK):
+            raise OSError(errno.EACCES, f"cannot write {path} ({os.strerror(errno.EACCES)})")
+        return
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    while not os.path.exists(folder):  # write_atomically makes the missing folders: the first that exists decides
+        folder = os.path.dirname(folder)
+    why = (errno.EISDIR if os.path.isdir(target) else errno.ENOTDIR if not os.path.isdir(folder)
+           else None if os.access(folder, os.W_OK | os.X_OK) else errno.EACCES)
+    if why is None and folder == os.path.dirname(target):  # the folder is there: try it (read-only disks, root)
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder, suffix=".tmp")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            why = e.errno
+    if why is not None:
+        raise OSError(why, f"cannot write {path} ({os.strerror(why)})")
 
 
 def save_checkpoint(state: dict, path):
@@ -674,9 +729,11 @@ def _batch_of_faces(faces) -> torch.Tensor:
     if x.ndim in (3, 4) and x.shape[-1] == 4:  # else (H, W, 4) would read as H faces 4 pixels wide
         raise ValueError(f"faces of shape {shape} look RGBA: pass faces[..., :3]")
     rgb = x.ndim in (3, 4) and x.shape[-1] == 3
-    if x.ndim - rgb not in (2, 3) or min(x.shape[x.ndim - rgb - 2:x.ndim - rgb]) == 0:
+    if x.ndim - rgb not in (2, 3):
         raise ValueError(f"faces must be (H, W) or (N, H, W) grey or (H, W, 3) or (N, H, W, 3) RGB, "
                          f"got shape {shape}")
+    if min(x.shape[x.ndim - rgb - 2:x.ndim - rgb]) == 0:
+        raise ValueError(f"faces of shape {shape} are empty images (a side of 0 pixels): there is no face to read")
     return x if x.ndim - rgb == 3 else x[None]
 
 

@@ -59,17 +59,11 @@ def onnx_scorer(path, batch_size):
     """(faces -> probabilities (N, C), class names, the train.py arguments) of an ONNX file of export.py: onnxruntime
     on the CPU, uint8 grey faces (N, 48, 48) in, batch_size at a time; names and arguments from its metadata."""
     try:
-        import onnxruntime
+        session = cli.onnx_session(path, torch.get_num_threads())  # as many threads as a checkpoint gets
     except ImportError:
         sys.exit("eval.py: an .onnx file is scored by onnxruntime: pip install -r requirements-extra.txt")
-    if not os.path.isfile(path):
-        sys.exit(f"eval.py: not found: {path}")
-    try:
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # as many threads as a checkpoint gets
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base class but Exception
-        sys.exit(f"eval.py: {path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).splitlines()[0]})")
+    except ValueError as e:
+        sys.exit(f"eval.py: {e}")
     meta = session.get_modelmeta().custom_metadata_map
     if "emonext.class_names" not in meta:
         sys.exit(f"eval.py: {path}: not an ONNX file of export.py (no emonext.class_names in its metadata)")

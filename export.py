@@ -4,7 +4,7 @@ path as one ONNX file that onnxruntime runs without torch: uint8 grey faces (N, 
 model -> softmax -> probabilities (N, num_classes), class names and config in its metadata.
 
     python export.py out/best.pt weights/emonext_atto_fer2013.pt       # EMA weights in fp16, config, class names
-    python export.py a/best.pt b/best.pt soup.pt                        # their weights averaged (a uniform soup)
+    python export.py --average a/best.pt b/best.pt soup.pt              # their weights averaged (a uniform soup)
     python export.py weights/emonext_atto_fer2013.pt model.onnx        # ONNX, fp32
     python export.py weights/emonext_atto_fer2013.pt weights/emonext_atto_fer2013_int8.onnx \\
         --int8 ../shared/data/fer2013.npz                               # static int8, calibrated on 1,000 train faces
@@ -27,7 +27,8 @@ import torch.nn as nn
 import cli
 import data
 import emonext
-from emonext import FACE_SIDE, EmoNeXt, config_dict, export_checkpoint, read_checkpoint, write_atomically
+from emonext import (FACE_SIDE, EmoNeXt, check_writable, config_dict, export_checkpoint, read_checkpoint,
+                     write_atomically)
 
 EXTRAS_HINT = "pip install -r requirements-extra.txt"
 INT8_OPS = ("Conv", "MatMul", "Gemm")  # quantised; the depthwise convs among the Convs are left fp32 (below)
@@ -107,7 +108,7 @@ def average_weights(models, paths) -> EmoNeXt:
 
 
 def metadata(model: EmoNeXt, provenance: dict) -> dict:
-    """The ONNX file's metadata_props (str -> str, JSON where structured): class names, config, and the training
+    """The ONNX file's metadata_props (str -> str, every value JSON, strings too): class names, config, and the training
     arguments, iteration and best val accuracy of the checkpoint when it has them (the paths averaged for a soup)."""
     meta = {"emonext.class_names": list(model.config.class_names), "emonext.config": config_dict(model),
             "emonext.input": f"faces: uint8 (N, {FACE_SIDE}, {FACE_SIDE}) grey faces, levels 0..255 "
@@ -116,14 +117,14 @@ def metadata(model: EmoNeXt, provenance: dict) -> dict:
                               "columns as emonext.class_names",
             "emonext.precision": "fp32"}
     meta.update({f"emonext.{k}": v for k, v in provenance.items() if v is not None})
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return {k: json.dumps(v) for k, v in meta.items()}
 
 
 def set_metadata(proto, meta: dict):
     """Replaces a ModelProto's metadata_props by meta (str -> str)."""
     import onnx
     onnx.helper.set_model_props(proto, meta)
-    proto.producer_name, proto.doc_string = "EmoNeXt export.py", meta["emonext.output"]
+    proto.producer_name, proto.doc_string = "EmoNeXt export.py", json.loads(meta["emonext.output"])
 
 
 class FacesReader:
@@ -158,7 +159,7 @@ def quantize_int8(proto, faces, how: dict):
                         nodes_to_exclude=depthwise, calibrate_method=CalibrationMethod.MinMax, reduce_range=True)
         quantized = onnx.load(int8)
     meta = {p.key: p.value for p in proto.metadata_props}
-    meta["emonext.precision"] = "int8"
+    meta["emonext.precision"] = json.dumps("int8")
     meta["emonext.quantization"] = json.dumps({
         "how": "onnxruntime quantize_static, QDQ, after quant_pre_process",
         "weights": "int8 in 7 bits (reduce_range), per output channel",
@@ -187,10 +188,7 @@ def calibration_faces(spec: str, n: int, seed: int):
 def check_onnx(path, model: EmoNeXt, faces, int8: bool) -> float:
     """Runs the written file in onnxruntime on faces and compares with EmoNeXt.predict; returns the max |prob diff|.
     An fp32 file that differs by more than 1e-4 ends the script."""
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = cli.onnx_session(path, torch.get_num_threads())
     probs = torch.from_numpy(session.run(["probs"], {"faces": faces.numpy()})[0])
     expected = model.predict(faces)
     diff = (probs - expected).abs().max().item()
@@ -235,15 +233,18 @@ def sha256(path) -> str:
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="checkpoint",
-                   help="a checkpoint of train.py or a shipped .pt; several: one model with their weights averaged "
-                        "(fine-tunes of one model)")
+                   help="a checkpoint of train.py or a shipped .pt (several with --average)")
     p.add_argument("out", help="what to write: .pt (the checkpoint to ship: EMA weights in half precision, config, "
                    "class names, train.py's arguments) or .onnx (the whole inference path)")
+    p.add_argument("--average", action="store_true",
+                   help="average the weights of several checkpoints into one model, a uniform soup (fine-tunes "
+                        "of one model; default: off, one checkpoint)")
     p.add_argument("--int8", metavar="DATA", default=None,
                    help=".onnx: quantise statically to int8, calibrated on faces of DATA's train split (a dataset "
-                        "as train.py's --data reads it)")
-    p.add_argument("--calibration-faces", type=int, default=1000, help="--int8: how many train faces")
-    p.add_argument("--seed", type=int, default=0, help="--int8: which train faces (and the faces of the check)")
+                        "as train.py's --data reads it; default: none, fp32)")
+    p.add_argument("--calibration-faces", type=int, default=1000, help="--int8: how many train faces (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="--int8: which train faces, and the faces of the "
+                   "check (default: 0)")
     return p
 
 
@@ -257,8 +258,21 @@ def main(argv=None):
     kind = os.path.splitext(args.out)[1]
     if kind not in (".pt", ".onnx"):
         sys.exit(f"export.py: {args.out}: expected a .pt or an .onnx file to write")
+    if len(args.checkpoints) > 1 and not args.average:
+        sys.exit(f"export.py: {len(args.checkpoints)} checkpoints given: to write one model of their weights "
+                 "averaged (a uniform soup), pass --average")
+    if args.average and len(args.checkpoints) < 2:
+        sys.exit("export.py: --average needs two checkpoints or more")
     if args.int8 and kind != ".onnx":
         sys.exit("export.py: --int8 quantises an .onnx file; a .pt is written in half precision")
+    same = [c for c in args.checkpoints
+            if os.path.exists(args.out) and os.path.exists(c) and os.path.samefile(c, args.out)]
+    if same:  # by another name, a symlink or a hard link included (samefile: the same device and inode)
+        sys.exit(f"export.py: {args.out} is the checkpoint {same[0]} it would be made of: write to another path")
+    try:
+        check_writable(args.out)
+    except OSError as e:
+        sys.exit(f"export.py: {e.strerror}")
     try:
         model, provenance = load_models(args.checkpoints)
     except (ValueError, FileNotFoundError) as e:

@@ -5,11 +5,14 @@ default data when FER2013 is not around, and the test suite's and the tools' fac
 
     splits = synthetic_faces()   # {"train": (x, y), "val": (x, y), "test": (x, y)}: uint8 (N, 48, 48), int64 (N,)
 
-And scenes of such 48x48 faces (FER2013's, in the tests and bench.py) pasted at known places into larger pictures
-(these need OpenCV, opencv-python-headless):
+And scenes and clips of such 48x48 faces (FER2013's, in the tests, bench.py and studies.py) pasted at known places
+into larger pictures (these need OpenCV, opencv-python-headless):
 
     grey, truth = make_scene(np.random.default_rng(0), faces)   # uint8 (480, 640), [(x, y, side, side)]
+    truth = video_clip("clip.mp4", 30, [(face, 120, 0, 360)], rng)   # a 640x360 clip, boxes per frame
 """
+import math
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -151,3 +154,24 @@ def make_scene(rng, fer_x, w=640, h=480, n_faces=3, sides=(80, 200), max_angle=1
         truth.append((x, y, side, side))
     canvas += rng.normal(0, 3, canvas.shape)
     return np.clip(canvas, 0, 255).round().astype(np.uint8), sorted(truth)
+
+
+def video_clip(path, frames, faces, rng):
+    """Writes a 640x360 mp4v clip at 30 fps of faces [(48x48 face, side, top, bottom)] drifting over smooth noise,
+    each across the width and between rows top and bottom, face k a phase of k radians later (paste_face).
+    Returns per frame the pasted squares (x, y, side, side)."""
+    import cv2
+    background = sum(amp * cv2.resize(rng.normal(0, 1, (360 // cell + 2, 640 // cell + 2)).astype(np.float32),
+                                      (640, 360), interpolation=cv2.INTER_CUBIC) for cell, amp in ((64, 60), (8, 20)))
+    writer, truth = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 30, (640, 360)), []
+    for t in range(frames):
+        canvas, boxes = background + 128, []
+        for k, (face, side, top, bottom) in enumerate(faces):
+            x = int((640 - side) / 2 * (1 + 0.9 * math.sin(t / 25 + k)))
+            y = int(top + (bottom - top - side) / 2 * (1 + 0.8 * math.sin(t / 33 + k)))
+            paste_face(canvas, face, x, y, side)
+            boxes.append((x, y, side, side))
+        writer.write(cv2.cvtColor(np.clip(canvas, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR))
+        truth.append(boxes)
+    writer.release()
+    return truth

@@ -59,13 +59,18 @@ def load_extension() -> bool:
     return _loaded
 
 
-@torch.compiler.assume_constant_result  # a traced forward reads the answer as a constant, never builds inside
 def cuda_available() -> bool:
     """True when the CUDA kernels are built and loaded (builds the extension on the first call)."""
     global _cuda_ok
     if _cuda_ok is None:
         _cuda_ok = torch.cuda.is_available() and load_extension() and _with_cuda
     return _cuda_ok
+
+
+# A traced forward reads cuda_available's answer as a constant and never builds inside: the mark that
+# torch.compiler.assume_constant_result sets, set here without it, as that import loads torch._dynamo (most of
+# `import emonext`'s time) into every process, compiling or not. tests/test_sampler.py checks both agree.
+cuda_available._dynamo_marked_constant = True
 
 
 def _use_extension(x: torch.Tensor) -> bool:

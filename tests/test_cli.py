@@ -1,13 +1,18 @@
 """cli.py: what the scripts' flags accept, checked the same way in train.py, eval.py and predict.py: flag names
 as typed, a table of limits (a value that cannot work ends the script in one line naming the flag; None passes)
-and --device (a name torch does not know, or CUDA where there is none, ends it in one line)."""
+and --device (a name torch does not know, or CUDA where there is none, ends it in one line); the one onnxruntime
+session set-up; and that a process without torch imports it."""
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import cli
+from conftest import foreign_onnx
 
 LIMITS = {"batch_size": (lambda v: v >= 1, "at least 1"),
           "lr": (lambda v: v > 0, "more than 0"),  # NaN fails it too: NaN > 0 is False
@@ -62,3 +67,26 @@ def test_cuda_without_a_gpu_ends_in_one_line_and_cpu_is_always_there(monkeypatch
     assert cli.check_device("train.py", "cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU: the device as asked
     assert cli.check_device("train.py", "cuda:1") == torch.device("cuda", 1)
+
+
+def test_cli_imports_without_torch():
+    """A torch-free process (an .onnx model served without torch) imports cli and never loads torch through it."""
+    code = "import sys; sys.modules['torch'] = None; import cli; print(cli.flag('batch_size'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(cli.__file__)))
+    assert out.returncode == 0 and out.stdout == "--batch-size\n", out.stderr
+
+
+def test_onnx_session_sets_the_threads_and_says_what_cannot_load(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path, garbage = foreign_onnx(tmp_path / "id.onnx"), tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf at all")
+    options = cli.onnx_session(str(path), threads=2).get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert cli.onnx_session(str(path)).get_session_options().intra_op_num_threads == 0  # onnxruntime's choice
+    with pytest.raises(ValueError, match=f"^not found: {tmp_path / 'gone.onnx'}$"):
+        cli.onnx_session(str(tmp_path / "gone.onnx"))
+    with pytest.raises(ValueError, match=r"garbage.onnx: onnxruntime cannot load it \(") as e:
+        cli.onnx_session(str(garbage))
+    assert "\n" not in str(e.value)

@@ -11,7 +11,9 @@ import ast
 import errno
 import os
 import re
+import stat
 import struct
+import subprocess
 import sys
 import zipfile
 
@@ -788,6 +790,65 @@ def test_write_atomically_uses_a_temporary_name_of_its_own_process(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "folder"]  # its temporary file is removed
 
 
+def write_text(text):
+    """A write for write_atomically: text into the file it is given."""
+    def write(p):
+        with open(p, "w") as f:
+            f.write(text)
+    return write
+
+
+def test_write_atomically_writes_a_symlinks_target_beside_it_and_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    target, link, dangling = tmp_path / "real" / "faces.csv", tmp_path / "link.csv", tmp_path / "new.csv"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    dangling.symlink_to(tmp_path / "real" / "made.csv")
+    emonext.write_atomically(str(link), write_text("new\n"))
+    emonext.write_atomically(str(dangling), write_text("made\n"))
+    assert link.is_symlink() and os.readlink(link) == str(target) and target.read_text() == "new\n"
+    assert dangling.is_symlink() and (tmp_path / "real" / "made.csv").read_text() == "made\n"
+    assert sorted(os.listdir(tmp_path / "real")) == ["faces.csv", "made.csv"]  # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ["link.csv", "new.csv", "real"]
+
+
+def test_write_atomically_writes_a_fifo_straight_to_its_reader(tmp_path):
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    emonext.write_atomically(str(fifo), write_text("a,b\n1,2\n"))
+    assert reader.communicate(timeout=30)[0] == "a,b\n1,2\n"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.listdir(tmp_path) == ["rows.fifo"]  # still the FIFO
+    emonext.write_atomically("/dev/null", write_text("gone\n"))  # a character device: written, not replaced
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+@pytest.mark.parametrize("path", ["-", "/dev/stdout"])
+def test_write_atomically_sends_stdout_down_the_pipe(path):
+    code = (f"import emonext; print('first', flush=True); emonext.write_atomically({path!r}, "
+            "lambda p: open(p, 'w').write('rows\\n'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(emonext.__file__)))
+    assert out.returncode == 0 and out.stdout == "first\nrows\n", out.stderr
+
+
+def test_check_writable_says_what_write_atomically_would_and_writes_nothing(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    for path, why in ((tmp_path / "folder", "Is a directory"), (tmp_path / "file" / "out.pt", "Not a directory"),
+                      (tmp_path / "file" / "deeper" / "out.pt", "Not a directory")):
+        with pytest.raises(OSError) as e:
+            emonext.check_writable(str(path))
+        assert e.value.strerror == f"cannot write {path} ({why})"
+    for path in (tmp_path / "new.pt", tmp_path / "file", tmp_path / "a" / "b" / "out.pt", "/dev/null", "-"):
+        emonext.check_writable(str(path))
+    assert sorted(os.listdir(tmp_path)) == ["file", "folder"] and (tmp_path / "file").read_text() == "x"
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "folder").chmod(0o555)
+        with pytest.raises(OSError, match="Permission denied"):
+            emonext.check_writable(str(tmp_path / "folder" / "out.pt"))
+
+
 # -----------------------------------------------------------------------------
 # faces in: preprocess, ten_crop, predict_logits (the one inference path) and predict
 
@@ -830,8 +891,9 @@ def test_predict_logits_batches_and_tencrop():
     assert m.training  # and the caller's mode is back
     with pytest.raises(ValueError, match=r"uint8 grey faces \(N, H, W\), got torch.float32 \(10, 1, 48, 48\)"):
         m.predict_logits(x[:, None].float())
-    with pytest.raises(ValueError, match="tta must be 'none' or 'tencrop', got 'flip'"):
+    with pytest.raises(ValueError, match="tta must be one of 'none', 'tencrop', got 'flip'"):
         m.predict_logits(x, "flip")
+    assert emonext.DEFAULT_TTA in emonext.TTA_MODES  # the scripts' default is a mode predict_logits runs
 
 
 def test_predict_is_predict_logits_softmax(shaken, faces):
@@ -871,9 +933,16 @@ def test_predict_errors(shaken):
         shaken.predict(torch.rand(2, 48, 48))
     with pytest.raises(ValueError, match="got torch.int64"):
         shaken.predict(np.zeros((48, 48), dtype=np.int64))
-    for shape in [(48,), (2, 2, 48, 48), (2, 2, 48, 48, 3), (0, 48), (3, 0, 48)]:
+    for shape in [(48,), (2, 2, 48, 48), (2, 2, 48, 48, 3)]:
         with pytest.raises(ValueError, match=r"\(H, W\) or \(N, H, W\) grey or .* RGB, got shape"):
             shaken.predict(torch.zeros(shape, dtype=torch.uint8))
+    for shape in [(0, 0), (0, 48), (3, 0, 48), (0, 0, 3), (2, 48, 0, 3)]:  # empty images: one clear line
+        with pytest.raises(ValueError, match=rf"^faces of shape {re.escape(str(shape))} are empty images"):
+            shaken.predict(np.zeros(shape, dtype=np.uint8))
+    assert shaken.predict(np.zeros((0, 48, 48), np.uint8)).shape == (0, 7)  # no faces: no rows, not an error
+    for batch_size in (-1, 0, 2.5, None, True):  # -1 gave no rows and 0 range()'s error
+        with pytest.raises(ValueError, match=rf"^batch_size must be a whole number of at least 1, got {batch_size}"):
+            shaken.predict(np.zeros((4, 48, 48), np.uint8), batch_size=batch_size)
     shaken.train()
     with pytest.raises(ValueError, match="got torch.float32"):  # the second face of a list is bad
         shaken.predict([np.zeros((48, 48), np.uint8), np.zeros((48, 48), np.float32)])
@@ -922,7 +991,7 @@ def test_grey_faces_rgb_as_pil_and_centre_square():
     tall = np.pad(face, ((20, 21), (0, 0)), constant_values=0)
     for im in (face, wide, tall):
         assert torch.equal(emonext.grey_faces(im), torch.from_numpy(face)[None])
-    # other sizes: resized to 48 like PIL's bilinear resize of the square (what data.load_image did before)
+    # other sizes: resized to 48 like PIL's bilinear resize of the square
     smooth = np.array(Image.fromarray(face).resize((150, 150), Image.BICUBIC))
     pil48 = np.asarray(Image.fromarray(smooth).resize((48, 48), Image.BILINEAR)).astype(int)
     assert np.abs(emonext.grey_faces(smooth)[0].numpy().astype(int) - pil48).max() <= 1
@@ -1322,6 +1391,14 @@ with torch.no_grad():
 torch.save({"logits": logits, "loss": loss, "logits2": logits2}, "out.pt")
 print("ok")
 """
+
+
+def test_importing_emonext_with_its_kernels_loads_no_torch_dynamo():
+    """kernels/ beside it is imported, but torch.compile's machinery (most of an import's time) waits for a compile."""
+    code = "import sys, emonext; assert emonext.kernels is not None; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(emonext.__file__)))
+    assert out.returncode == 0 and out.stdout == "False\n", out.stderr
 
 
 def test_works_when_copied_alone(tmp_path, run_emonext_alone):

@@ -18,7 +18,7 @@ import eval as evaluate
 import export
 import synthetic
 import train
-from conftest import largest_int8_weight, save_npz
+from conftest import foreign_onnx, largest_int8_weight, save_npz
 from emonext import FER2013_CLASS_NAMES, EmoNeXt, config_dict, grey_faces
 
 FERPLUS_NAMES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
@@ -140,7 +140,10 @@ def test_metadata_reads_back_through_onnxruntime(run, fp32, rgb):
     assert json.loads(meta["emonext.config"]) == config_dict(EmoNeXt.from_checkpoint(run["ckpt"]))
     assert json.loads(meta["emonext.args"]) == ckpt["args"] and json.loads(meta["emonext.iter"]) == ckpt["iter"]
     assert json.loads(meta["emonext.best_val_acc"]) == ckpt["best_val_acc"]
-    assert meta["emonext.precision"] == "fp32" and "emonext.quantization" not in meta
+    assert json.loads(meta["emonext.precision"]) == "fp32" and "emonext.quantization" not in meta
+    assert json.loads(meta["emonext.input"]).startswith("faces: uint8 (N, 48, 48) grey faces")
+    assert json.loads(meta["emonext.output"]).startswith("probs: float32 (N, 7) softmax probabilities")
+    assert all(json.loads(v) is not None for v in meta.values())  # every value JSON, as the README says
     meta = session(rgb["path"]).get_modelmeta().custom_metadata_map
     assert json.loads(meta["emonext.class_names"]) == list(FERPLUS_NAMES)
     assert json.loads(meta["emonext.config"])["in_chans"] == 3 and json.loads(meta["emonext.config"])["img_size"] == 96
@@ -150,7 +153,7 @@ def test_metadata_reads_back_through_onnxruntime(run, fp32, rgb):
 def test_int8_is_smaller_says_so_and_mostly_agrees_with_fp32(run, fp32, int8):
     assert os.path.getsize(int8["path"]) < 0.4 * os.path.getsize(fp32["path"])
     meta = session(int8["path"]).get_modelmeta().custom_metadata_map
-    assert meta["emonext.precision"] == "int8"
+    assert json.loads(meta["emonext.precision"]) == "int8" and all(json.loads(v) is not None for v in meta.values())
     how = json.loads(meta["emonext.quantization"])
     assert how["calibration"] == {"method": "MinMax", "data": run["npz"], "train faces": 320, "seed": 3}
     assert "QDQ" in how["how"] and how["quantised"] == ["Conv", "MatMul", "Gemm"] and "depthwise" in how["fp32"]
@@ -200,13 +203,8 @@ def test_eval_refuses_what_an_onnx_file_cannot_do_in_one_line(run, flags, says, 
 
 
 def test_eval_says_when_an_onnx_file_is_not_one_of_export_py(run, tmp_path):
-    onnx = pytest.importorskip("onnx")
-    h = onnx.helper
-    graph = h.make_graph([h.make_node("Identity", ["faces"], ["probs"])], "g",
-                         [h.make_tensor_value_info("faces", onnx.TensorProto.FLOAT, [1])],
-                         [h.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [1])])
-    foreign, garbage = tmp_path / "foreign.onnx", tmp_path / "garbage.onnx"
-    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 20)]), foreign)
+    pytest.importorskip("onnxruntime")
+    foreign, garbage = foreign_onnx(tmp_path / "foreign.onnx"), tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a protobuf at all")
     for path, says in ((foreign, "not an ONNX file of export.py (no emonext.class_names in its metadata)"),
                        (garbage, "onnxruntime cannot load it ("), (tmp_path / "gone.onnx", None)):
@@ -219,6 +217,8 @@ def test_eval_says_when_an_onnx_file_is_not_one_of_export_py(run, tmp_path):
 
 @pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])
 def test_a_missing_optional_package_gets_one_line_saying_what_to_install(run, package, monkeypatch, tmp_path):
+    for other in {"onnx", "onnxscript", "onnxruntime"} - {package}:  # the one missing is this one alone
+        pytest.importorskip(other)
     monkeypatch.setitem(sys.modules, package, None)  # import raises ImportError
     with pytest.raises(SystemExit) as e:
         export.main([run["ckpt"], str(tmp_path / "model.onnx")])
@@ -246,7 +246,15 @@ def test_flags_that_cannot_work_end_in_one_line_before_anything_loads(run, argv,
     assert str(e.value.code) == says
 
 
+def test_every_flag_says_what_it_does_and_its_default():
+    for action in export.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and "default" in action.help, action.option_strings
+
+
 def test_int8_data_that_cannot_be_read_ends_in_one_line(run, tmp_path):
+    for package in ("onnx", "onnxscript", "onnxruntime"):  # an .onnx file needs them before its data is read
+        pytest.importorskip(package)
     with pytest.raises(SystemExit) as e:
         export.main([run["ckpt"], str(tmp_path / "model.onnx"), "--int8", str(tmp_path / "nothing.npz")])
     assert str(e.value.code).startswith("export.py: --int8: ") and "nothing.npz" in str(e.value.code)
@@ -264,7 +272,7 @@ def test_pt_export_writes_the_half_precision_ema_checkpoint_that_eval_scores(run
     assert os.listdir(path.parent) == ["shipped.pt"]  # written through a temporary file, which is gone
     shipped, source = (torch.load(p, weights_only=True) for p in (path, run["trained"]))
     assert not {"model", "optimizer", "rng_cpu"} & set(shipped)
-    assert shipped["config"] == source["config"] and shipped["class_names"] == source["class_names"]
+    assert shipped["config"] == source["config"]  # the class names inside it
     assert (shipped["args"], shipped["iter"], shipped["best_val_acc"]) == (source["args"], source["iter"],
                                                                            source["best_val_acc"])
     assert shipped["ema"].keys() == source["ema"].keys()
@@ -279,7 +287,7 @@ def test_pt_export_writes_the_half_precision_ema_checkpoint_that_eval_scores(run
 
 def test_several_checkpoints_export_as_one_model_with_their_weights_averaged(run, tmp_path):
     path = tmp_path / "soup.pt"
-    digest, out = run_export([run["trained"], run["ckpt"], str(path)])
+    digest, out = run_export(["--average", run["trained"], run["ckpt"], str(path)])
     assert out == f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, sha256 {digest}\n"
     soup, trained, shaken = (torch.load(p, weights_only=True) for p in (path, run["trained"], run["ckpt"]))
     assert soup["averaged_from"] == [run["trained"], run["ckpt"]] and soup["args"] == trained["args"]
@@ -294,10 +302,23 @@ def test_several_checkpoints_export_as_one_model_with_their_weights_averaged(run
         assert not {"emonext.iter", "emonext.best_val_acc"} & set(meta)
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["A.pt", "B.pt", "OUT.pt"], "export.py: 2 checkpoints given: to write one model of their weights averaged (a "
+                                 "uniform soup), pass --average"),
+    (["--average", "A.pt", "OUT.pt"], "export.py: --average needs two checkpoints or more"),
+])
+def test_a_soup_is_asked_for_by_name(argv, says, monkeypatch, tmp_path):
+    monkeypatch.setattr(export, "read_checkpoint", lambda *a: pytest.fail("loaded before the flags were checked"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        export.main(argv)
+    assert str(e.value.code) == says and os.listdir(tmp_path) == []
+
+
 def test_checkpoints_of_different_models_do_not_average(run, rgb, tmp_path):
     rgb_ckpt = str(rgb["path"]).replace(".onnx", ".pt")
     with pytest.raises(SystemExit) as e:
-        export.main([run["ckpt"], rgb_ckpt, str(tmp_path / "soup.pt")])
+        export.main(["--average", run["ckpt"], rgb_ckpt, str(tmp_path / "soup.pt")])
     assert str(e.value.code) == (f"export.py: {rgb_ckpt}: not the model of {run['ckpt']} (img_size 96 against 64; "
                                  "in_chans 3 against 1; num_classes 8 against 7; class_names "
                                  f"{list(FERPLUS_NAMES)} against {list(FER2013_CLASS_NAMES)}): only checkpoints of "
@@ -309,6 +330,7 @@ def test_exports_that_cannot_be_written_end_in_one_line_and_leave_no_temporary_f
     for name in ("a_folder.pt", "a_folder.onnx"):
         (tmp_path / name).mkdir()
     onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript"), pytest.importorskip("onnxruntime")  # export.py asks for all three first
     tiny = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
     monkeypatch.setattr(export, "onnx_graph", lambda model: tiny)  # not the 10 s export: its write is tested here
     for name in ("a_folder.pt", "a_folder.onnx"):
@@ -320,3 +342,33 @@ def test_exports_that_cannot_be_written_end_in_one_line_and_leave_no_temporary_f
     with pytest.raises(SystemExit) as e:
         export.main([run["trained"], "/etc/passwd/x.pt"])  # under a file: nothing can be made there
     assert str(e.value.code) == "export.py: cannot write /etc/passwd/x.pt (Not a directory)"
+
+
+def test_an_out_that_is_the_checkpoint_is_refused_in_one_line_and_nothing_is_written(run, tmp_path, monkeypatch):
+    """export.py ckpt.pt ckpt.pt turned a training checkpoint into the slim file: the same file under any name (a
+    relative path, a symlink, a hard link) is refused before anything loads."""
+    monkeypatch.setattr(export, "read_checkpoint", lambda *a: pytest.fail("loaded though OUT is the checkpoint"))
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(open(run["trained"], "rb").read())
+    (tmp_path / "link.pt").symlink_to(ckpt)
+    os.link(ckpt, tmp_path / "hard.pt")
+    monkeypatch.chdir(tmp_path)
+    before = ckpt.read_bytes()
+    for out, argv in (("ckpt.pt", [str(ckpt)]), (str(tmp_path / "link.pt"), ["./ckpt.pt"]),
+                      ("hard.pt", ["ckpt.pt"]), ("ckpt.pt", ["--average", run["ckpt"], "link.pt"])):
+        with pytest.raises(SystemExit) as e:
+            export.main([*argv, out])
+        assert str(e.value.code) == (f"export.py: {out} is the checkpoint {argv[-1]} it would be made of: write to "
+                                     "another path")
+    assert ckpt.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hard.pt", "link.pt"]
+
+
+def test_an_out_that_cannot_be_written_ends_the_export_before_any_work(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "read_checkpoint", lambda *a: pytest.fail("loaded before OUT was checked"))
+    (tmp_path / "a_folder.pt").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for out, why in ((tmp_path / "a_folder.pt", "Is a directory"), (tmp_path / "a_file" / "x.onnx", "Not a directory")):
+        with pytest.raises(SystemExit) as e:
+            export.main([run["trained"], str(out)])
+        assert str(e.value.code) == f"export.py: cannot write {out} ({why})"
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "a_folder.pt"] and os.listdir(tmp_path / "a_folder.pt") == []

