@@ -690,11 +690,11 @@ def save_checkpoint(state: dict, path):
 
 def export_checkpoint(model: EmoNeXt, path, extra: dict = None):
     """Writes the checkpoint to ship: the model's weights (as "ema") in half precision on the CPU, its config (the
-    class names inside, and at the top level as train.py writes them) and the `extra` entries that are not None
+    class names inside) and the `extra` entries that are not None
     (eval.py: train.py's "args", "iter", "best_val_acc"); no optimizer, no online weights. It loads with
     torch.load(weights_only=True) and EmoNeXt.from_checkpoint (weights back in fp32)."""
     state = {k: v.cpu().half() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
-    slim = {"config": config_dict(model), "ema": state, "class_names": list(model.config.class_names), **(extra or {})}
+    slim = {"config": config_dict(model), "ema": state, **(extra or {})}
     save_checkpoint({k: v for k, v in slim.items() if v is not None}, path)
 
 

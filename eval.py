@@ -20,7 +20,7 @@ import torch
 import cli
 import data
 import figures
-from emonext import EmoNeXt, read_checkpoint, write_atomically
+from emonext import DEFAULT_TTA, TTA_MODES, EmoNeXt, read_checkpoint, write_atomically
 
 
 def confusion_matrix(preds, targets, num_classes):
@@ -122,9 +122,9 @@ def build_parser():
     p.add_argument("--ferplus", default=None, help="FER+'s fer2013new.csv, for a FER+ model (default: the one it was "
                    "trained with, or with --data the one beside it)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which split to score (default: test)")
-    p.add_argument("--tta", choices=("tencrop", "none"), default=None,
-                   help="test-time augmentation (default: tencrop for a checkpoint; none, the only choice, for an "
-                        ".onnx file, which holds the plain path)")
+    p.add_argument("--tta", choices=TTA_MODES, default=None,
+                   help=f"test-time augmentation (default: {DEFAULT_TTA} for a checkpoint; none, the only choice, "
+                        "for an .onnx file, which holds the plain path)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed csv rows (counted) instead of failing; without --data, on when the run was")
     p.add_argument("--batch-size", type=int, default=256, help="faces per forward pass (default: 256)")
@@ -181,7 +181,7 @@ def main(argv=None):
     cli.check_device("eval.py", args.device)
     if args.checkpoint.endswith(".onnx"):
         check_onnx_flags(args)
-    args.tta = args.tta or ("none" if args.checkpoint.endswith(".onnx") else "tencrop")
+    args.tta = args.tta or ("none" if args.checkpoint.endswith(".onnx") else DEFAULT_TTA)
     check_out_dir(args.out_dir)
     predict, names, ckpt_args = load_scorer(args)
 
