@@ -105,6 +105,7 @@ def test_onnx_section_and_files_go_together(argv):
         bench.parse_args(argv)
 
 
+@pytest.mark.slow
 def test_onnx_section_times_the_same_path_of_the_same_weights(shaken, tmp_path, capsys):
     """A tiny run of the onnx section on an export of the shaken atto: a row per variant, and the official layout,
     the project's predict and the ONNX file agree on the probabilities (the times are not judged)."""

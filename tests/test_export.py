@@ -119,6 +119,7 @@ def test_onnx_probabilities_are_predicts_at_any_batch_size(run, fp32):
     assert not [f for f in os.listdir(run["root"]) if f.endswith(".tmp")]  # written through a temporary file
 
 
+@pytest.mark.slow
 def test_rgb_model_at_96_px_with_a_warping_stn(rgb):
     model, faces = rgb["model"], synthetic.synthetic_faces(n_train=64, n_val=0, n_test=0, seed=4)["train"][0]
     with torch.no_grad():  # the STN does warp: theta is far from the identity and differs from face to face
@@ -133,6 +134,7 @@ def test_rgb_model_at_96_px_with_a_warping_stn(rgb):
     assert (onnx_probs(rgb["path"], grey_faces(photos)) - model.predict(photos)).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_metadata_reads_back_through_onnxruntime(run, fp32, rgb):
     meta = session(fp32["path"]).get_modelmeta().custom_metadata_map
     ckpt = torch.load(run["ckpt"], weights_only=True)
@@ -150,6 +152,7 @@ def test_metadata_reads_back_through_onnxruntime(run, fp32, rgb):
     assert not {"emonext.args", "emonext.iter", "emonext.best_val_acc"} & set(meta)  # the checkpoint had none
 
 
+@pytest.mark.slow
 def test_int8_is_smaller_says_so_and_mostly_agrees_with_fp32(run, fp32, int8):
     assert os.path.getsize(int8["path"]) < 0.4 * os.path.getsize(fp32["path"])
     meta = session(int8["path"]).get_modelmeta().custom_metadata_map
@@ -315,6 +318,7 @@ def test_a_soup_is_asked_for_by_name(argv, says, monkeypatch, tmp_path):
     assert str(e.value.code) == says and os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_checkpoints_of_different_models_do_not_average(run, rgb, tmp_path):
     rgb_ckpt = str(rgb["path"]).replace(".onnx", ".pt")
     with pytest.raises(SystemExit) as e:

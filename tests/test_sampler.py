@@ -243,6 +243,7 @@ def symbols(obj, kind):
     return {line.split()[-1] for line in out if "affine_sample_" in line and f" {kind} " in line}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_build_compiles_for_sm80_and_sm90_and_links(tmp_path):
     # The .cu with the flags torch's extension build gives nvcc (they switch off the half types' implicit

