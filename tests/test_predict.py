@@ -154,7 +154,7 @@ def test_bad_checkpoints_and_flags_in_one_line(checkpoint, faces, tmp_path):
     torch.save({"model": {}}, tmp_path / "noconfig.pt")
     for ckpt in ("text.pt", "half.pt", "noconfig.pt", "."):
         with pytest.raises(SystemExit) as e:
-            predict.main([str(tmp_path / ckpt), str(face)])
+            predict.main([str(face), "--model", str(tmp_path / ckpt)])
         message = str(e.value.code)
         assert message.startswith("predict.py: ") and "\n" not in message and "Traceback" not in message, message
     for flags, expected in [(["--every", "0"], "--every: expected N >= 1, got 0"),
@@ -170,6 +170,38 @@ def test_bad_checkpoints_and_flags_in_one_line(checkpoint, faces, tmp_path):
     with pytest.raises(SystemExit) as e:  # argparse's own: no INPUT and no --webcam
         predict.main([checkpoint])
     assert e.value.code == 2
+
+
+def test_the_model_is_optional_and_may_come_first(checkpoint, faces, tmp_path, capsys):
+    """predict.py INPUT... [--model PATH], the shipped FER2013 model by default; a first INPUT ending in .pt or .onnx
+    is the model (the old `predict.py CKPT INPUT`); two models in one line."""
+    face = str(tmp_path / "face.png")
+    Image.fromarray(faces[0].numpy()).save(face)
+    old = predict.main([checkpoint, face, "--tta", "none"])
+    torch.testing.assert_close(predict.main([face, "--model", checkpoint, "--tta", "none"]), old, rtol=0, atol=0)
+    capsys.readouterr()
+    shipped = predict.main([face, "--tta", "none"])
+    assert lines_of(capsys.readouterr().out)[0][0] == face
+    torch.testing.assert_close(shipped, EmoNeXt.from_checkpoint(WEIGHTS).predict(faces[0]), rtol=0, atol=1e-6)
+    assert predict.DEFAULT_MODEL == WEIGHTS
+    with pytest.raises(SystemExit) as e:
+        predict.main([checkpoint, face, "--model", checkpoint])
+    assert str(e.value.code) == f"predict.py: two models: --model {checkpoint} and the INPUT {checkpoint}"
+
+
+def test_every_flag_has_help_and_its_default():
+    """--help: each option says what it does, and each that takes a value and has a default says it."""
+    for action in predict.build_parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest
+        takes_a_value = action.nargs != 0
+        if takes_a_value and action.option_strings and action.dest not in ("model", "csv", "out_dir", "tta", "webcam"):
+            assert "%(default)s" in action.help or "(the default)" in action.help, action.dest
+    text = predict.build_parser().format_help()
+    for said in ("(default: weights/emonext_atto_fer2013.pt", "(default: 1)", f"(default: {predict.MIN_SCORE})",
+                 "(default: 256)", "(default: no CSV)", "(default: tencrop for images"):
+        assert said in " ".join(text.split()), said
 
 
 def test_predict_py_end_to_end_on_a_crop(tmp_path):
