@@ -159,7 +159,7 @@ def test_the_defaults_table_gives_the_parsers_defaults():
     rows = [cells for cells in table_rows(section(read("docs/training.md"), "The defaults and the official code"))
             if cells[0].startswith("`--")]
     assert len(rows) >= 15
-    defaults = vars(train.parse_args([]))
+    defaults = vars(train.build_parser().parse_args([]))
     for cells in rows:
         flag = cells[0].strip("`")
         value, stated = defaults[flag[2:].replace("-", "_")], cells[1].split()[0].strip("`,;")
