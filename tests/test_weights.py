@@ -1,12 +1,14 @@
 """The shipped models, weights/emonext_atto_fer2013.pt (FER2013's 7 classes), weights/emonext_atto_ferplus.pt
 (FER+'s 8) and the FER2013 model's int8 ONNX file weights/emonext_atto_fer2013_int8.onnx: what the files hold,
-that a copied emonext.py alone loads the .pt, that `predict.py` runs on them, that the README's onnxruntime example
-runs as written, and that the README's sha256s and PrivateTest accuracy lines are what these very files give (the
-accuracy through eval.py on the real FER2013 and FER+ labels, so those tests are slow and need ../shared/data/)."""
+that a copied emonext.py alone loads the .pt, that `predict.py` runs on them, and that weights/results.json, the
+record README's table and the model cards are checked against, is what these very files are (sha256, size) and
+give (the accuracy through eval.py on the real FER2013 and FER+ labels, so those tests are slow and need
+../shared/data/)."""
 import hashlib
 import json
 import os
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -18,14 +20,14 @@ import predict
 import synthetic
 from conftest import FER2013_NPZ, ROOT, largest_int8_weight
 from data import FERPLUS_CLASS_NAMES
-from emonext import FER2013_CLASS_NAMES, EmoNeXt, grey_faces
+from emonext import FER2013_CLASS_NAMES, EmoNeXt
 
 WEIGHTS = os.path.join(ROOT, "weights", "emonext_atto_fer2013.pt")
 FERPLUS_WEIGHTS = os.path.join(ROOT, "weights", "emonext_atto_ferplus.pt")
 SHIPPED = [(WEIGHTS, FER2013_CLASS_NAMES), (FERPLUS_WEIGHTS, FERPLUS_CLASS_NAMES)]  # each .pt and its columns
 FERPLUS_CSV = os.path.join(os.path.dirname(FER2013_NPZ), "fer2013new.csv")
 ONNX_INT8 = os.path.join(ROOT, "weights", "emonext_atto_fer2013_int8.onnx")
-README = open(os.path.join(ROOT, "README.md")).read()
+RESULTS = json.load(open(os.path.join(ROOT, "weights", "results.json")))
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +76,6 @@ def test_predict_on_the_shipped_weights(weights, class_names, tmp_path, capsys):
     torch.testing.assert_close(probs, model.predict(np.array(Image.open(path))), rtol=0, atol=1e-6)
 
 
-def test_readme_gives_the_files_sha256():
-    digests = {}
-    for path in (WEIGHTS, FERPLUS_WEIGHTS, ONNX_INT8):
-        with open(path, "rb") as f:
-            digests[os.path.relpath(path, ROOT)] = hashlib.sha256(f.read()).hexdigest()
-    named = re.findall(r"`(weights/\S+)` \([\d.]+ MiB, sha256 ([0-9a-f]{64})\)", README)
-    assert dict(named) == digests and len(named) == 3
-    assert sorted(re.findall(r"sha256 ([0-9a-f]{64})", README)) == sorted(digests.values())  # and no other
-
-
 def test_the_onnx_file_is_the_shipped_models_int8_path():
     ort = pytest.importorskip("onnxruntime")
     sess = ort.InferenceSession(ONNX_INT8, providers=["CPUExecutionProvider"])
@@ -95,63 +87,52 @@ def test_the_onnx_file_is_the_shipped_models_int8_path():
         assert json.loads(meta.get(f"emonext.{key}", "null")) == ckpt.get(key), key
     how = json.loads(meta["emonext.quantization"])
     assert how["calibration"] == {"method": "MinMax", "data": "../shared/data/fer2013.npz", "train faces": 1000,
-                                  "seed": 0}  # what README's export command says
+                                  "seed": 0}  # what docs/inference.md's export command says
     assert os.path.getsize(ONNX_INT8) < 5 * 2**20
     assert largest_int8_weight(ONNX_INT8) <= 64  # 7 bits: the same numbers on CPUs without VNNI
 
 
-def test_readme_onnx_example_runs_as_written_on_a_face_png(model, tmp_path, capsys, monkeypatch):
-    """The README's onnxruntime + numpy + Pillow lines on a face PNG (RGB, not square, larger than 48): the face they
-    make is grey_faces' to within a grey level, and their probabilities are the shipped model's to int8 precision."""
-    pytest.importorskip("onnxruntime")
-    block = README[README.index("### Deploy with ONNX"):]
-    block = block[block.index("```python\n") + len("```python\n"):]
-    code = block[:block.index("```")]
-    face = synthetic.synthetic_faces(n_train=1, n_val=0, n_test=0, seed=5)["train"][0][0].numpy()
-    photo = np.stack([face, face // 2 + 100, 255 - face], -1)  # colours, so the grey conversion counts
-    Image.fromarray(photo).resize((100, 130)).save(tmp_path / "face.png")
-    monkeypatch.chdir(tmp_path)
-    code = code.replace('"weights/emonext_atto_fer2013_int8.onnx"', repr(ONNX_INT8))
-    scope = {}
-    exec(code, scope)
-    image = np.asarray(Image.open(tmp_path / "face.png"))
-    assert np.abs(scope["face"].astype(int) - grey_faces(image)[0].numpy().astype(int)).max() <= 1
-    probs = torch.from_numpy(scope["probs"])
-    assert probs.shape == (7,) and abs(probs.sum().item() - 1) < 1e-5
-    assert (probs - model.predict(image)[0]).abs().max() < 0.2
-    assert capsys.readouterr().out.split()[0] == FER2013_CLASS_NAMES[probs.argmax()]
+def test_the_record_names_every_shipped_file_as_it_is():
+    """weights/results.json against the files: one record per model file in weights/, its sha256 and size."""
+    shipped = sorted(f"weights/{f}" for f in os.listdir(os.path.join(ROOT, "weights")) if f.endswith((".pt", ".onnx")))
+    assert sorted(RESULTS) == shipped
+    for path, record in RESULTS.items():
+        with open(os.path.join(ROOT, path), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == record["sha256"], path
+        assert os.path.getsize(os.path.join(ROOT, path)) == record["bytes"], path
+
+
+def eval_args(record, tmp_path):
+    """The record's eval.py command as arguments, its --data replaced by where the tests find FER2013."""
+    args = shlex.split(record["eval"])
+    assert args[:2] == ["python", "eval.py"] and args[3] == "--data", record["eval"]
+    return [os.path.join(ROOT, args[2]), "--data", FER2013_NPZ, *args[5:], "--out-dir", str(tmp_path)]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (os.path.exists(FER2013_NPZ) and os.path.exists(FERPLUS_CSV)),
                     reason="needs ../shared/data/fer2013.npz and fer2013new.csv")
-@pytest.mark.parametrize("weights, class_names", SHIPPED)
-def test_readme_accuracy_is_what_eval_gives_on_the_shipped_file(weights, class_names, tmp_path, capsys):
-    """Each .pt's paragraph in README (its sha256, then its accuracy line) against eval.py on it; the FER+ model is
-    scored with FER+'s majority labels, which eval.py reads from the checkpoint and fer2013new.csv beside the .npz."""
-    lines = dict((name, (plain, tencrop)) for name, plain, tencrop in re.findall(
-        r"`(weights/\S+\.pt)` \([\d.]+ MiB, sha256 [0-9a-f]{64}\):.*?"
-        r"`eval.py` on this file:\s+([\d.]+)% plain,\s+([\d.]+)% ten-crop", README, re.S))
-    claimed = lines.get(os.path.relpath(weights, ROOT))
-    assert claimed, f"README: the accuracy line of {os.path.relpath(weights, ROOT)} is missing"
+@pytest.mark.parametrize("path", sorted(RESULTS))
+def test_the_recorded_accuracy_is_what_eval_gives_on_the_file(path, tmp_path, capsys):
+    """Each file's PrivateTest accuracy (plain, and ten-crop for a .pt) and, where recorded, its val accuracy, by
+    the record's eval.py command; the FER+ model is scored with FER+'s majority labels, which eval.py reads from the
+    checkpoint and fer2013new.csv beside the .npz."""
+    record = RESULTS[path]
+    if path.endswith(".onnx"):
+        pytest.importorskip("onnxruntime")
+    runs = [(["--tta", "none"], record["accuracy"]["plain"], "test", record["faces"])]
+    if record["accuracy"]["tencrop"] is not None:
+        runs.append((["--tta", "tencrop"], record["accuracy"]["tencrop"], "test", record["faces"]))
+    if "val_accuracy" in record:
+        runs.append((["--split", "val", "--tta", "none"], record["val_accuracy"]["plain"], "val", None))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # ten-crop is ten forward passes of each of about 3,500 faces
     try:
-        for tta, percent in zip(("none", "tencrop"), claimed):
-            acc = evaluate.main([weights, "--data", FER2013_NPZ, "--tta", tta, "--out-dir", str(tmp_path)])
-            assert f"{100 * acc:.2f}" == percent, tta
+        for flags, recorded, split, faces in runs:
+            acc = evaluate.main(eval_args(record, tmp_path) + flags)
+            out = capsys.readouterr().out
+            assert f"{100 * acc:.2f}" == f"{recorded:.2f}", (path, flags)
+            counted = re.search(r"accuracy \((?:none|tencrop)\): [\d.]+% of (\d+)", out)
+            assert counted and (faces is None or int(counted[1]) == faces), (path, flags, out[-500:])
     finally:
         torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    assert "test accuracy (tencrop)" in out and all(name in out for name in class_names)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(FER2013_NPZ), reason="needs ../shared/data/fer2013.npz")
-def test_readme_accuracy_is_what_eval_gives_on_the_shipped_onnx_file(tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
-    claimed = re.search(r"`eval.py` on this .onnx file: ([\d.]+)% plain", README)
-    assert claimed, "README: the ONNX file's accuracy line is missing"
-    acc = evaluate.main([ONNX_INT8, "--data", FER2013_NPZ, "--out-dir", str(tmp_path)])
-    assert f"{100 * acc:.2f}" == claimed[1]
-    assert "test accuracy (none)" in capsys.readouterr().out
