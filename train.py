@@ -74,10 +74,9 @@ def build_parser():
     p.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="3 to use RGB ImageNet weights as they are")
     p.add_argument("--batch-size", type=int, default=128, help="global batch: split evenly over torchrun's processes")
     p.add_argument("--epochs", type=int, default=None,
-                   help="the run's length (default: 32 on FER2013, 3 on synthetic faces). With --resume it may change "
-                        "(as may --max-iters and --eval-interval; no other run flag): the cosine decay is then "
-                        "recomputed for the new length, as if the run had started with it, so at the resumed "
-                        "iteration the lr moves from the old curve to the new one, and the log says by how much")
+                   help="the run's length (default: 32 on FER2013, 3 on synthetic faces). --resume may change it (and "
+                        "--max-iters, --eval-interval; no other run flag): the cosine decay is then recomputed as if "
+                        "the run had started with the new length, and the log says how much the lr moves")
     p.add_argument("--max-iters", type=int, default=0,
                    help="if > 0, train this many iterations instead of --epochs (see --epochs for --resume)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate, used exactly as given")
