@@ -1,7 +1,8 @@
 """
 What a training run keeps in its --out-dir beside the checkpoints: metrics.csv (a row per evaluation), curves.png
 (those rows drawn by figures.py), stn.png (faces beside the STN's warps of them), results.json (the final test), and
-train.lock, which keeps a second train.py out of the folder while the run lives. Files are written atomically.
+train.lock, which keeps a second train.py out of the folder while the run lives. The files are written atomically
+(emonext.write_atomically): a kill leaves the old file or the new one.
 """
 import contextlib
 import csv
