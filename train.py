@@ -25,15 +25,11 @@ The defaults (EmoNeXt-atto from scratch at 48 px on a CPU), why they were chosen
 import argparse
 import contextlib
 import copy
-import csv
-import fcntl
-import json
 import math
 import os
 import pickle
 import shlex
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,10 +42,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 import cli
 import data
 import emonext
-import figures
+import run_record
 from distributed import all_processes, any_process, distributed_model, end_distributed, init_distributed, \
     sum_over_processes
-from emonext import SIZES, EmoNeXt, config_dict, load_weights, read_checkpoint, save_checkpoint, write_atomically
+from emonext import SIZES, EmoNeXt, config_dict, load_weights, read_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # the flags: what each means, its default, what it accepts; --resume takes the run's flags from its checkpoint
@@ -78,10 +74,9 @@ def build_parser():
     p.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="3 to use RGB ImageNet weights as they are")
     p.add_argument("--batch-size", type=int, default=128, help="global batch: split evenly over torchrun's processes")
     p.add_argument("--epochs", type=int, default=None,
-                   help="the run's length (default: 32 on FER2013, 3 on synthetic faces). With --resume it may change "
-                        "(as may --max-iters and --eval-interval; no other run flag): the cosine decay is then "
-                        "recomputed for the new length, as if the run had started with it, so at the resumed "
-                        "iteration the lr moves from the old curve to the new one, and the log says by how much")
+                   help="the run's length (default: 32 on FER2013, 3 on synthetic faces). --resume may change it (and "
+                        "--max-iters, --eval-interval; no other run flag): the cosine decay is then recomputed as if "
+                        "the run had started with the new length, and the log says how much the lr moves")
     p.add_argument("--max-iters", type=int, default=0,
                    help="if > 0, train this many iterations instead of --epochs (see --epochs for --resume)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate, used exactly as given")
@@ -135,6 +130,7 @@ def build_parser():
 # what each numeric flag accepts: (test, what to tell the user); None (a default worked out later) always passes
 AT_LEAST_1, AT_LEAST_0 = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more")
 FRACTION, PROBABILITY = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+BETA = (lambda v: v >= 0, "0 (off) or a Beta parameter above 0")
 LIMITS = {
     "img_size": (lambda v: v >= 32, "at least 32 (the model downsamples by 32)"), "batch_size": AT_LEAST_1,
     "epochs": AT_LEAST_1, "max_iters": (lambda v: v >= 0, "0 (train --epochs) or more"),
@@ -142,9 +138,7 @@ LIMITS = {
     "label_smoothing": FRACTION, "drop_path": FRACTION, "ema_decay": PROBABILITY,
     "rotate": (lambda v: v >= 0, "0 or more degrees"),
     "zoom": (FRACTION[0], "in [0, 1) (faces are scaled by a factor in [1 - zoom, 1 + zoom])"),
-    "shift": (FRACTION[0], "in [0, 1) (a fraction of the side)"),
-    "mixup": (lambda v: v >= 0, "0 (off) or a Beta parameter above 0"),
-    "cutmix": (lambda v: v >= 0, "0 (off) or a Beta parameter above 0"),
+    "shift": (FRACTION[0], "in [0, 1) (a fraction of the side)"), "mixup": BETA, "cutmix": BETA,
     "mix_prob": PROBABILITY, "switch_prob": PROBABILITY, "random_erase": PROBABILITY,
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "eval_interval": (lambda v: v >= 0, "0 (each epoch) or more"),
     "log_interval": AT_LEAST_1, "max_bad_steps": AT_LEAST_1,
@@ -161,8 +155,8 @@ RESUME_MAY_CHANGE = ("epochs", "max_iters", "eval_interval")
 
 def parse_args(argv=None):
     """(the flags, the checkpoint to continue or None). With --resume the checkpoint's run flags are the defaults
-    and the command line is parsed again over them: a run flag given that differs from the run's is refused,
-    except RESUME_MAY_CHANGE. A value that cannot work ends the run in one line naming the flag."""
+    and the command line is parsed again over them. A value that cannot work, or a run flag of --resume that differs
+    from the run's (but RESUME_MAY_CHANGE), ends the run in one line naming the flag."""
     parser = build_parser()
     args = parser.parse_args(argv)
     resume = read_resume(args.out_dir) if args.resume else None
@@ -179,8 +173,16 @@ def parse_args(argv=None):
     if args.data != "synthetic":
         args.data = os.path.abspath(args.data)  # the checkpoint then names data that eval.py finds from anywhere
     args.ferplus = args.ferplus and os.path.abspath(args.ferplus)
-    if resume is not None:
-        check_resume_flags(args, resume["args"], os.path.join(args.out_dir, "ckpt.pt"))
+    if resume is None:
+        return args, None
+    saved, path = resume["args"], os.path.join(args.out_dir, "ckpt.pt")
+    changed = [f"{cli.flag(k)} {getattr(args, k)} (the run has {saved[k]})" for k in changed_run_flags(args, saved)]
+    if changed:
+        sys.exit(f"train.py: --resume: {', '.join(changed)}: a resumed run keeps the flags of {path}; only "
+                 f"{', '.join(map(cli.flag, RESUME_MAY_CHANGE))} may change (start a new --out-dir to change others)")
+    if args.epochs != saved["epochs"] and args.max_iters == saved["max_iters"] != 0:
+        sys.exit(f"train.py: --resume: --epochs: the length of this run is --max-iters {saved['max_iters']}, which "
+                 "overrides --epochs; change --max-iters, or add --max-iters 0 to count in epochs")
     return args, resume
 
 
@@ -205,16 +207,9 @@ def read_resume(out_dir):
     return resume
 
 
-def check_resume_flags(args, saved, path):
-    """A run flag on the command line of --resume that differs from the run's (saved) ends it in one line."""
-    changed = [f"{cli.flag(k)} {getattr(args, k)} (the run has {saved[k]})" for k in RUN_FLAGS
-               if k not in RESUME_MAY_CHANGE and getattr(args, k) != saved[k]]
-    if changed:
-        sys.exit(f"train.py: --resume: {', '.join(changed)}: a resumed run keeps the flags of {path}; only "
-                 f"{', '.join(map(cli.flag, RESUME_MAY_CHANGE))} may change (start a new --out-dir to change others)")
-    if args.epochs != saved["epochs"] and args.max_iters == saved["max_iters"] != 0:
-        sys.exit(f"train.py: --resume: --epochs: the length of this run is --max-iters {saved['max_iters']}, which "
-                 "overrides --epochs; change --max-iters, or add --max-iters 0 to count in epochs")
+def changed_run_flags(args, saved):
+    """The run flags that a resumed run may not change whose value in `args` is not the one in `saved`."""
+    return [k for k in RUN_FLAGS if k not in RESUME_MAY_CHANGE and getattr(args, k) != saved.get(k)]
 
 
 # -----------------------------------------------------------------------------
@@ -251,13 +246,13 @@ def accuracy(logits, y):
 
 
 # -----------------------------------------------------------------------------
-# a run: its state, set up from the flags (and the checkpoint it resumes)
+# a run: its state, set up from the flags (and restored from the checkpoint it resumes)
 
 @dataclass
 class Run:
-    """The state of a run, built by setup and passed to every step below. The progress fields (iter ... metrics)
-    and model, ema, optimizer are saved in the checkpoints under their own names (checkpoint_state)."""
-    args: argparse.Namespace  # the flags; parse_args put in a resumed run's, run_length the worked-out defaults
+    """The state of a run, built by setup and passed to every step below. The fields iter ... metrics and model,
+    ema, optimizer are saved in the checkpoints under their own names (checkpoint_state)."""
+    args: argparse.Namespace  # the flags (a resumed run's), with the defaults setup works out filled in
     device: torch.device
     rank: int  # this process's rank under torchrun; 0 alone logs and writes files
     world: int  # the number of processes (1 without torchrun)
@@ -275,7 +270,7 @@ class Run:
     autocast: torch.autocast  # bf16 under --amp, else a no-op
     ckpt_path: str  # OUT_DIR/ckpt.pt: the latest state, for --resume
     best_path: str  # OUT_DIR/best.pt: the state with the best val accuracy so far
-    train_model: torch.nn.Module | None = None  # what train_step calls: DDP and/or compiled (setup)
+    train_model: torch.nn.Module | None = None  # what train_step calls: DDP and/or compiled
     iter: int = 0  # iterations done
     best_val_acc: float = -1.0  # of the EMA so far
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient
@@ -285,67 +280,21 @@ class Run:
     window: dict = field(default_factory=dict)  # sums since the last row: loss, steps, correct, faces, iters
 
 
-def load_data(args):
-    """(splits, description) of --data; when it has no val split, --val-fraction of train is held out as val."""
-    try:
-        splits, description = data.load_dataset(args.data, args.skip_bad_rows, args.labels, args.ferplus)
-        print(description)
-        if len(splits["val"][1]) == 0:
-            splits = data.hold_out(splits, args.val_fraction, args.seed)
-            print(f"no val split: {len(splits['val'][1])} faces ({args.val_fraction:g} of each class of train, drawn "
-                  f"with seed {args.seed}) held out of train as val, {len(splits['train'][1])} left to train on; "
-                  + ("the test split is kept for the final test" if len(splits["test"][1]) else "there is no test "
-                                                                                                  "split"))
-    except ValueError as e:
-        sys.exit(f"train.py: {e}")
-    names = data.class_names(args.labels)
-    counts = torch.bincount(data.target_classes(splits["train"][1]), minlength=len(names)).tolist()
-    empty = [n for n, c in zip(names, counts) if c == 0]
-    if empty:
-        print(f"train.py: warning: the training split has no faces of {', '.join(empty)}; the model cannot learn to "
-              "predict them", file=sys.stderr)
-    return splits
-
-
-def run_length(args, n_train):
-    """(iterations per epoch, iterations of the run); fills in the defaults of --epochs and --warmup."""
-    if args.epochs is None:
-        args.epochs = 3 if args.data == "synthetic" else 32
-    iters_per_epoch = n_train // args.batch_size
-    if iters_per_epoch == 0:
-        sys.exit(f"train.py: {n_train} training faces is fewer than one batch of {args.batch_size}")
-    max_iters = args.max_iters or args.epochs * iters_per_epoch
-    if args.warmup is None:
-        args.warmup = min(iters_per_epoch, max_iters)
-    return iters_per_epoch, max_iters
-
-
-def build_model(args, class_names, device, resuming):
-    """The model on the device, channels-last, from --pretrained unless resuming."""
-    model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans, num_classes=len(class_names),
-                              drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
-                              label_smoothing=args.label_smoothing, sa_weight=args.sa_weight,
-                              class_names=tuple(class_names))
-    if args.pretrained and not resuming:
-        try:
-            load_weights(model, args.pretrained)
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # unreachable, unreadable, foreign
-            sys.exit(f"train.py: --pretrained: {'' if args.pretrained in str(e) else f'{args.pretrained}: '}{e}")
-    # channels-last on every device: the blocks' permutes become free and CPU depthwise convs run their fast path
-    return model.to(device, memory_format=torch.channels_last)
-
-
 def setup(args, resume, rank=0, world=1):
-    """Data on the device, the model, its EMA and the optimizer, restored from `resume` if given: the Run."""
+    """The Run: the data on the device, the model, its EMA and the optimizer, restored from `resume` if given; fills
+    in the defaults of --epochs and --warmup."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     splits = load_data(args)
     train_x, train_y = (t.to(device) for t in splits["train"])  # augmented on the device, batch by batch
-    iters_per_epoch, max_iters = run_length(args, len(train_y))
-    if resume is not None:
-        check_resume_length(args, resume, iters_per_epoch, max_iters)
+    args.epochs = args.epochs or (3 if args.data == "synthetic" else 32)
+    iters_per_epoch = len(train_y) // args.batch_size
+    if iters_per_epoch == 0:
+        sys.exit(f"train.py: {len(train_y)} training faces is fewer than one batch of {args.batch_size}")
+    max_iters = args.max_iters or args.epochs * iters_per_epoch
+    args.warmup = min(iters_per_epoch, max_iters) if args.warmup is None else args.warmup
     class_names = data.class_names(args.labels)
     model = build_model(args, class_names, device, resuming=resume is not None)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
@@ -372,26 +321,60 @@ def setup(args, resume, rank=0, world=1):
     return run
 
 
-def check_resume_length(args, resume, iters_per_epoch, max_iters):
-    """Ends a resume of a finished run with a message; says how a changed length moves the lr schedule."""
-    it, saved = resume["iter"], SimpleNamespace(**resume["args"])
-    if it >= max_iters:
-        sys.exit(f"train.py: --resume: the run in {args.out_dir} is finished ({it} of {max_iters} iterations), nothing "
-                 f"to train; give a larger --epochs or --max-iters to train it longer, or test it with "
-                 f"python eval.py {os.path.join(args.out_dir, 'best.pt')}")
-    saved_max = saved.max_iters or saved.epochs * iters_per_epoch
-    if max_iters != saved_max:
-        print(f"--resume: {saved_max} -> {max_iters} iterations; the cosine decay is recomputed to end at iteration "
-              f"{max_iters}, so the lr at iteration {it} goes from {lr_at(it, saved, saved_max):.3e} to "
-              f"{lr_at(it, args, max_iters):.3e}")
+def load_data(args):
+    """The splits of --data; when it has no val split, --val-fraction of train is held out as val."""
+    try:
+        splits, description = data.load_dataset(args.data, args.skip_bad_rows, args.labels, args.ferplus)
+        print(description)
+        if len(splits["val"][1]) == 0:
+            splits = data.hold_out(splits, args.val_fraction, args.seed)
+            print(f"no val split: {len(splits['val'][1])} faces ({args.val_fraction:g} of each class of train, drawn "
+                  f"with seed {args.seed}) held out of train as val, {len(splits['train'][1])} left to train on; "
+                  + ("the test split is kept for the final test" if len(splits["test"][1]) else "there is no test "
+                                                                                                  "split"))
+    except ValueError as e:
+        sys.exit(f"train.py: {e}")
+    names = data.class_names(args.labels)
+    counts = torch.bincount(data.target_classes(splits["train"][1]), minlength=len(names)).tolist()
+    empty = [n for n, c in zip(names, counts) if c == 0]
+    if empty:
+        print(f"train.py: warning: the training split has no faces of {', '.join(empty)}; the model cannot learn to "
+              "predict them", file=sys.stderr)
+    return splits
+
+
+def build_model(args, class_names, device, resuming):
+    """The model on the device, channels-last, from --pretrained unless resuming."""
+    model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans, num_classes=len(class_names),
+                              drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
+                              label_smoothing=args.label_smoothing, sa_weight=args.sa_weight,
+                              class_names=tuple(class_names))
+    if args.pretrained and not resuming:
+        try:
+            load_weights(model, args.pretrained)
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # unreachable, unreadable, foreign
+            sys.exit(f"train.py: --pretrained: {'' if args.pretrained in str(e) else f'{args.pretrained}: '}{e}")
+    # channels-last on every device: the blocks' permutes become free and CPU depthwise convs run their fast path
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def restore(run, resume):
-    """Puts the checkpoint back into the run set up for it: weights, EMA, optimizer, progress and the random
-    number generators, so the run goes on as if it had not stopped."""
+    """Puts the checkpoint back into the run set up for it: weights, EMA, optimizer, progress and the random number
+    generators, so the run goes on as if it had not stopped. A finished run ends here; a changed length says how
+    it moves the lr."""
+    it, saved = resume["iter"], SimpleNamespace(**resume["args"])
+    if it >= run.max_iters:
+        sys.exit(f"train.py: --resume: the run in {run.args.out_dir} is finished ({it} of {run.max_iters} "
+                 f"iterations), nothing to train; give a larger --epochs or --max-iters to train it longer, or test "
+                 f"it with python eval.py {run.best_path}")
+    saved_max = saved.max_iters or saved.epochs * run.iters_per_epoch
+    if run.max_iters != saved_max:
+        print(f"--resume: {saved_max} -> {run.max_iters} iterations; the cosine decay is recomputed to end at "
+              f"iteration {run.max_iters}, so the lr at iteration {it} goes from {lr_at(it, saved, saved_max):.3e} to "
+              f"{lr_at(it, run.args, run.max_iters):.3e}")
     for name in ("model", "ema", "optimizer"):
         getattr(run, name).load_state_dict(resume[name])
-    run.iter, run.best_val_acc, run.nonfinite_steps = resume["iter"], resume["best_val_acc"], resume["nonfinite_steps"]
+    run.iter, run.best_val_acc, run.nonfinite_steps = it, resume["best_val_acc"], resume["nonfinite_steps"]
     run.metrics, run.started = resume.get("metrics", []), time.time() - resume.get("elapsed_s", 0.0)
     torch.set_rng_state(resume["rng_cpu"])
     if run.device.type == "cuda" and "rng_cuda" in resume:
@@ -400,6 +383,7 @@ def restore(run, resume):
 
 
 def checkpoint_state(run):
+    """What restore puts back, and the model's config and the run flags, which eval.py and --resume read."""
     state = {name: getattr(run, name).state_dict() for name in ("model", "ema", "optimizer")}
     state.update({name: getattr(run, name) for name in ("iter", "best_val_acc", "nonfinite_steps", "metrics")},
                  config=config_dict(run.model), args=vars(run.args), elapsed_s=time.time() - run.started,
@@ -459,8 +443,8 @@ def training_batch(run, idx, first, share):
 
 def train_step(run, idx):
     """One optimizer step on the faces `idx`, or none if the loss or the gradient is not finite (the STN's
-    BatchNorm statistics are then restored, and the run stops after --max-bad-steps such steps in a row).
-    Returns (logits, targets, loss, ce, sa, lr)."""
+    BatchNorm statistics are then restored, and the run stops after --max-bad-steps such steps in a row). Adds the
+    step to the sums of the next metrics row; returns (logits, targets, loss, ce, sa, lr)."""
     args, model = run.args, run.model
     share = len(idx) // run.world
     xb, yb = training_batch(run, idx, run.rank * share, share)
@@ -490,18 +474,12 @@ def train_step(run, idx):
                       f"the last good checkpoint is {run.ckpt_path} (try a lower --lr)")
     run.optimizer.zero_grad(set_to_none=True)
     run.iter += 1
-    add_to_window(run, logits, yb, loss)
-    return logits, yb, loss, ce, sa, lr
-
-
-def add_to_window(run, logits, yb, loss):
-    """Adds a step's loss and correct predictions to the sums since the last row; kept as tensors (no wait for the
-    device each step), and a skipped step (non-finite loss) adds nothing."""
-    w, ok = run.window, torch.isfinite(loss.detach())
-    correct = (logits.detach().argmax(-1) == data.target_classes(yb)).sum()
+    # the sums stay tensors (no wait for the device each step); a skipped step adds nothing
+    ok, correct = torch.isfinite(loss.detach()), (logits.detach().argmax(-1) == data.target_classes(yb)).sum()
     for key, value in (("loss", torch.where(ok, loss.detach().float(), 0.0)), ("steps", ok.float()),
                        ("correct", correct * ok), ("faces", len(yb) * ok), ("iters", 1)):
-        w[key] = w.get(key, 0) + value
+        run.window[key] = run.window.get(key, 0) + value
+    return logits, yb, loss, ce, sa, lr
 
 
 def log_progress(run, logits, yb, loss, ce, sa, lr, seconds, iters):
@@ -518,23 +496,34 @@ def log_progress(run, logits, yb, loss, ce, sa, lr, seconds, iters):
 
 
 # -----------------------------------------------------------------------------
-# evaluate and save: the val accuracy, the run's record (metrics.csv, curves.png, stn.png), ckpt.pt and best.pt
+# evaluate and save: the val accuracy, the run's record (run_record.py), ckpt.pt and best.pt
 
-METRICS = ("iteration", "epoch", "lr", "train_loss", "train_acc", "val_acc", "images_per_s", "elapsed_s")
-
-
-def ema_accuracy(run, x, y):
-    """Accuracy of the EMA weights on (x, y). Each process scores its slice and the counts are summed, so every
-    process gets the same number (and the same "improved or not")."""
-    lo, hi = len(y) * run.rank // run.world, len(y) * (run.rank + 1) // run.world
+def evaluate_and_save(run):
+    """Scores the EMA weights on the validation split, saves the record, ckpt.pt and (if improved) best.pt; returns
+    the seconds it took."""
+    t_eval, (x, y) = time.time(), run.val
+    lo, hi = len(y) * run.rank // run.world, len(y) * (run.rank + 1) // run.world  # each process scores its slice
     logits = run.ema.predict_logits(x[lo:hi], amp=run.args.amp)
     correct, = sum_over_processes([(logits.argmax(-1) == y[lo:hi]).sum().item()], run.device)
-    return correct / len(y) if len(y) else math.nan  # nan: the mean of no faces
+    val_acc = correct / len(y) if len(y) else math.nan  # the same in every process; nan: the mean of no faces
+    finite = all(torch.isfinite(t).all() for t in run.model.state_dict().values() if t.dtype.is_floating_point)
+    if not all_processes(finite, run.device):
+        stop(run, f"train.py: non-finite weights at iteration {run.iter}; not saving over {run.ckpt_path}")
+    improved = val_acc > run.best_val_acc
+    run.best_val_acc = max(run.best_val_acc, val_acc)
+    run.metrics.append(metrics_row(run, val_acc, t_eval))
+    save(run, best=improved, with_record=True)
+    print(f"epoch {run.iter / run.iters_per_epoch:.2f} | iter {run.iter} | val acc (EMA) {100 * val_acc:.2f}% | "
+          f"best {100 * run.best_val_acc:.2f}%{' (saved)' if improved else ''} | eval "
+          f"{time.time() - t_eval:.1f}s", flush=True)
+    run.model.train()
+    run.window = {"since": time.time()}  # the next row's images/s leaves this evaluation out
+    return time.time() - t_eval
 
 
 def metrics_row(run, val_acc, t_eval):
-    """This evaluation's row: the training loss and accuracy over the steps since the last row (all processes),
-    the lr of the last step, val accuracy, images/s over those steps without the evaluations."""
+    """This evaluation's row of metrics.csv: the training loss and accuracy over the steps since the last row (all
+    processes), the lr of the last step, val accuracy, images/s over those steps without the evaluations."""
     w = run.window
     sums = [float(w.get(k, 0)) for k in ("loss", "steps", "correct", "faces")]
     loss, steps, correct, faces = sum_over_processes(sums, run.device)
@@ -547,68 +536,22 @@ def metrics_row(run, val_acc, t_eval):
             "elapsed_s": round(time.time() - run.started, 1)}
 
 
-@torch.no_grad()
-def save_stn_picture(model, x, path):
-    """Faces (uint8 (B, 48, 48)) beside what the STN makes of them at the model's img_size (figures.stn_pairs)."""
-    model.eval()
-    c = model.config
-    inputs = emonext.preprocess(x.to(next(model.parameters()).device), c.img_size, c.pixel_mean, c.pixel_std)
-    warped, _ = model.stn(inputs.expand(-1, c.in_chans, -1, -1))
-    pairs = torch.stack([inputs, warped[:, :1].float()], 1)[:, :, 0]  # (B, 2, S, S), the warp's first channel
-    pixels = (pairs * c.pixel_std + c.pixel_mean).clamp(0, 1).mul(255).round().byte().cpu().numpy()
-    img = figures.stn_pairs(pixels)
-    write_atomically(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def write_record(run):
-    """metrics.csv and curves.png of run.metrics (a resumed run goes on with its checkpoint's rows), stn.png."""
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, METRICS)
-            writer.writeheader()
-            writer.writerows(run.metrics)
-    write_atomically(os.path.join(run.args.out_dir, "metrics.csv"), write_csv)
-    img = figures.training_curves(run.metrics)
-    write_atomically(os.path.join(run.args.out_dir, "curves.png"), lambda tmp: img.save(tmp, format="PNG"))
-    save_stn_picture(run.ema, run.val[0][:16], os.path.join(run.args.out_dir, "stn.png"))
-
-
-def save(run, ckpt_path, best_path=None, record=False):
-    """Rank 0 writes the run's record (with record), best.pt (if given; before ckpt.pt, so a kill between the two
+def save(run, best=False, with_record=False):
+    """Rank 0 writes the run's record (with_record), best.pt (if best; before ckpt.pt, so a kill between the two
     resumes from the older ckpt.pt) and ckpt.pt. A write that fails (a full disk, a read-only out-dir) stops every
     process in one line; the files written before stay whole."""
     failed = ""
     if run.rank == 0:  # the other processes hold the same weights
         try:
-            if record:
-                write_record(run)
+            if with_record:
+                run_record.write(run.args.out_dir, run.metrics, run.ema, run.val[0][:16])
             state = checkpoint_state(run)
-            for path in filter(None, (best_path, ckpt_path)):
+            for path in (run.best_path, run.ckpt_path) if best else (run.ckpt_path,):
                 save_checkpoint(state, path)
         except OSError as e:
             failed = e.strerror
     if not all_processes(not failed, run.device):
         stop(run, f"train.py: {failed}; stopped at iteration {run.iter}, the files saved before are as they were")
-
-
-def evaluate_and_save(run):
-    """Scores the EMA weights on the validation split, saves the record, ckpt.pt and (if improved) best.pt; returns
-    the seconds it took."""
-    t_eval = time.time()
-    val_acc = ema_accuracy(run, *run.val)
-    finite = all(torch.isfinite(t).all() for t in run.model.state_dict().values() if t.dtype.is_floating_point)
-    if not all_processes(finite, run.device):
-        stop(run, f"train.py: non-finite weights at iteration {run.iter}; not saving over {run.ckpt_path}")
-    improved = val_acc > run.best_val_acc
-    run.best_val_acc = max(run.best_val_acc, val_acc)
-    run.metrics.append(metrics_row(run, val_acc, t_eval))
-    save(run, run.ckpt_path, run.best_path if improved else None, record=True)
-    print(f"epoch {run.iter / run.iters_per_epoch:.2f} | iter {run.iter} | val acc (EMA) {100 * val_acc:.2f}% | "
-          f"best {100 * run.best_val_acc:.2f}%{' (saved)' if improved else ''} | eval "
-          f"{time.time() - t_eval:.1f}s", flush=True)
-    run.model.train()
-    run.window = {"since": time.time()}  # the next row's images/s leaves this evaluation out
-    return time.time() - t_eval
 
 
 # -----------------------------------------------------------------------------
@@ -623,9 +566,14 @@ def stop(run, message, status=1):
         print(message, file=sys.stderr, flush=True)
     if run.world > 1:
         dist.barrier()
+    leave_process_group(run)
+    sys.exit(status)
+
+
+def leave_process_group(run):
+    if run.world > 1:
         run.train_model = None  # DDP before the process group (end_distributed)
         end_distributed()
-    sys.exit(status)
 
 
 @contextlib.contextmanager
@@ -651,73 +599,40 @@ def signals_stop_the_run():
 
 def save_and_stop(run, signum):
     """ckpt.pt at this step's end, one line saying where and how to resume, exit 128 + signum (all processes)."""
-    save(run, run.ckpt_path)
+    save(run)
     launch = f"torchrun --nproc_per_node={run.world}" if run.world > 1 else "python"
     stop(run, f"train.py: stopped by {signal.Signals(signum).name} at iteration {run.iter}/{run.max_iters}, saved in "
               f"{run.ckpt_path}; continue with: {launch} train.py --resume --out-dir {shlex.quote(run.args.out_dir)}",
          128 + signum)
 
 
-@contextlib.contextmanager
-def out_dir_lock(out_dir):
-    """Holds OUT_DIR/train.lock (flock) while the run lives, in the process that writes files (rank 0): a second
-    train.py on the same out-dir stops at once, naming the holder. The kernel drops the lock however the process
-    ends, kill -9 included. Opening the file also proves the out-dir writable before any data is read."""
-    if int(os.environ.get("RANK", "0")) > 0:
-        yield
-        return
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, "train.lock"), "a+")
-    except OSError as e:
-        sys.exit(f"train.py: --out-dir {out_dir}: cannot write there ({e.strerror or e})")
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            sys.exit(f"train.py: --out-dir {out_dir} is in use by another train.py ({holder}); let it finish or "
-                     f"choose another --out-dir")
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        lock.flush()
-        yield
-
-
-def load_best(run):
-    """Puts best.pt's EMA weights into run.ema for the final test; returns what it tests. If best.pt is gone, the
-    EMA weights in hand are tested (and it says so); a best.pt of another run is refused by name."""
-    if not os.path.exists(run.best_path):
-        print(f"train.py: {run.best_path} is gone (removed during the run?); testing the EMA weights in hand "
-              f"instead", file=sys.stderr)
-        return "the last EMA weights"
-    try:
-        best = read_checkpoint(run.best_path)
-    except ValueError as e:
-        sys.exit(f"train.py: final test: {e}")
-    saved = best.get("args", {})
-    differ = [cli.flag(k) for k in RUN_FLAGS if k not in RESUME_MAY_CHANGE and saved.get(k) != getattr(run.args, k)]
-    if differ or best.get("config") != config_dict(run.model):
-        sys.exit(f"train.py: {run.best_path} is not this run's: its {' '.join(differ) or 'model config'} differ from "
-                 f"this run's; not testing it (python eval.py {run.best_path} tests it as it is)")
-    run.ema.load_state_dict(best["ema"])
-    return run.best_path
-
-
 def final_test(run):
-    """Tests the best EMA weights on the test split (PrivateTest for FER2013), plain and ten-crop: results.json."""
+    """Tests best.pt's EMA weights on the test split (PrivateTest for FER2013), plain and ten-crop: results.json.
+    If best.pt is gone the EMA weights in hand are tested (and it says so); a best.pt of another run is refused."""
     test_x, test_y = run.test
     if len(test_y) == 0:
         print(f"done; no test split. best val accuracy {100 * run.best_val_acc:.2f}%, checkpoint {run.best_path}")
         return None
-    tested = load_best(run)
+    tested = run.best_path
+    if not os.path.exists(run.best_path):
+        print(f"train.py: {run.best_path} is gone (removed during the run?); testing the EMA weights in hand "
+              f"instead", file=sys.stderr)
+        tested = "the last EMA weights"
+    else:
+        try:
+            best = read_checkpoint(run.best_path)
+        except ValueError as e:
+            sys.exit(f"train.py: final test: {e}")
+        differ = [cli.flag(k) for k in changed_run_flags(run.args, best.get("args", {}))]
+        if differ or best.get("config") != config_dict(run.model):
+            sys.exit(f"train.py: {run.best_path} is not this run's: its {' '.join(differ) or 'model config'} differ "
+                     f"from this run's; not testing it (python eval.py {run.best_path} tests it as it is)")
+        run.ema.load_state_dict(best["ema"])
     results = {"best_val_acc": run.best_val_acc, "nonfinite_steps": run.nonfinite_steps}
     for tta in ("none", "tencrop"):
         results[f"test_acc_{tta}"] = accuracy(run.ema.predict_logits(test_x, tta, amp=run.args.amp), test_y)
     try:
-        write_atomically(os.path.join(run.args.out_dir, "results.json"),
-                         lambda tmp: open(tmp, "w").write(json.dumps(results, indent=1)))
+        run_record.write_results(run.args.out_dir, results)
     except OSError as e:
         sys.exit(f"train.py: {e.strerror}")
     print(f"test accuracy of {tested} (EMA): {100 * results['test_acc_none']:.2f}% plain, "
@@ -730,7 +645,8 @@ def final_test(run):
 
 def main(argv=None):
     args, resume = parse_args(argv)
-    with out_dir_lock(args.out_dir), signals_stop_the_run() as signals:  # the out-dir proved writable first
+    # the out-dir proved writable (and ours) before anything is read
+    with run_record.out_dir_lock(args.out_dir), signals_stop_the_run() as signals:
         rank, world = init_distributed(args)
         run = setup(args, resume, rank, world)
         run.model.train()
@@ -749,9 +665,7 @@ def main(argv=None):
                 if it >= run.max_iters:
                     break
         results = final_test(run) if rank == 0 else None  # best.pt is rank 0's file
-        if world > 1:
-            run.train_model = None  # DDP before the process group (end_distributed)
-            end_distributed()
+        leave_process_group(run)
     return results
 
 

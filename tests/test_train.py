@@ -33,7 +33,7 @@ from PIL import Image
 import data
 import emonext
 import eval as evaluate
-import synthetic
+import run_record
 import train
 from conftest import ferplus_args
 from emonext import EmoNeXt
@@ -143,31 +143,6 @@ def test_outputs_and_checkpoint_contents(trained):
     with Image.open(out / "stn.png") as im:
         assert im.size == (4 * (2 * 32 + 8), 4 * (32 + 4))  # 16 faces, 4 pairs per row
     assert "val acc (EMA)" in trained.stdout and "test accuracy of" in trained.stdout
-
-
-def test_save_stn_picture(tmp_path):
-    torch.manual_seed(0)
-    model = EmoNeXt.from_size("atto", img_size=48, in_chans=1)  # identity STN at init
-    x = synthetic.synthetic_faces(n_train=5, n_val=0, n_test=0, seed=3)["train"][0]
-    path = str(tmp_path / "stn.png")
-    train.save_stn_picture(model, x, path)
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.mode == "L" and im.size == (4 * (2 * 48 + 8), 2 * (48 + 4))
-        pixels = np.asarray(im).astype(int)
-    for i in range(5):
-        r, c = divmod(i, 4)
-        top, left = r * 52, c * 104
-        face = x[i].numpy().astype(int)
-        assert np.abs(pixels[top:top + 48, left:left + 48] - face).max() <= 1  # the input as it went in
-        assert np.abs(pixels[top:top + 48, left + 48:left + 96] - face).max() <= 1  # identity warp: the same
-    assert (pixels[52:, 104:] == 255).all()  # the empty slots stay white
-    # a shifted warp moves the picture
-    with torch.no_grad():
-        model.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, 0.5, 0, 1, 0]))
-    train.save_stn_picture(model, x[:1], path)
-    with Image.open(path) as im:
-        pixels = np.asarray(im).astype(int)
-    assert np.abs(pixels[:48, 48:96] - x[0].numpy()).max() > 20
 
 
 def test_tiny_run_learns_well_above_chance(trained):
@@ -413,7 +388,7 @@ def test_a_second_run_on_the_same_out_dir_stops_at_once_naming_the_first(faces_n
     finally:
         first.kill()
         first.wait()
-    with train.out_dir_lock(str(out)):  # the kernel dropped the killed run's lock
+    with run_record.out_dir_lock(str(out)):  # the kernel dropped the killed run's lock
         assert f"pid {os.getpid()} " in _read(out / "train.lock")
 
 
