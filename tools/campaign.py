@@ -5,8 +5,9 @@
     python -m tools.campaign summary OUT                            # the final table; exit 1 if a stage failed
     python -m tools.campaign tables OUT                             # every stage's rows, for BENCHMARKS.md
 
-Stage e trains README's CPU recipe (EmoNeXt-atto, 64 px, fp32, eager) unchanged but for the epoch count, so its
-accuracy reads against the CPU run's (67.79% ten-crop after 42 epochs). Its time budget is kept from outside
+Stage e trains the 64 px CPU recipe of docs/training.md, "How the defaults were chosen" (EmoNeXt-atto, fp32,
+eager) unchanged but for the epoch count, so its accuracy reads against the CPU run's (67.79% ten-crop after 42
+epochs). Its time budget is kept from outside
 train.py: a probe run of PROBE_ITERS iterations (which also runs validation and both test passes, so every path of
 the real run is proven on this machine first) measures the step, the evaluation and the fixed costs, and the real
 run gets the most epochs (at most the recipe's 42) that fit the stage's seconds with a 10% margin.
@@ -32,7 +33,7 @@ from bench import markdown
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_DATA = os.path.join("data", "fer2013-device.npz.xz")  # ../shared/data's copy for machines without ../shared
 RECIPE = {"model": "atto", "img-size": 64, "batch-size": 128, "lr": 1.5e-3, "layer-scale-init": 1, "drop-path": 0,
-          "rotate": 10, "zoom": 0.1, "shift": 0.05}  # README's "FER2013 on a CPU" run, but for its 42 epochs
+          "rotate": 10, "zoom": 0.1, "shift": 0.05}  # that 42-epoch run's flags
 MAX_EPOCHS, PROBE_ITERS = 42, 60
 DRY_RECIPE, DRY_MAX_EPOCHS, DRY_PROBE_ITERS = {**RECIPE, "img-size": 32, "batch-size": 16}, 1, 3
 
