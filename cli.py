@@ -1,11 +1,11 @@
 """
-What the scripts' flags accept, checked the same way in train.py, eval.py and predict.py: each script keeps a table
-of its numeric flags' limits, and a value that cannot work, or a device that is not there, ends the script in one
-line naming the flag and what it expects, before anything is loaded.
+What the scripts share: their flags checked the same way in train.py, eval.py and predict.py (each script keeps a
+table of its numeric flags' limits, and a value that cannot work, or a device that is not there, ends the script in one
+line naming the flag and what it expects, before anything is loaded), and the one onnxruntime session set-up.
+Imports no torch at module level, so that a process that runs an .onnx file without torch can use it.
 """
+import os
 import sys
-
-import torch
 
 
 def flag(dest: str) -> str:
@@ -21,8 +21,9 @@ def check_limits(prog: str, args, limits: dict) -> None:
             sys.exit(f"{prog}: {flag(dest)}: expected {expected}, got {value}")
 
 
-def check_device(prog: str, name: str) -> torch.device:
+def check_device(prog: str, name: str):
     """--device as a torch.device that this machine has."""
+    import torch
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -31,3 +32,20 @@ def check_device(prog: str, name: str) -> torch.device:
         sys.exit(f"{prog}: --device {name}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
                  "use --device cpu")
     return device
+
+
+def onnx_session(path, threads=None):
+    """An onnxruntime InferenceSession of the ONNX file at path on the CPU, `threads` intra-op threads (None:
+    onnxruntime's own choice), one node at a time. ImportError where onnxruntime is not installed (the caller says
+    what to install); ValueError in one line where the file is not there or onnxruntime cannot load it."""
+    import onnxruntime
+    if not os.path.isfile(path):
+        raise ValueError(f"not found: {path}")
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads, options.execution_mode = 1, onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base class but Exception
+        raise ValueError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
