@@ -27,22 +27,25 @@ import argparse
 import contextlib
 import csv
 import functools
+import io
+import json
 import math
 import os
 import re
 import sys
 import time
+import types
 import warnings
 from collections import deque
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import cli
-import data
-from emonext import FACE_SIDE, EmoNeXt, write_atomically
 
+# torch, data.py and emonext.py are imported where they are used: with an .onnx model (OnnxModel, analyze, serve.py)
+# a process runs detection, framing and classification without torch
+FACE_SIDE = 48  # emonext.FACE_SIDE (tested equal)
 DETECT_MIN_SIDE = 2 * FACE_SIDE  # --detect auto: an image whose shorter side is below this is a face crop
 MAX_SIDE = 960  # faces are searched on a copy at most this wide and high: the detector's time goes with the pixels
 #                 (libfacedetection's own wrapper warns above 960 px)
@@ -55,6 +58,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 ANNOTATED = ".faces"  # annotated pictures are <stem>.faces.png and videos <stem>.faces.mp4; folders leave them out
 INSTALL_HINT = "pip install -r requirements-extra.txt"
 CSV_COLUMNS = ("file", "frame", "time_s", "x", "y", "w", "h", "score", "label")  # then the classes, then "track"
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "emonext_atto_fer2013.pt")
 
 
 # -----------------------------------------------------------------------------
@@ -156,6 +160,145 @@ def read_faces(model, image, detector, max_side: int = MAX_SIDE, tta: str = "non
 
 
 # -----------------------------------------------------------------------------
+# without torch: an .onnx model of export.py, pictures read with Pillow alone, the faces of a picture in one call
+
+class PixelLimitError(ValueError):
+    """A picture over PIL's pixel limit (Image.MAX_IMAGE_PIXELS): a decompression bomb, or just too large."""
+
+
+def resize_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32: the resize along one axis of torch's F.interpolate(mode="bilinear", antialias=True,
+    align_corners=False), which emonext.grey_faces uses: each output pixel a triangle of half-width max(1, n_in /
+    n_out) input pixels about its centre, normalised."""
+    scale = n_in / n_out
+    centres = (np.arange(n_out) + 0.5) * scale
+    w = np.clip(1 - np.abs(np.arange(n_in)[None] + 0.5 - centres[:, None]) / max(1.0, scale), 0, None)
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+
+def grey_faces_48(faces) -> np.ndarray:
+    """uint8 grey faces of any size (a list of (H, W), or (N, H, W)) -> uint8 (N, 48, 48), as emonext.grey_faces
+    makes them (the centre square, resized bilinear and antialiased, rounded) with numpy alone, an .onnx model's
+    input (torch's float32 sums may round a few pixels to the next level)."""
+    out = np.zeros((len(faces), FACE_SIDE, FACE_SIDE), np.uint8)
+    for i, face in enumerate(faces):
+        h, w = face.shape
+        side = min(h, w)
+        face = face[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+        if side != FACE_SIDE:
+            weights = resize_weights(side, FACE_SIDE)
+            face = np.clip(np.round(weights @ (face.astype(np.float32) @ weights.T)), 0, 255)  # rows first
+        out[i] = face
+    return out
+
+
+class OnnxModel:
+    """An .onnx file of export.py in onnxruntime (cli.onnx_session, `threads` intra-op threads) behind EmoNeXt's
+    predict: uint8 grey faces of any size -> float32 probabilities (N, num_classes), numpy. .config: the file's
+    config (class_names, num_classes, ...) from its metadata. ValueError in one line where it cannot be loaded."""
+
+    def __init__(self, path, threads: int = None):
+        try:
+            self.session = cli.onnx_session(path, threads)
+        except ImportError:
+            raise ValueError(f"{path}: an .onnx model runs in onnxruntime: {INSTALL_HINT}") from None
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        if "emonext.config" not in self.metadata:
+            raise ValueError(f"{path}: not an ONNX file of export.py (no emonext.config in its metadata)")
+        self.config = types.SimpleNamespace(**json.loads(self.metadata["emonext.config"]))
+
+    def predict(self, faces, batch_size: int = 256, tta: str = "none", amp: bool = False) -> np.ndarray:
+        if tta != "none":
+            raise ValueError(f"tta={tta!r} needs a .pt model: an .onnx file of export.py classifies each face once")
+        x = grey_faces_48(faces)
+        out = [self.session.run(["probs"], {"faces": x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.config.num_classes), np.float32)
+
+
+def open_model(path, threads: int = None):
+    """The model of a file, ready to predict: an .onnx file of export.py as an OnnxModel (no torch imported), else a
+    checkpoint as EmoNeXt.from_checkpoint(path).for_inference() on the CPU (torch set to `threads` threads when
+    given). ValueError or OSError in one line."""
+    if str(path).lower().endswith(".onnx"):
+        return OnnxModel(path, threads)
+    import torch
+    from emonext import EmoNeXt
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return EmoNeXt.from_checkpoint(path).for_inference()
+
+
+def read_picture(source, name: str = "image"):
+    """Image bytes, a binary file or a path -> (uint8 grey (H, W) upright, its number of frames: an animated file
+    gives its first), as data.read_grey reads files (EXIF orientation; 16-bit and float by their range; transparency
+    laid on FER2013's mean grey), with Pillow and numpy alone. ValueError in one line starting with name
+    (PixelLimitError over PIL's pixel limit)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+                frames, im = getattr(im, "n_frames", 1), ImageOps.exif_transpose(im)
+                grey = _grey_levels(im, name)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        pixels = int(re.search(r"\d+", str(e)).group())
+        raise PixelLimitError(f"{name}: {pixels / 1e6:.3g} MP, over PIL's limit of "
+                              f"{Image.MAX_IMAGE_PIXELS / 1e6:.3g} MP (PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except FileNotFoundError:
+        raise ValueError(f"{name}: no such file") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{name}: not a readable image ({e})") from None
+    return grey, frames
+
+
+GREY_TOP = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}  # data.py's
+TRANSPARENT_GREY = 129  # round(255 x FER2013's mean grey, 0.5077): data.read_grey's background for transparency
+
+
+def _grey_levels(im, name) -> np.ndarray:
+    if im.mode in GREY_TOP:
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > GREY_TOP[im.mode]:
+            raise ValueError(f"{name}: {im.mode} image with values {a.min():g}..{a.max():g}, "
+                             f"expected 0..{GREY_TOP[im.mode]:g}")
+        return np.round(a * (255 / GREY_TOP[im.mode])).astype(np.uint8)
+    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (TRANSPARENT_GREY,) * 3 + (255,)), im.convert("RGBA"))
+    return np.array(im.convert("L"), dtype=np.uint8)
+
+
+@functools.cache
+def default_model():
+    """The shipped FER2013 model, loaded once."""
+    return open_model(DEFAULT_MODEL)
+
+
+@functools.cache
+def default_detector():
+    """face_detector(), made once."""
+    return face_detector()
+
+
+def face_record(box, score, probs, class_names) -> dict:
+    """One face as analyze and serve.py give it: box [x, y, w, h], score (None: the Haar cascade has none), the top
+    label and the probabilities by class name."""
+    probs = [float(p) for p in probs]
+    return {"box": [int(v) for v in box], "score": None if math.isnan(score) else round(float(score), 4),
+            "label": class_names[int(np.argmax(probs))], "probabilities": dict(zip(class_names, probs))}
+
+
+def analyze(image, model=None, detector=None, tta: str = "none", max_side: int = MAX_SIDE) -> list:
+    """The faces of one picture, as fer's detect_emotions or deepface's analyze give them: [{"box": [x, y, w, h],
+    "score", "label", "probabilities": {class name: p}}], left to right. image: a path, image bytes, or a uint8
+    array (RGB (H, W, 3) or grey (H, W)); model: an EmoNeXt, an OnnxModel or a file's path (default: the shipped
+    FER2013 model); detector: a face_detector() (default: the best installed). No torch with an .onnx model."""
+    model = default_model() if model is None else open_model(model) if isinstance(model, (str, os.PathLike)) else model
+    if not isinstance(image, np.ndarray):
+        image, _ = read_picture(image, str(image) if isinstance(image, (str, os.PathLike)) else "image")
+    faces = read_faces(model, image, default_detector() if detector is None else detector, max_side, tta)
+    return [face_record(box, score, probs, model.config.class_names) for box, score, probs in faces]
+
+
+# -----------------------------------------------------------------------------
 # video: faces carried from frame to frame
 
 def iou(a, b) -> np.ndarray:
@@ -191,6 +334,7 @@ class Tracker:
         for t, p in zip(ids, probs):
             self.history[t].append(p)
         self.boxes, self.ids = boxes, ids
+        import torch
         return ids, torch.stack([torch.stack(tuple(self.history[t])).mean(0) for t in ids]) if ids else probs
 
 
@@ -200,6 +344,7 @@ def video_faces(model, capture, detector, every: int = 1, smooth: int = 1, max_s
     BGR frame, [(box, score, probabilities averaged over the track's last `smooth` frames, track id)]). Time: the
     index over the file's frame rate, or (live, or no frame rate) the seconds since the first frame."""
     import cv2  # the callers made the capture with it
+    import torch
     fps, start, tracker, index = capture.get(cv2.CAP_PROP_FPS), time.perf_counter(), Tracker(smooth), -1
     while True:
         index += 1
@@ -223,6 +368,7 @@ def video_faces(model, capture, detector, every: int = 1, smooth: int = 1, max_s
 def input_files(paths, recursive: bool = False):
     """The paths, folders replaced by their images in name order (subfolders' too when recursive; other files and
     annotated pictures left out). Files are passed on as named, whatever their kind (a missing one is said later)."""
+    import data
     for p in paths:
         if not os.path.isdir(p):
             yield p
@@ -249,6 +395,7 @@ def read_image(path) -> np.ndarray:
                          "(PIL.Image.MAX_IMAGE_PIXELS)") from None
     except (OSError, SyntaxError):
         frames = 1  # data.read_grey says what is wrong
+    import data
     grey = data.read_grey(path)
     if frames > 1:
         print(f"predict.py: {path}: animated ({frames} frames): read the first", file=sys.stderr)
@@ -307,6 +454,7 @@ class Report:
         return os.path.join(out_dir, name)
 
     def write_csv(self, path):
+        from emonext import write_atomically
         def write(tmp):
             with open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows([[*CSV_COLUMNS, *self.names, "track"], *self.rows])
@@ -316,6 +464,7 @@ class Report:
 def classify_images(model, paths, args, report, detector):
     """Image files: face crops classified whole, larger ones searched (--detect), batch_size faces per EmoNeXt.predict
     call; the lines, the CSV's rows and (--out-dir) the pictures with their faces drawn."""
+    from emonext import write_atomically
     pending = []
     for i, path in enumerate(paths):
         found = image_faces(path, args, report, detector)
@@ -445,9 +594,10 @@ def video_writer(cv2, path, capture, frame, every):
 # the command line
 
 def build_parser():
+    import torch
     p = argparse.ArgumentParser(description="The emotions of the faces in photos, videos and a webcam, with an "
                                             "EmoNeXt checkpoint: one line per face.")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="an EmoNeXt checkpoint (.pt) or an .onnx file of export.py (onnxruntime)")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help=f"image files, folders of images, video files ({' '.join(VIDEO_EXTENSIONS)})")
     p.add_argument("--recursive", action="store_true", help="the images of the folders' subfolders too")
@@ -496,10 +646,9 @@ def main(argv=None):
         sys.exit("predict.py: --save-video: needs --out-dir, where the videos go")
     device = cli.check_device("predict.py", args.device)
     try:
-        model = EmoNeXt.from_checkpoint(args.checkpoint).to(device)
+        model = command_line_model(args, device)
     except (ValueError, OSError) as e:
         sys.exit(f"predict.py: {e}")
-    model = model.for_inference(channels_last=args.channels_last, compile=args.compile)
     detector = functools.cache(lambda: _detector_or_reason(args))
     if args.detect == "on" and detector()[1]:
         sys.exit(f"predict.py: --detect on: {detector()[1]}")
@@ -523,6 +672,32 @@ def main(argv=None):
     return finish(report, args, len(files) + (args.webcam is not None))
 
 
+class TorchOnnxModel(OnnxModel):
+    """An OnnxModel whose probabilities are torch tensors, as EmoNeXt.predict's: the command line stacks them."""
+
+    def predict(self, *args, **kwargs):
+        import torch
+        return torch.from_numpy(super().predict(*args, **kwargs))
+
+
+def command_line_model(args, device):
+    """The checkpoint's model on device, for inference; an .onnx file in onnxruntime, where the checkpoint's options
+    (--amp, --compile, --channels-last, --tta tencrop, a GPU) end in one line and --tta is none."""
+    if not args.checkpoint.lower().endswith(".onnx"):
+        from emonext import EmoNeXt
+        model = EmoNeXt.from_checkpoint(args.checkpoint).to(device)
+        return model.for_inference(channels_last=args.channels_last, compile=args.compile)
+    for dest in ("amp", "compile", "channels_last"):
+        if getattr(args, dest):
+            sys.exit(f"predict.py: {cli.flag(dest)}: an option of a checkpoint; an .onnx model runs in onnxruntime")
+    if args.tta == "tencrop" or device.type != "cpu":
+        sys.exit(f"predict.py: {'--tta tencrop' if args.tta == 'tencrop' else '--device ' + args.device}: an .onnx model runs "
+                 "once per face on the CPU, in onnxruntime")
+    args.tta = "none"
+    import torch
+    return TorchOnnxModel(args.checkpoint, torch.get_num_threads())
+
+
 def _detector_or_reason(args):
     try:
         return face_detector(args.detector, args.min_score), None
@@ -541,6 +716,7 @@ def finish(report, args, n_inputs):
         print(f"predict.py: {len(report.written)} picture(s) with their faces drawn in {args.out_dir}", file=sys.stderr)
     if report.skipped:
         sys.exit(f"predict.py: {len(report.skipped)} of {n_inputs} input(s) skipped")
+    import torch
     return torch.stack(report.probs) if report.probs else torch.zeros(0, len(report.names))
 
 
