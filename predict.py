@@ -246,7 +246,8 @@ def read_picture(source, name: str = "image"):
     except FileNotFoundError:
         raise ValueError(f"{name}: no such file") from None
     except (OSError, SyntaxError) as e:
-        raise ValueError(f"{name}: not a readable image ({e})") from None
+        why = re.sub(r" <_io\.BytesIO object at \w+>", "", str(e))  # PIL names the buffer; name says what it is
+        raise ValueError(f"{name}: not a readable image ({why})") from None
     return grey, frames
 
 
