@@ -9,6 +9,7 @@
     python -m bench --only detect --scenes 300   # the face detectors: found, invented, ms (README: Photos and video)
     python -m bench --only framing --faces 1000  # accuracy of the detector's crops at each scale vs FER2013's own
     python -m bench --only video-recall --clips 40   # faces found in video frames at detection sides 640/480/320
+    python -m bench --only serve                 # serve.py under 8 clients x 50 photos: requests/s, p50, p95
 
 Sections (--only, in the order given):
     env          device, versions and two measured ceilings: a 1 GiB device copy (GB/s, bytes read + written) and
@@ -31,6 +32,8 @@ Sections (--only, in the order given):
     framing      the shipped model's accuracy on the detector's crops of FER2013 faces at each crop scale, against
                  the faces' own 48x48 crops
                  (these three need FER2013's fer2013.npz, OpenCV and a face detector: requirements-extra.txt)
+    serve        serve.py in its own process on the loopback, the .pt (--weights) and the shipped int8 .onnx: 8
+                 clients x 50 requests of a 640x480 JPEG with one FER2013 face: requests/s, p50, p95, errors
 Kernel rows carry the performance model's floor: the minimum bytes at the copy bandwidth or the FMAs at the fp32
 FMA rate, whichever takes longer, and the fused time as % of it (100% = at the floor). The rates are the device's
 measured copy and its FMA rate (SMs x fp32 lanes x max clock) on CUDA, the H100 figures below for --floors. Times
@@ -800,6 +803,27 @@ def bench_framing(args, table):
     table.add({**row, "own 48x48 crops %": accuracy(x[found])})
 
 
+# --- serve.py under load ---
+
+
+def bench_serve(args, table):
+    """serve.py in its own process on the loopback (serve.load_test): 8 clients x 50 requests (dry run: 2) of a
+    640x480 JPEG photo with one FER2013 face (synthetic.make_scene), for --weights and its shipped int8 .onnx file;
+    --threads: the server's worker threads (default: its own, the cores)."""
+    import io
+    import serve
+    from PIL import Image
+    x, _ = fer2013_test("serve")
+    grey, _ = synthetic.make_scene(np.random.default_rng(0), x[:100], n_faces=1, sides=(120, 180))
+    photo = io.BytesIO()
+    Image.fromarray(grey).convert("RGB").save(photo, "JPEG", quality=90)
+    for model in (args.weights, os.path.join(ROOT, "weights", "emonext_atto_fer2013_int8.onnx")):
+        for threads in args.threads or [None]:
+            row = serve.load_test(model, photo.getvalue(), requests=2 if args.dry_run else 50, threads=threads)
+            table.add({"model": os.path.basename(model), "photo": "640x480 JPEG, one face",
+                       "server threads": threads or "cores", **row})
+
+
 # --- main ---
 
 SECTIONS = {"env": bench_env, "dwconv": bench_dwconv, "sampler": bench_sampler,
@@ -807,7 +831,7 @@ SECTIONS = {"env": bench_env, "dwconv": bench_dwconv, "sampler": bench_sampler,
             "train": lambda args, table: bench_models(args, table, train=True),
             "infer": lambda args, table: bench_models(args, table, train=False), "video": bench_video,
             "onnx": bench_onnx, "video-recall": bench_video_recall, "detect": bench_detect,
-            "framing": bench_framing}
+            "framing": bench_framing, "serve": bench_serve}
 
 
 def parse_args(argv=None):

