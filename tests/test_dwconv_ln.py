@@ -60,8 +60,9 @@ def assert_close_to_reference(fn, x, params, dy, tol):
     (2, 40, 9, 11, torch.float32, "contiguous"),  # H, W not multiples of any tile; C not a power of two
     (1, 96, 5, 6, torch.float32, "channels_last"),  # H, W < 7: every tap clipped; batch 1
     (2, 40, 8, 3, torch.float32, "sliced"),  # non-contiguous input
-    (1, 40, 20, 5, torch.float32, "contiguous"),  # several row tiles and weight-grad bands
-    (2, 40, 9, 11, torch.bfloat16, "channels_last"),
+    pytest.param(1, 40, 20, 5, torch.float32, "contiguous", marks=pytest.mark.slow),  # several row tiles and
+    #                                                                                   weight-grad bands
+    pytest.param(2, 40, 9, 11, torch.bfloat16, "channels_last", marks=pytest.mark.slow),
     (1, 96, 5, 6, torch.float16, "contiguous"),
 ])
 def test_triton_matches_reference(N, C, H, W, dtype, layout):
@@ -83,8 +84,8 @@ def gpu_tiles(monkeypatch):
     # and the weight gradient (32 channels)
     (40, 5, 9, torch.float32, [(2, 4), (2, 4), (4, 4)]),  # 3 x 3 tiles, partial at the right and bottom edges;
     #                                                       dw: 2 bands of 3 tiles each, 2 channel blocks
-    (136, 3, 5, torch.bfloat16, [(1, 4), (1, 4), (2, 8)]),  # 3 x 2 tiles; dx: 2 channel blocks (the second
-    #                                                          masked), dw: 2 bands, 5 channel blocks
+    pytest.param(136, 3, 5, torch.bfloat16, [(1, 4), (1, 4), (2, 8)], marks=pytest.mark.slow),  # 3 x 2 tiles;
+    #                                   dx: 2 channel blocks (the second masked), dw: 2 bands, 5 channel blocks
 ])
 def test_triton_with_gpu_tiles_matches_reference(gpu_tiles, C, H, W, dtype, tiles):
     block_c = dwconv_ln.triton.next_power_of_2(C)
@@ -116,6 +117,7 @@ def grads_twice(device, shape):
     return run(dwconv_ln.dwconv_layernorm_triton, x, params, dy), run(dwconv_ln.dwconv_layernorm_triton, x, params, dy)
 
 
+@pytest.mark.slow
 def test_triton_grads_bit_identical():
     first, second = grads_twice(DEV, (1, 40, 20, 5))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -168,6 +170,7 @@ def test_compile_has_no_graph_breaks_and_matches_eager():
     assert_compiled_matches_eager("cpu", "aot_eager")  # aot_eager: fake kernels and autograd, no C++ build
 
 
+@pytest.mark.slow
 def test_imports_and_runs_without_triton():
     code = (
         "import sys, importlib.util, torch\n"

@@ -1218,6 +1218,7 @@ def test_fast_path_traces_without_graph_breaks():
     assert "batch_norm" not in code and "max_pool2d" not in code  # the folded, pooled-by-maxima path
 
 
+@pytest.mark.slow
 def test_fast_path_keeps_the_fused_ops():
     """With kernels/ (its "fused" backend runs the registered ops' CPU code), grey input to an RGB model: the fast
     path's one-channel warp and the blocks go through the ops, with the reference layers' logits."""
@@ -1326,6 +1327,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_for_inference_works_when_copied_alone(tmp_path, run_emonext_alone, inference_faces):
     m = trained_looking("femto", 40, in_chans=3, num_classes=8)
     x = faces_as_input(3, 40)
@@ -1402,6 +1404,7 @@ def test_importing_emonext_with_its_kernels_loads_no_torch_dynamo():
     assert out.returncode == 0 and out.stdout == "False\n", out.stderr
 
 
+@pytest.mark.slow
 def test_works_when_copied_alone(tmp_path, run_emonext_alone):
     src = scramble(model("atto", 48, in_chans=1)).eval()
     x, y = torch.randn(3, 1, 48, 48), torch.tensor([0, 2, 6])

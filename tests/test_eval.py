@@ -327,6 +327,7 @@ from conftest import ferplus_args, random_faces  # noqa: E402
 from emonext import config_dict  # noqa: E402
 
 
+@pytest.mark.slow
 def test_ferplus_run_end_to_end_and_eval_shows_8_classes(faces_with_votes, capsys, tmp_path):
     out = faces_with_votes / "out-ferplus-soft"
     results = train.main(ferplus_args(faces_with_votes, "ferplus-soft", 16))

