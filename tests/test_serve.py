@@ -73,9 +73,9 @@ def stop_server(proc, timeout=30):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The .pt model's server (2 worker threads), stopped by SIGTERM after the module."""
+    """The .pt model's server (2 worker processes), stopped by SIGTERM after the module."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    proc, url = start_server(PT, log, "--threads", "2", "--max-upload-mb", str(UPLOAD_MB))
+    proc, url = start_server(PT, log, "--workers", "2", "--max-upload-mb", str(UPLOAD_MB))
     yield url
     assert stop_server(proc) and "stopped" in log.read_text(), log.read_text()[-3000:]
 
@@ -201,7 +201,7 @@ def test_onnx_server_runs_without_torch_and_stops_on_sigterm(server, scene, tmp_
     (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch imported by the .onnx server')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     log = tmp_path / "serve.log"
-    proc, url = start_server(ONNX, log, "--threads", "1", env=env, python_flags=("-X", "importtime"))
+    proc, url = start_server(ONNX, log, "--workers", "1", env=env, python_flags=("-X", "importtime"))
     try:
         _, png = scene
         answer = post(url, png).json()
