@@ -180,14 +180,18 @@ def read_faces(model, image, detector, max_side: int = MAX_SIDE, tta: str = "non
 # -----------------------------------------------------------------------------
 # without torch: an .onnx model of export.py, and the faces of a picture in one call
 
+@functools.lru_cache(maxsize=256)
 def resize_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float32: the resize along one axis of torch's F.interpolate(mode="bilinear", antialias=True,
-    align_corners=False), which emonext.grey_faces uses: each output pixel a triangle of half-width max(1, n_in /
-    n_out) input pixels about its centre, normalised."""
+    """(n_out, n_in) float32, read-only and made once per size (faces of a video or of similar photos share
+    sizes): the resize along one axis of torch's F.interpolate(mode="bilinear", antialias=True, align_corners=False),
+    which emonext.grey_faces uses: each output pixel a triangle of half-width max(1, n_in / n_out) input pixels
+    about its centre, normalised."""
     scale = n_in / n_out
     centres = (np.arange(n_out) + 0.5) * scale
     w = np.clip(1 - np.abs(np.arange(n_in)[None] + 0.5 - centres[:, None]) / max(1.0, scale), 0, None)
-    return (w / w.sum(1, keepdims=True)).astype(np.float32)
+    w = (w / w.sum(1, keepdims=True)).astype(np.float32)
+    w.flags.writeable = False
+    return w
 
 
 def grey_faces_48(faces) -> np.ndarray:
