@@ -198,6 +198,7 @@ class EmoNeXtConfig:
     dims: tuple = (96, 192, 384, 768)
     img_size: int = 224           # square input side; fixes the STN regressor's input width
     in_chans: int = 3             # 1 for grey input at a third of the stem's work; 3 to match ImageNet weights
+    stem_stride: int = 4          # the paper's patchify stem; 2 (the same 4x4 kernel, overlapping) keeps 4x the map
     num_classes: int = 7
     drop_path_rate: float = 0.1   # stochastic depth of the last block; linear from 0 over the blocks
     layer_scale_init: float = 1e-6
@@ -210,7 +211,7 @@ class EmoNeXtConfig:
 
 # fields that checkpoints written before them lack; such a checkpoint gets the default, which is what it used, except
 # class_names: those of the checkpoint's top level where it has them (train.py wrote them there first)
-CONFIG_FIELDS_ADDED_LATER = ("pixel_mean", "pixel_std", "class_names")
+CONFIG_FIELDS_ADDED_LATER = ("pixel_mean", "pixel_std", "class_names", "stem_stride")
 
 
 SIZES = {
@@ -228,6 +229,7 @@ SIZES = {
 TTA_MODES = ("none", "tencrop")  # test-time augmentation: the plain path, or the official recipe's ten-crop
 DEFAULT_TTA = "tencrop"  # what a score (eval.py) and a photo's faces (predict.py) get unless told otherwise
 MIN_IMG_SIZE = 32  # the 32x downsampling leaves 1x1 at stage 4; the localization net needs 18
+STEM_STRIDES = (4, 2)  # the stem's stride: the paper's 4, or 2 for small faces (the same weights fit both)
 
 
 def _autocast_off(device: torch.device):
@@ -257,6 +259,8 @@ class EmoNeXt(nn.Module):
                              f"(the 32x downsampling and the STN localization net)")
         if config.in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {config.in_chans}")
+        if config.stem_stride not in STEM_STRIDES:
+            raise ValueError(f"stem_stride must be one of {STEM_STRIDES}, got {config.stem_stride}")
         self.config = config
         dims, c = config.dims, config.in_chans
 
@@ -267,8 +271,11 @@ class EmoNeXt(nn.Module):
         s = stn_feature_side(config.img_size)
         self.fc_loc = nn.Sequential(nn.Linear(10 * s * s, 32), nn.ReLU(True), nn.Linear(32, 6))
 
-        # ConvNeXt: stem (conv 4x4/4 + LN), then 3 x (LN + conv 2x2/2 + SE) between the 4 stages
-        stem = nn.Sequential(InputConv2d(c, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
+        # ConvNeXt: stem (conv 4x4/4 + LN), then 3 x (LN + conv 2x2/2 + SE) between the 4 stages. At stride 2 the
+        # stem's 4x4 kernel overlaps (padding 1): 48 px faces give stage maps of 24, 12, 6, 3 instead of 12, 6, 3, 1
+        stride = config.stem_stride
+        stem = nn.Sequential(InputConv2d(c, dims[0], kernel_size=4, stride=stride, padding=(4 - stride) // 2),
+                             LayerNorm2d(dims[0], eps=1e-6))
         self.downsample_layers = nn.ModuleList([stem])
         for i in range(3):
             self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6),

@@ -45,7 +45,7 @@ import emonext
 import run_record
 from distributed import all_processes, any_process, distributed_model, end_distributed, init_distributed, \
     sum_over_processes
-from emonext import SIZES, EmoNeXt, config_dict, load_weights, read_checkpoint, save_checkpoint
+from emonext import SIZES, STEM_STRIDES, EmoNeXt, config_dict, load_weights, read_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # the flags: what each means, its default, what it accepts; --resume takes the run's flags from its checkpoint
@@ -72,6 +72,8 @@ def build_parser():
     p.add_argument("--model", default="atto", choices=list(SIZES), help="ConvNeXt size")
     p.add_argument("--img-size", type=int, default=48, help="faces are resized from 48 to this side")
     p.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="3 to use RGB ImageNet weights as they are")
+    p.add_argument("--stem-stride", type=int, default=4, choices=STEM_STRIDES,
+                   help="the stem's stride: 4 as in the paper, 2 for 4x the feature map (about 4x the work)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch: split evenly over torchrun's processes")
     p.add_argument("--epochs", type=int, default=None,
                    help="the run's length (default: 32 on FER2013, 3 on synthetic faces). --resume may change it (and "
@@ -345,7 +347,8 @@ def load_data(args):
 
 def build_model(args, class_names, device, resuming):
     """The model on the device, channels-last, from --pretrained unless resuming."""
-    model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans, num_classes=len(class_names),
+    model = EmoNeXt.from_size(args.model, img_size=args.img_size, in_chans=args.in_chans, stem_stride=args.stem_stride,
+                              num_classes=len(class_names),
                               drop_path_rate=args.drop_path, layer_scale_init=args.layer_scale_init,
                               label_smoothing=args.label_smoothing, sa_weight=args.sa_weight,
                               class_names=tuple(class_names))

@@ -1094,6 +1094,61 @@ def assert_same_state(a, b):
 
 
 # -----------------------------------------------------------------------------
+# the stem's stride: 4 (the paper's) or 2, the same weights either way
+
+def stage_sides(m, x):
+    sides = []
+    hooks = [stage.register_forward_hook(lambda mod, inp, out: sides.append(out.shape[-1])) for stage in m.stages]
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    return sides
+
+
+def test_stem_stride_2_keeps_four_times_the_map_with_the_same_weights():
+    m4, m2 = model("atto", 48, in_chans=1).eval(), model("atto", 48, in_chans=1, stem_stride=2).eval()
+    x = torch.randn(2, 1, 48, 48)
+    assert stage_sides(m4, x) == [12, 6, 3, 1] and stage_sides(m2, x) == [24, 12, 6, 3]
+    assert {k: v.shape for k, v in m4.state_dict().items()} == {k: v.shape for k, v in m2.state_dict().items()}
+    assert m2.config.stem_stride == 2 and emonext.EmoNeXtConfig().stem_stride == 4
+    assert stage_sides(model("atto", 32, in_chans=1, stem_stride=2).eval(), torch.randn(1, 1, 32, 32))[-1] == 2
+    with pytest.raises(ValueError, match=r"stem_stride must be one of \(4, 2\), got 3"):
+        model("atto", 48, stem_stride=3)
+
+
+def test_official_weights_load_unchanged_into_a_stride_2_model():
+    src = scramble(model("atto", 48, in_chans=1)).eval()
+    dst = model("atto", 48, in_chans=1, stem_stride=2, seed=5).eval()
+    report = load_weights(dst, official_state(src), verbose=False)
+    assert report == {"kind": "emonext", "missing": [], "unexpected": [], "skipped": [], "converted": []}
+    assert_same_state(dst.state_dict(), src.state_dict())
+    x = torch.randn(3, 1, 48, 48)
+    with torch.no_grad():  # the same weights, another model: the stride is not in the state dict
+        assert (dst(x) - src(x)).abs().max() > 1e-3
+
+
+def test_stem_stride_travels_with_the_checkpoint_and_older_ones_get_4(tmp_path):
+    src = scramble(model("atto", 48, in_chans=1, stem_stride=2)).eval()
+    path = tmp_path / "s2.pt"
+    emonext.save_checkpoint({"config": emonext.config_dict(src), "ema": src.state_dict()}, str(path))
+    back = EmoNeXt.from_checkpoint(str(path)).eval()
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        assert back.config.stem_stride == 2 and torch.equal(back(x), src(x))
+    older = {k: v for k, v in emonext.config_dict(src).items() if k != "stem_stride"}
+    assert EmoNeXt.from_checkpoint({"config": older, "ema": src.state_dict()}).config.stem_stride == 4
+
+
+def test_fast_path_of_a_stride_2_model_gives_the_reference_logits():
+    m = scramble(model("atto", 48, in_chans=1, stem_stride=2)).eval()
+    x = faces_as_input(5, 48)
+    with torch.inference_mode():
+        fast = m(x)
+    torch.testing.assert_close(fast, reference(m, x), rtol=0, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
 # the fast path: same logits, less work
 
 @pytest.mark.parametrize("size,img_size,in_chans,num_classes,channels", CONFIGS)

@@ -1,8 +1,8 @@
 """export.py: the checkpoint to ship (.pt) and the ONNX file of the whole inference path (.onnx, fp32 or int8) that
 onnxruntime runs without torch: its probabilities are EmoNeXt.predict's at any batch size (a grey model and an RGB
 one whose STN warps), its metadata, eval.py scoring it as its checkpoint, one line for each thing that cannot work.
-Each dynamo export takes 5-15 s, so the module makes three ONNX files (a shaken atto at 64 px, an RGB atto at 96 px,
-the int8 copy of the first) and shares them."""
+Each dynamo export takes 5-15 s, so the module makes three ONNX files (a shaken atto at 64 px, an RGB atto at 96 px
+with a stem of stride 2, the int8 copy of the first) and shares them."""
 import hashlib
 import io
 import json
@@ -72,13 +72,13 @@ def fp32(run):
 
 @pytest.fixture(scope="module")
 def rgb(tmp_path_factory):
-    """An untrained RGB EmoNeXt-atto at 96 px with FER+'s 8 class names, weights shaken, BatchNorm statistics random
+    """An untrained RGB EmoNeXt-atto at 96 px with a stem of stride 2 and FER+'s 8 class names, weights shaken, BatchNorm statistics random
     and an STN that warps (a rotation, zoom and shift, and a theta that depends on the face), saved as a checkpoint
     of its config and weights alone (no train.py arguments), and that checkpoint as an ONNX file."""
     pytest.importorskip("onnxruntime"), pytest.importorskip("onnxscript")
     root = tmp_path_factory.mktemp("rgb")
     torch.manual_seed(1)
-    m = EmoNeXt.from_size("atto", img_size=96, in_chans=3, num_classes=8, class_names=FERPLUS_NAMES)
+    m = EmoNeXt.from_size("atto", img_size=96, in_chans=3, stem_stride=2, num_classes=8, class_names=FERPLUS_NAMES)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -120,7 +120,7 @@ def test_onnx_probabilities_are_predicts_at_any_batch_size(run, fp32):
 
 
 @pytest.mark.slow
-def test_rgb_model_at_96_px_with_a_warping_stn(rgb):
+def test_rgb_model_at_96_px_with_a_stride_2_stem_and_a_warping_stn(rgb):
     model, faces = rgb["model"], synthetic.synthetic_faces(n_train=64, n_val=0, n_test=0, seed=4)["train"][0]
     with torch.no_grad():  # the STN does warp: theta is far from the identity and differs from face to face
         x = torch.nn.functional.interpolate(faces[:, None].float() / 255, size=96, mode="bilinear")
@@ -148,7 +148,8 @@ def test_metadata_reads_back_through_onnxruntime(run, fp32, rgb):
     assert all(json.loads(v) is not None for v in meta.values())  # every value JSON, as the README says
     meta = session(rgb["path"]).get_modelmeta().custom_metadata_map
     assert json.loads(meta["emonext.class_names"]) == list(FERPLUS_NAMES)
-    assert json.loads(meta["emonext.config"])["in_chans"] == 3 and json.loads(meta["emonext.config"])["img_size"] == 96
+    config = json.loads(meta["emonext.config"])
+    assert (config["in_chans"], config["img_size"], config["stem_stride"]) == (3, 96, 2)
     assert not {"emonext.args", "emonext.iter", "emonext.best_val_acc"} & set(meta)  # the checkpoint had none
 
 

@@ -201,10 +201,11 @@ def test_recipe_flags_reach_the_model_and_the_augmentation(faces_npz, tmp_path, 
     monkeypatch.setattr(data, "augment", recording_augment)
     out = tmp_path / "flags"
     train.main(tiny_args(faces_npz, out, 2, 2, "--rotate", "7", "--zoom", "0.25", "--shift", "0.03", "--vflip",
-                         "--layer-scale-init", "0.5"))
+                         "--layer-scale-init", "0.5", "--stem-stride", "2"))
     assert seen == [dict(rotate=7.0, scale=(0.75, 1.25), translate=0.03, vflip=True, rows=(0, 32))] * 2
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["config"]["layer_scale_init"] == 0.5
+    assert ckpt["config"]["layer_scale_init"] == 0.5 and ckpt["config"]["stem_stride"] == 2
+    assert EmoNeXt.from_checkpoint(ckpt).downsample_layers[0][0].stride == (2, 2)
     assert ckpt["args"]["rotate"] == 7.0 and ckpt["args"]["zoom"] == 0.25 and ckpt["args"]["shift"] == 0.03
     # the defaults: the README's CPU recipe from scratch, as its defaults table says
     defaults, _ = train.parse_args([])
