@@ -1,7 +1,8 @@
 """
 What the scripts share: their flags checked the same way in train.py, eval.py and predict.py (each script keeps a
 table of its numeric flags' limits, and a value that cannot work, or a device that is not there, ends the script in one
-line naming the flag and what it expects, before anything is loaded), and the one onnxruntime session set-up.
+line naming the flag and what it expects, before anything is loaded), the one test of what is an ONNX file and the one
+onnxruntime session set-up.
 Imports no torch at module level, so that a process that runs an .onnx file without torch can use it.
 """
 import os
@@ -32,6 +33,18 @@ def check_device(prog: str, name: str):
         sys.exit(f"{prog}: --device {name}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
                  "use --device cpu")
     return device
+
+
+def is_onnx(path) -> bool:
+    """Whether a model file is ONNX, by its name or its first byte (ONNX opens with its ir_version's field tag; a
+    checkpoint is a zip or a pickle). An unreadable file is not: from_checkpoint then says what is wrong."""
+    if str(path).lower().endswith(".onnx"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x08"
+    except OSError:
+        return False
 
 
 def onnx_session(path, threads=None):

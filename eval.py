@@ -77,7 +77,7 @@ def onnx_scorer(path, batch_size):
 def load_scorer(args):
     """(uint8 faces -> predicted classes, class names, the train.py arguments) of the model file: a checkpoint's
     weights (EMA when it has them) through EmoNeXt.predict_logits, or an .onnx file through onnxruntime."""
-    if args.checkpoint.endswith(".onnx"):
+    if cli.is_onnx(args.checkpoint):
         probs, names, ckpt_args = onnx_scorer(args.checkpoint, args.batch_size)
         return (lambda x: probs(x).argmax(-1)), names, ckpt_args
     try:
@@ -179,9 +179,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.check_limits("eval.py", args, LIMITS)
     cli.check_device("eval.py", args.device)
-    if args.checkpoint.endswith(".onnx"):
+    if cli.is_onnx(args.checkpoint):
         check_onnx_flags(args)
-    args.tta = args.tta or ("none" if args.checkpoint.endswith(".onnx") else DEFAULT_TTA)
+    args.tta = args.tta or ("none" if cli.is_onnx(args.checkpoint) else DEFAULT_TTA)
     check_out_dir(args.out_dir)
     predict, names, ckpt_args = load_scorer(args)
 

@@ -236,10 +236,10 @@ class OnnxModel:
 
 
 def open_model(path, threads: int = None):
-    """The model of a file, ready to predict on the CPU: an .onnx file of export.py as an OnnxModel (no torch
-    imported), else a checkpoint as EmoNeXt.from_checkpoint(path).for_inference() (torch set to `threads` threads
-    when given). ValueError or OSError in one line."""
-    if str(path).lower().endswith(".onnx"):
+    """The model of a file, ready to predict on the CPU: an ONNX file of export.py (cli.is_onnx) as an OnnxModel (no
+    torch imported), else a checkpoint as EmoNeXt.from_checkpoint(path).for_inference() (torch set to `threads`
+    threads when given). ValueError or OSError in one line."""
+    if cli.is_onnx(path):
         return OnnxModel(path, threads)
     import torch
     from emonext import EmoNeXt
@@ -755,16 +755,11 @@ def main(argv=None):
 
 
 def load_model(args, device):
-    """--model's model on device, for inference: a checkpoint's EmoNeXt, or an .onnx file (by its name or its first
-    byte) in onnxruntime, where a checkpoint's options (--amp, --compile, --channels-last, --tta tencrop, a GPU) end
-    in one line. One line where it cannot be loaded."""
+    """--model's model on device, for inference: a checkpoint's EmoNeXt, or an ONNX file (cli.is_onnx) in onnxruntime,
+    where a checkpoint's options (--amp, --compile, --channels-last, --tta tencrop, a GPU) end in one line. One line
+    where it cannot be loaded."""
     try:
-        with open(args.model, "rb") as f:
-            onnx = f.read(1) == b"\x08" or args.model.lower().endswith(".onnx")  # ONNX opens with its ir_version
-    except OSError:
-        onnx = False  # from_checkpoint says what is wrong
-    try:
-        if not onnx:
+        if not cli.is_onnx(args.model):
             from emonext import EmoNeXt
             model = EmoNeXt.from_checkpoint(args.model).to(device)
             return model.for_inference(channels_last=args.channels_last, compile=args.compile)

@@ -90,3 +90,12 @@ def test_onnx_session_sets_the_threads_and_says_what_cannot_load(tmp_path):
     with pytest.raises(ValueError, match=r"garbage.onnx: onnxruntime cannot load it \(") as e:
         cli.onnx_session(str(garbage))
     assert "\n" not in str(e.value)
+
+
+def test_an_onnx_file_is_known_by_its_name_or_its_first_byte(tmp_path):
+    renamed = foreign_onnx(str(tmp_path / "model.bin"))
+    ckpt = tmp_path / "model.pt"
+    torch.save({"config": {}}, ckpt)
+    (tmp_path / "pickle.pt").write_bytes(b"\x80\x04N.")
+    assert cli.is_onnx(renamed) and cli.is_onnx(tmp_path / "absent.ONNX")
+    assert not cli.is_onnx(ckpt) and not cli.is_onnx(tmp_path / "pickle.pt") and not cli.is_onnx(tmp_path / "absent.pt")

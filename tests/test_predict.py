@@ -460,6 +460,7 @@ def test_smaller_edges_said_in_one_line(checkpoint, faces, tmp_path, capsys):
     expected = predict.OnnxModel(onnx).predict([faces[0].numpy()])
     for model in (onnx, str(tmp_path / "renamed.pt")):
         np.testing.assert_allclose(predict.main([str(face), "--model", model]).numpy(), expected, atol=1e-6)
+        np.testing.assert_allclose(predict.open_model(model).predict([faces[0].numpy()]), expected, atol=1e-6)
         for flag in (["--tta", "tencrop"], ["--amp"], ["--channels-last"]):
             with pytest.raises(SystemExit) as e:
                 predict.main([str(face), "--model", model, *flag])
