@@ -179,9 +179,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.check_limits("eval.py", args, LIMITS)
     cli.check_device("eval.py", args.device)
-    if cli.is_onnx(args.checkpoint):
+    onnx = cli.is_onnx(args.checkpoint)
+    if onnx:
         check_onnx_flags(args)
-    args.tta = args.tta or ("none" if cli.is_onnx(args.checkpoint) else DEFAULT_TTA)
+    args.tta = args.tta or ("none" if onnx else DEFAULT_TTA)
     check_out_dir(args.out_dir)
     predict, names, ckpt_args = load_scorer(args)
 

@@ -73,7 +73,7 @@ def build_parser():
     p.add_argument("--img-size", type=int, default=48, help="faces are resized from 48 to this side")
     p.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="3 to use RGB ImageNet weights as they are")
     p.add_argument("--stem-stride", type=int, default=4, choices=STEM_STRIDES,
-                   help="the stem's stride: 4 as in the paper, 2 for 4x the feature map (about 4x the work)")
+                   help="the stem's stride: 4 as in the paper, 2 for 4x the positions in every stage")
     p.add_argument("--batch-size", type=int, default=128, help="global batch: split evenly over torchrun's processes")
     p.add_argument("--epochs", type=int, default=None,
                    help="the run's length (default: 32 on FER2013, 3 on synthetic faces). --resume may change it (and "
