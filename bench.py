@@ -543,13 +543,13 @@ def import_cv2(who):
     return cv2
 
 
-def fer2013_test(who):
-    """FER2013's PrivateTest faces and labels (uint8 (N, 48, 48), int64 (N,)); SystemExit in one line starting with
-    `who` without them."""
+def fer2013_faces(who, split="test"):
+    """The faces and labels of FER2013's split (data.py's names: "test" is PrivateTest), uint8 (N, 48, 48) and int64
+    (N,); SystemExit in one line starting with `who` without them."""
     found = [f for f in FER2013_FILES if os.path.exists(f)]
     if not found:
         raise SystemExit(f"{who} needs FER2013's faces: {' or '.join(FER2013_FILES)}")
-    x, y = data.load_fer2013(found[0])["test"]
+    x, y = data.load_fer2013(found[0])[split]
     return x.numpy(), y.numpy()
 
 
@@ -564,7 +564,7 @@ def bench_video(args, table):
     except RuntimeError as e:
         raise SystemExit(f"bench.py: the video section: {e}") from None
     if any(os.path.exists(f) for f in FER2013_FILES):
-        face, what = fer2013_test("bench.py: the video section")[0][VIDEO_FACE], f"FER2013 PrivateTest #{VIDEO_FACE}"
+        face, what = fer2013_faces("bench.py: the video section")[0][VIDEO_FACE], f"FER2013 PrivateTest #{VIDEO_FACE}"
     else:
         face, what = synthetic.synthetic_faces(n_train=1, n_val=0, n_test=0)["train"][0][0].numpy(), "synthetic.py"
     model, side = EmoNeXt.from_checkpoint(args.weights).for_inference(), args.video_side or predict.VIDEO_MAX_SIDE
@@ -642,7 +642,7 @@ def bench_serve(args, table):
     import io
     import serve
     from PIL import Image
-    x, _ = fer2013_test("bench.py: the serve section")
+    x, _ = fer2013_faces("bench.py: the serve section")
     grey, _ = synthetic.make_scene(np.random.default_rng(0), x[:100], n_faces=1, sides=(120, 180))
     photo = io.BytesIO()
     Image.fromarray(grey).convert("RGB").save(photo, "JPEG", quality=90)

