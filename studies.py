@@ -173,14 +173,15 @@ def study_framing(args, table):
     detector = study_detector(WHO["framing"])
     model = EmoNeXt.from_checkpoint(args.weights).for_inference()
     found = detected_faces(x, args.faces, detector, seed=2013)
-    labels = torch.from_numpy(y[[i for i, *_ in found]])
+    idx = [i for i, *_ in found]
+    labels = torch.from_numpy(y[idx])
 
     def accuracy(faces):
         return 100 * (model.predict(faces).argmax(1) == labels).float().mean().item() if found else float("nan")
     row = {"faces": min(args.faces, len(x)), "detector": detector.kind, "found": len(found)}
     row.update({f"s={s} %": accuracy([predict.frame_faces(grey, [box], scale=s)[0] for _, grey, box, _ in found])
                 for s in FRAMING_SCALES})
-    table.add({**row, "own 48x48 crops %": accuracy(x[[i for i, *_ in found]])})
+    table.add({**row, "own 48x48 crops %": accuracy(x[idx])})
 
 
 def study_crop_geometry(args, table):

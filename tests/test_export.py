@@ -73,8 +73,9 @@ def fp32(run):
 @pytest.fixture(scope="module")
 def rgb(tmp_path_factory):
     """An untrained RGB EmoNeXt-atto at 96 px with a stem of stride 2 and FER+'s 8 class names, weights shaken,
-    BatchNorm statistics random and an STN that warps (a rotation, zoom and shift, and a theta that depends on the face), saved as a checkpoint
-    of its config and weights alone (no train.py arguments), and that checkpoint as an ONNX file."""
+    BatchNorm statistics random and an STN that warps (a rotation, zoom and shift, and a theta that depends on the
+    face), saved as a checkpoint of its config and weights alone (no train.py arguments), and that checkpoint as an
+    ONNX file."""
     pytest.importorskip("onnxruntime"), pytest.importorskip("onnxscript")
     root = tmp_path_factory.mktemp("rgb")
     torch.manual_seed(1)

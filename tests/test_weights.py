@@ -82,7 +82,8 @@ def test_the_onnx_file_is_the_shipped_models_int8_path():
     sess = ort.InferenceSession(ONNX_INT8, providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     ckpt = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
-    assert json.loads(meta["emonext.class_names"]) == list(FER2013_CLASS_NAMES) and json.loads(meta["emonext.precision"]) == "int8"
+    assert json.loads(meta["emonext.class_names"]) == list(FER2013_CLASS_NAMES)
+    assert json.loads(meta["emonext.precision"]) == "int8"
     assert json.loads(meta["emonext.args"]) == ckpt["args"]
     for key in ("iter", "best_val_acc", "averaged_from"):  # where the weights came from, as the .pt says
         assert json.loads(meta.get(f"emonext.{key}", "null")) == ckpt.get(key), key
