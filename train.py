@@ -97,6 +97,11 @@ def build_parser():
                    help="fused kernels: auto (on CUDA when available), torch, fused")
     p.add_argument("--pretrained", default=None, help="ConvNeXt ImageNet or EmoNeXt weights: path or URL (default: "
                                                       "none, from scratch)")
+    p.add_argument("--teacher", nargs="+", default=None, metavar="CKPT",
+                   help="distillation: train on (1 - W) x the labels + W x the mean of these checkpoints' "
+                        "probabilities on the training faces (W: --teacher-weight), computed once before the first "
+                        "step and kept in OUT_DIR/teacher.pt (default: none)")
+    p.add_argument("--teacher-weight", type=float, default=0.5, help="W of --teacher")
     p.add_argument("--rotate", type=float, default=10.0, help="augmentation: rotation up to this many degrees")
     p.add_argument("--zoom", type=float, default=0.1, help="augmentation: zoom by a factor in [1 - zoom, 1 + zoom]")
     p.add_argument("--shift", type=float, default=0.05, help="augmentation: shift up to this fraction of the side")
@@ -145,6 +150,7 @@ LIMITS = {
     "zoom": (FRACTION[0], "in [0, 1) (faces are scaled by a factor in [1 - zoom, 1 + zoom])"),
     "shift": (FRACTION[0], "in [0, 1) (a fraction of the side)"), "mixup": BETA, "cutmix": BETA,
     "mix_prob": PROBABILITY, "switch_prob": PROBABILITY, "random_erase": PROBABILITY, "framing": PROBABILITY,
+    "teacher_weight": PROBABILITY,
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "eval_interval": (lambda v: v >= 0, "0 (each epoch) or more"),
     "log_interval": AT_LEAST_1, "max_bad_steps": AT_LEAST_1,
     "threads": (lambda v: v >= 0, "0 (torch's default) or more"),
@@ -173,6 +179,10 @@ def parse_args(argv=None):
             and not os.path.isfile(args.pretrained):
         sys.exit(f"train.py: --pretrained: no such file {args.pretrained} (expected a checkpoint file or an "
                  "http(s):// URL)")
+    missing = [t for t in (args.teacher or []) if resume is None and not os.path.isfile(t)]
+    if missing:
+        sys.exit(f"train.py: --teacher: no such file {missing[0]} (expected a checkpoint file)")
+    args.teacher = args.teacher and [os.path.abspath(t) for t in args.teacher]
     cli.check_device("train.py", args.device)
     args.data = args.data or data.find_default_data()
     if args.data != "synthetic":
@@ -262,7 +272,7 @@ class Run:
     rank: int  # this process's rank under torchrun; 0 alone logs and writes files
     world: int  # the number of processes (1 without torchrun)
     train_x: torch.Tensor  # (N, 48, 48) uint8 training faces, whole on the device
-    train_y: torch.Tensor  # (N,) classes, or (N, C) vote distributions for ferplus-soft / ferplus-draw
+    train_y: torch.Tensor  # (N,) classes, or (N, C) distributions: FER+'s votes (soft, draw), --teacher's targets
     val: tuple  # (faces, classes) of the validation split, on the CPU: model selection
     test: tuple  # (faces, classes) of the test split, on the CPU: final_test
     class_names: tuple  # FER2013's 7 or FER+'s 8 (the checkpoints keep them in the model's config)
@@ -293,6 +303,9 @@ def setup(args, resume, rank=0, world=1):
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     splits = load_data(args)
+    class_names = data.class_names(args.labels)
+    if args.teacher:
+        splits["train"] = splits["train"][0], teacher_targets(args, splits, class_names, device, rank)
     train_x, train_y = (t.to(device) for t in splits["train"])  # augmented on the device, batch by batch
     args.epochs = args.epochs or (3 if args.data == "synthetic" else 32)
     iters_per_epoch = len(train_y) // args.batch_size
@@ -300,7 +313,6 @@ def setup(args, resume, rank=0, world=1):
         sys.exit(f"train.py: {len(train_y)} training faces is fewer than one batch of {args.batch_size}")
     max_iters = args.max_iters or args.epochs * iters_per_epoch
     args.warmup = min(iters_per_epoch, max_iters) if args.warmup is None else args.warmup
-    class_names = data.class_names(args.labels)
     model = build_model(args, class_names, device, resuming=resume is not None)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
     run = Run(args, device, rank, world, train_x, train_y, splits["val"], splits["test"], class_names,
@@ -346,6 +358,47 @@ def load_data(args):
         print(f"train.py: warning: the training split has no faces of {', '.join(empty)}; the model cannot learn to "
               "predict them", file=sys.stderr)
     return splits
+
+
+def teacher_targets(args, splits, class_names, device, rank):
+    """(N, C) training targets of a --teacher run: (1 - W) x the labels as distributions + W x the teachers' mean
+    probabilities on the training faces, plain and unaugmented. Those are computed once and kept in
+    OUT_DIR/teacher.pt with the teachers' paths; a resumed run reads them there, so the teachers never run in the
+    training loop and need not be there any more."""
+    x, y = splits["train"]
+    path = os.path.join(args.out_dir, "teacher.pt")
+    try:
+        cache = read_checkpoint(path) if os.path.exists(path) else {}
+    except ValueError as e:  # damaged: computed again below
+        print(f"--teacher: {e}; the probabilities are computed again")
+        cache = {}
+    probs = cache.get("probs")
+    if cache.get("teachers") == args.teacher and probs is not None and probs.shape == (len(x), len(class_names)):
+        print(f"--teacher: the probabilities of {len(args.teacher)} teachers from {path}")
+    else:
+        probs = teacher_probs(args.teacher, x, splits["val"], class_names, device)
+        if rank == 0:
+            save_checkpoint({"teachers": args.teacher, "probs": probs}, path)
+    return (1 - args.teacher_weight) * data.soft_targets(y, len(class_names)) + args.teacher_weight * probs
+
+
+def teacher_probs(paths, x, val, class_names, device):
+    """The mean (N, C) of the probabilities of the checkpoints `paths` (EMA weights, plain input) on the faces x;
+    prints each one's val accuracy and the mean's."""
+    total, val_total = 0, 0
+    for path in paths:
+        try:
+            model = EmoNeXt.from_checkpoint(read_checkpoint(path), name=path).to(device)
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+            sys.exit(f"train.py: --teacher: {'' if path in str(e) else f'{path}: '}{e}")
+        if tuple(model.config.class_names) != tuple(class_names):
+            sys.exit(f"train.py: --teacher {path}: its classes ({', '.join(model.config.class_names)}) are not "
+                     f"this run's ({', '.join(class_names)})")
+        val_probs = model.predict_logits(val[0]).softmax(-1)
+        print(f"--teacher {path}: val {100 * accuracy(val_probs, val[1]):.2f}% (plain)")
+        total, val_total = total + model.predict_logits(x).softmax(-1), val_total + val_probs
+    print(f"--teacher: the mean of {len(paths)}: val {100 * accuracy(val_total, val[1]):.2f}% (plain)")
+    return total / len(paths)
 
 
 def build_model(args, class_names, device, resuming):
@@ -414,17 +467,17 @@ def epoch_batches(run):
 
 def training_batch(run, idx, first, share):
     """This process's rows first..first+share of the global batch idx: augmented faces (b, 1, S, S) channels-last and
-    their targets: classes (b,), or distributions (b, C) for ferplus-soft and for mixed batches. Everything random
-    is drawn for the global batch from (seed, iteration), so any number of processes draws alike and a resumed run
-    draws what it would have. Mixing pairs each face with the global batch reversed (timm's pairing), whose rows
-    this process augments too when they are another process's."""
+    their targets: classes (b,), or distributions (b, C) for ferplus-soft, --teacher and mixed batches. Everything
+    random is drawn for the global batch from (seed, iteration), so any number of processes draws alike and a
+    resumed run draws what it would have. Mixing pairs each face with the global batch reversed (timm's pairing),
+    whose rows this process augments too when they are another process's."""
     args, total = run.args, len(idx)
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + run.iter)  # augmentation stream from (seed, iteration)
     pose = dict(rotate=args.rotate, scale=(1 - args.zoom, 1 + args.zoom), translate=args.shift, vflip=args.vflip,
                 framing=args.framing)
     start = gen.get_state()  # the partner rows' augmentation draws the same poses
     xb = data.augment(run.train_x[idx[first:first + share]], args.img_size, gen, rows=(first, total), **pose)
-    yb = run.train_y[idx]  # (B,) classes, or (B, C) distributions for ferplus-soft / ferplus-draw
+    yb = run.train_y[idx]  # (B,) classes, or (B, C) distributions (see Run.train_y)
     if args.labels == "ferplus-draw":  # drawn for the global batch, so any number of processes draws alike
         yb = data.draw_labels(yb, gen)
     erase = gen.get_state()  # ... and the same boxes to erase

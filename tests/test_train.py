@@ -622,6 +622,8 @@ def test_resume_of_a_checkpoint_without_a_run_flag_is_one_line(trained, tmp_path
     (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
     (["--pretrained", "no/such/weights.pth"], "--pretrained: no such file no/such/weights.pth (expected a "
                                               "checkpoint file or an http(s):// URL)"),
+    (["--teacher", "no/such/teacher.pt"], "--teacher: no such file no/such/teacher.pt (expected a checkpoint file)"),
+    (["--teacher-weight", "1.5"], "--teacher-weight: expected in [0, 1], got 1.5"),
 ])
 def test_a_flag_that_cannot_work_ends_in_one_line_naming_it(argv, expected, faces_npz, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -667,6 +669,42 @@ def test_pretrained_checkpoint_file_gives_the_starting_weights(faces_npz, traine
     ema = torch.load(trained.out / "best.pt", weights_only=True)["ema"]
     assert first["model"].keys() == ema.keys()
     assert all(torch.equal(v, ema[k]) for k, v in first["model"].items())
+
+
+def test_teacher_targets_mix_the_labels_with_the_teachers_mean_computed_once(faces_npz, trained, tmp_path,
+                                                                             monkeypatch, capsys):
+    """--teacher A B --teacher-weight 0.25: the run's targets are 0.75 x the labels one-hot + 0.25 x the mean of A's
+    and B's probabilities on the plain training faces, kept in OUT_DIR/teacher.pt; a resumed run reads them there,
+    with the teachers gone."""
+    teachers = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for name, teacher in zip(("best.pt", "ckpt.pt"), teachers):
+        shutil.copy(trained.out / name, teacher)
+    x, y = data.load_dataset(faces_npz)[0]["train"]
+    mean = sum(EmoNeXt.from_checkpoint(str(t)).predict_logits(x).softmax(-1) for t in teachers) / 2
+    setup, targets = train.setup, []
+    monkeypatch.setattr(train, "setup", lambda *a, **k: targets.append(setup(*a, **k)) or targets[-1])
+    out = tmp_path / "out"
+    train.main(tiny_args(faces_npz, out, 2, 2, "--teacher", *map(str, teachers), "--teacher-weight", "0.25"))
+    assert f"--teacher {teachers[0]}: val " in capsys.readouterr().out
+    expected = 0.75 * F.one_hot(y, 7).float() + 0.25 * mean
+    torch.testing.assert_close(targets[0].train_y, expected, atol=1e-5, rtol=1e-4)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["args"]["teacher"] == [str(t) for t in teachers]
+    for teacher in teachers:
+        teacher.unlink()
+    train.main(["--resume", "--out-dir", str(out), "--max-iters", "3", "--threads", "1"])
+    assert f"--teacher: the probabilities of 2 teachers from {out / 'teacher.pt'}" in capsys.readouterr().out
+    assert torch.equal(targets[1].train_y, targets[0].train_y)
+
+
+def test_a_teacher_of_other_classes_ends_in_one_line(faces_npz, tmp_path):
+    ferplus = tmp_path / "ferplus.pt"
+    emonext.export_checkpoint(EmoNeXt.from_size("atto", img_size=32, num_classes=8,
+                                                class_names=data.class_names("ferplus-soft")), ferplus)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(faces_npz, tmp_path / "out", 2, 2, "--teacher", str(ferplus)))
+    msg = str(e.value.code)
+    assert msg.startswith(f"train.py: --teacher {ferplus}: its classes (neutral, happiness, ") \
+        and msg.endswith("are not this run's (angry, disgust, fear, happy, sad, surprise, neutral)") and "\n" not in msg
 
 
 def test_amp_run_trains_under_bf16_autocast(faces_npz, tmp_path, monkeypatch):
@@ -963,6 +1001,22 @@ def test_two_processes_mix_and_erase_as_one(faces_npz, tmp_path, monkeypatch):
     r = torchrun(run_args(faces_npz, two / "out", *flags), two)
     assert r.returncode == 0, r.output[-3000:] + r.ranks[0]["stderr"][-3000:]
     assert_same_run(two, two / "out", reference)
+
+
+@pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
+def test_two_processes_distil_as_one(faces_npz, trained, tmp_path, monkeypatch):
+    """With --teacher each process computes the teacher's targets itself: the same steps and weights as one
+    process, and rank 0 alone keeps them in OUT_DIR/teacher.pt."""
+    flags = ["--teacher", str(trained.out / "best.pt"), "--teacher-weight", "0.7", "--mixup", "0.5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    reference = one_process_run(faces_npz, one, monkeypatch.setattr, *flags)
+    r = torchrun(run_args(faces_npz, two / "out", *flags), two)
+    assert r.returncode == 0, r.output[-3000:] + r.ranks[0]["stderr"][-3000:]
+    assert_same_run(two, two / "out", reference)
+    probs = [torch.load(d / "out" / "teacher.pt", weights_only=True)["probs"] for d in (one, two)]
+    torch.testing.assert_close(probs[0], probs[1])
 
 
 @pytest.mark.slow  # torchrun: 10-20 s each on a 2-core machine
