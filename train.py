@@ -388,10 +388,10 @@ def teacher_probs(paths, x, val, class_names, device):
     total, val_total = 0, 0
     for path in paths:
         try:
-            model = EmoNeXt.from_checkpoint(read_checkpoint(path), name=path).to(device)
+            model = EmoNeXt.from_checkpoint(path).to(device)
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
             sys.exit(f"train.py: --teacher: {'' if path in str(e) else f'{path}: '}{e}")
-        if tuple(model.config.class_names) != tuple(class_names):
+        if model.config.class_names != tuple(class_names):
             sys.exit(f"train.py: --teacher {path}: its classes ({', '.join(model.config.class_names)}) are not "
                      f"this run's ({', '.join(class_names)})")
         val_probs = model.predict_logits(val[0]).softmax(-1)
