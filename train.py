@@ -390,7 +390,7 @@ def teacher_probs(paths, x, val, class_names, device):
         try:
             model = EmoNeXt.from_checkpoint(path).to(device)
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-            sys.exit(f"train.py: --teacher: {'' if path in str(e) else f'{path}: '}{e}")
+            sys.exit(load_failure("--teacher", path, e))
         if model.config.class_names != tuple(class_names):
             sys.exit(f"train.py: --teacher {path}: its classes ({', '.join(model.config.class_names)}) are not "
                      f"this run's ({', '.join(class_names)})")
@@ -399,6 +399,11 @@ def teacher_probs(paths, x, val, class_names, device):
         total, val_total = total + model.predict_logits(x).softmax(-1), val_total + val_probs
     print(f"--teacher: the mean of {len(paths)}: val {100 * accuracy(val_total, val[1]):.2f}% (plain)")
     return total / len(paths)
+
+
+def load_failure(flag, path, e):
+    """The one line a checkpoint that would not load ends the run with: the flag, the path (once) and why."""
+    return f"train.py: {flag}: {'' if path in str(e) else f'{path}: '}{e}"
 
 
 def build_model(args, class_names, device, resuming):
@@ -412,7 +417,7 @@ def build_model(args, class_names, device, resuming):
         try:
             load_weights(model, args.pretrained)
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # unreachable, unreadable, foreign
-            sys.exit(f"train.py: --pretrained: {'' if args.pretrained in str(e) else f'{args.pretrained}: '}{e}")
+            sys.exit(load_failure("--pretrained", args.pretrained, e))
     # channels-last on every device: the blocks' permutes become free and CPU depthwise convs run their fast path
     return model.to(device, memory_format=torch.channels_last)
 
